@@ -1,0 +1,163 @@
+"""The structured-operator protocol shared by every structure.
+
+An operator is a ``torch.nn.Module`` that *is* a structured matrix ΔW of shape (out_features, in_features):
+
+* ``op(x)`` computes ``x @ ΔW.T`` for ``x`` of shape (..., in_features) with the fast algorithm (FFT, reshape),
+  never by forming ΔW;
+* ``op.to_dense()`` returns ΔW itself (out_features × in_features), by an independent construction that the tests
+  use as the reference;
+* ``cls.num_parameters(out, in, **options)`` is the parameter count, a closed formula stated in the docstring;
+* ``op.reset_parameters(init=True)`` gives ΔW = 0 (the adapter starts as the identity), ``init=False`` a random
+  non-zero ΔW (for tests and ablations);
+* ``cls.options_for_budget(out, in, n_params, **fixed)`` chooses the structure's size options so that the operator has
+  at most ``n_params`` parameters, as close to it as the structure allows.
+
+Operators are pure torch; nothing here imports PEFT.
+
+Block grid (shared by ``circulant``, ``toeplitz`` and ``ldr``): a rectangular (out × in) matrix is tiled by a
+grid of q × p square b × b blocks, q = ceil(out / b), p = ceil(in / b); the input is zero-padded from ``in`` to
+p·b and the output cropped from q·b to ``out``. ``block_size=None`` means b = max(out, in): one block, i.e. the
+layer is embedded in a single b × b structured matrix and cropped. A requested b larger than max(out, in) is
+clamped to max(out, in) (the resolved value is reported by ``op.options``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ShapeError
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum``; raise :class:`ConfigError` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
+    return value
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype FFT-based products run in: float64 if any input is float64, else float32.
+
+    Half-precision FFTs are unsupported on CPU, need power-of-two sizes on CUDA and lose accuracy, so fp16 / bf16
+    inputs are computed in float32 and the result is cast back by the caller.
+    """
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+class StructuredOperator(nn.Module):
+    """Base class: a structured ΔW (out_features × in_features) as a module; see the module docstring."""
+
+    structure: ClassVar[str] = ""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features = check_positive_int("in_features", in_features)
+
+    # ----------------------------------------------------------------------------------------------------- api
+    @property
+    def options(self) -> dict[str, Any]:
+        """The resolved structure options (JSON-serialisable), enough to rebuild an operator of the same shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def num_parameters(cls, out_features: int, in_features: int, **options: Any) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def options_for_budget(
+        cls, out_features: int, in_features: int, n_params: int, **fixed: Any
+    ) -> dict[str, Any]:
+        """Size options with at most ``n_params`` parameters; ``fixed`` options (e.g. ``displacement_rank``) are
+        kept as given and the free size option (block size, factor shape) is chosen."""
+        raise NotImplementedError
+
+    def reset_parameters(self, init: bool = True) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------- helpers
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(
+                f"{self.structure} operator expects inputs with last dimension in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"out_features={self.out_features}, in_features={self.in_features}, {opts}"
+
+
+class BlockGridOperator(StructuredOperator):
+    """A structured operator tiled as a q × p grid of b × b blocks (see the module docstring)."""
+
+    def __init__(self, out_features: int, in_features: int, block_size: int | None = None) -> None:
+        super().__init__(out_features, in_features)
+        self.block_size = resolve_block_size(out_features, in_features, block_size)
+        self.grid = grid_shape(out_features, in_features, self.block_size)
+
+    def _split_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., p, b), zero-padding the input to p·b."""
+        q, p = self.grid
+        b = self.block_size
+        pad = p * b - self.in_features
+        if pad:
+            x = nn.functional.pad(x, (0, pad))
+        return x.reshape(*x.shape[:-1], p, b)
+
+    def _merge_output(self, y: torch.Tensor) -> torch.Tensor:
+        """(..., q, b) -> (..., out), cropping q·b to out."""
+        y = y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
+        return y[..., : self.out_features]
+
+    def _assemble(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(q, p, b, b) dense blocks -> cropped (out, in) matrix."""
+        q, p, b, _ = blocks.shape
+        full = blocks.permute(0, 2, 1, 3).reshape(q * b, p * b)
+        return full[: self.out_features, : self.in_features]
+
+
+def resolve_block_size(out_features: int, in_features: int, block_size: int | None) -> int:
+    """The block size actually used: ``max(out, in)`` for ``None``, else ``min(block_size, max(out, in))``."""
+    n = max(out_features, in_features)
+    if block_size is None:
+        return n
+    check_positive_int("block_size", block_size)
+    return min(block_size, n)
+
+
+def grid_shape(out_features: int, in_features: int, block_size: int) -> tuple[int, int]:
+    """(q, p) = (ceil(out / b), ceil(in / b))."""
+    return math.ceil(out_features / block_size), math.ceil(in_features / block_size)
+
+
+def largest_block_size_within(out_features: int, in_features: int, n_params: int, params_per_block) -> int:
+    """The block size b whose parameter count is the largest one not above ``n_params``.
+
+    ``params_per_block(b)`` returns the operator's parameter count for block size b. Parameter counts of block
+    grids are not monotone in b (padding), so every b in 1..max(out, in) is scanned (cheap: closed formulas).
+    Returns the b whose count is the largest one not above ``n_params``; raises :class:`ConfigError` if even the
+    smallest count exceeds the budget. Ties go to the smaller b (more, smaller blocks: cheaper FFTs).
+    """
+    best_b, best_n = None, -1
+    for b in range(1, max(out_features, in_features) + 1):
+        n = params_per_block(b)
+        if best_n < n <= n_params:
+            best_b, best_n = b, n
+    if best_b is None:
+        smallest = min(params_per_block(b) for b in range(1, max(out_features, in_features) + 1))
+        raise ConfigError(
+            f"budget of {n_params} parameters is too small for a ({out_features} x {in_features}) layer: "
+            f"the smallest this structure allows is {smallest}"
+        )
+    return best_b

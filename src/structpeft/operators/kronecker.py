@@ -1,0 +1,147 @@
+"""Kronecker-product ΔW, applied by reshapes and two small matmuls (never the dense kron in forward).
+
+Math. ΔW = (L ⊗ R)[:out, :in] with L (o1 × i1), R (o2 × i2), o2 = ceil(out / o1), i2 = ceil(in / i1). For x
+reshaped row-major to X (i1 × i2) (zero-padded from in to i1·i2), (L ⊗ R)·vec(X) = vec(L · X · Rᵀ), so
+
+    y = crop(vec(L @ X @ R.T))      cost per token: i1·i2·o2 + o1·i1·o2 (or the other order, whichever is less).
+
+Parameters: o1·i1 + o2·i2; rank(ΔW) <= rank(L)·rank(R). ``factor_shape=(o1, i1)`` sets the shape of L;
+``None`` chooses the most balanced pair, o1 ≈ sqrt(out) and i1 ≈ sqrt(in) (≈ 2·sqrt(out·in) parameters, the
+paper's in + out for square layers, and full rank possible), among factor sizes whose padding wastes at most
+max(5 %, 1) of each dimension, so prime sizes fall back gracefully (97 × 89 → L 10 × 9, R 10 × 10, cropped).
+The paper's (α/r)·kron(B, A) with B (out/r × r), A (r × in/r) is ``factor_shape=(out // r, r)``.
+With a parameter budget, the factor shapes with the highest rank bound min(o1, i1)·min(o2, i2) (capped at
+min(out, in)) are preferred, then the most parameters within the budget.
+Init (``init=True``, the paper's): L = 0, R Kaiming-uniform, so ΔW = 0 and L receives gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import StructuredOperator, check_positive_int
+
+MAX_PAD_FRACTION = 0.05
+
+
+def _factor_candidates(n: int) -> list[int]:
+    """Sizes d of the first factor along a dimension n whose padding d·ceil(n/d) − n is at most max(5 % of n, 1)."""
+    return [d for d in range(1, n + 1) if d * math.ceil(n / d) - n <= max(MAX_PAD_FRACTION * n, 1)]
+
+
+def _imbalance(out_features: int, in_features: int, o1: int, i1: int) -> float:
+    """Distance of (o1, i1) from (sqrt(out), sqrt(in)) on a log scale: balanced factors give the highest rank."""
+    return abs(math.log(o1) - 0.5 * math.log(out_features)) + abs(math.log(i1) - 0.5 * math.log(in_features))
+
+
+def _count(out_features: int, in_features: int, o1: int, i1: int) -> int:
+    return o1 * i1 + math.ceil(out_features / o1) * math.ceil(in_features / i1)
+
+
+class KroneckerOperator(StructuredOperator):
+    """ΔW = crop(L ⊗ R); ``factor_shape`` = shape of L (see the module docstring)."""
+
+    structure = "kronecker"
+
+    def __init__(
+        self, out_features: int, in_features: int, factor_shape: tuple[int, int] | list[int] | None = None
+    ) -> None:
+        super().__init__(out_features, in_features)
+        o1, i1 = self.resolve_factor_shape(out_features, in_features, factor_shape)
+        o2, i2 = math.ceil(out_features / o1), math.ceil(in_features / i1)
+        self.factor_shape = (o1, i1)
+        self.left = nn.Parameter(torch.zeros(o1, i1))
+        self.right = nn.Parameter(torch.zeros(o2, i2))
+        # apply R first when it is cheaper: (X Rᵀ costs i1·i2·o2, then L· costs o1·i1·o2)
+        self._right_first = i1 * i2 * o2 + o1 * i1 * o2 <= o1 * i1 * i2 + o1 * i2 * o2
+        self.reset_parameters(True)
+
+    @staticmethod
+    def resolve_factor_shape(
+        out_features: int, in_features: int, factor_shape: tuple[int, int] | list[int] | None
+    ) -> tuple[int, int]:
+        if factor_shape is None:
+            return min(
+                ((o1, i1) for o1 in _factor_candidates(out_features) for i1 in _factor_candidates(in_features)),
+                key=lambda s: (_imbalance(out_features, in_features, *s), _count(out_features, in_features, *s)),
+            )
+        if not isinstance(factor_shape, (tuple, list)) or len(factor_shape) != 2:
+            raise ConfigError(f"factor_shape={factor_shape!r} is invalid: expected a pair (o1, i1) or None")
+        o1 = check_positive_int("factor_shape[0]", factor_shape[0])
+        i1 = check_positive_int("factor_shape[1]", factor_shape[1])
+        if o1 > out_features or i1 > in_features:
+            raise ConfigError(
+                f"factor_shape={tuple(factor_shape)!r} does not fit a ({out_features} x {in_features}) layer: "
+                f"need 1 <= o1 <= {out_features} and 1 <= i1 <= {in_features}"
+            )
+        return o1, i1
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"factor_shape": list(self.factor_shape)}
+
+    @classmethod
+    def num_parameters(
+        cls, out_features: int, in_features: int, factor_shape: tuple[int, int] | list[int] | None = None
+    ) -> int:
+        return _count(out_features, in_features, *cls.resolve_factor_shape(out_features, in_features, factor_shape))
+
+    @classmethod
+    def options_for_budget(
+        cls, out_features: int, in_features: int, n_params: int, **fixed: Any
+    ) -> dict[str, Any]:
+        best = None
+        for o1 in _factor_candidates(out_features):
+            for i1 in _factor_candidates(in_features):
+                n = _count(out_features, in_features, o1, i1)
+                o2, i2 = math.ceil(out_features / o1), math.ceil(in_features / i1)
+                rank_bound = min(min(o1, i1) * min(o2, i2), out_features, in_features)
+                key = (rank_bound, n, -_imbalance(out_features, in_features, o1, i1))
+                if n <= n_params and (best is None or key > best[0]):
+                    best = (key, (o1, i1))
+        if best is None:
+            smallest = cls.num_parameters(out_features, in_features)
+            raise ConfigError(
+                f"budget of {n_params} parameters is too small for a ({out_features} x {in_features}) layer: "
+                f"the smallest Kronecker factorisation has {smallest}"
+            )
+        return {"factor_shape": list(best[1])}
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool = True) -> None:
+        if init:
+            self.left.zero_()
+            nn.init.kaiming_uniform_(self.right, a=math.sqrt(5))
+        else:
+            self.left.normal_(0.0, self.left.shape[1] ** -0.5)
+            self.right.normal_(0.0, self.right.shape[1] ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        (o1, i1), (o2, i2) = self.left.shape, self.right.shape
+        dtype = torch.promote_types(x.dtype, self.left.dtype)
+        pad = i1 * i2 - self.in_features
+        if pad:
+            x = nn.functional.pad(x, (0, pad))
+        lead = x.shape[:-1]
+        xm = x.to(dtype).reshape(-1, i1, i2)  # (N, i1, i2)
+        left, right = self.left.to(dtype), self.right.to(dtype)
+        # plain 2-D matmuls (not broadcast batched ones, whose kernel choice depends on requires_grad), so that
+        # the result is bit-identical in training and inference mode
+        if self._right_first:
+            t = (xm.reshape(-1, i2) @ right.T).reshape(-1, i1, o2)  # X Rᵀ
+            y = (t.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, o2, o1).transpose(1, 2)
+        else:
+            t = (xm.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, i2, o1)  # (L X)ᵀ
+            y = (t.transpose(1, 2).reshape(-1, i2) @ right.T).reshape(-1, o1, o2)
+        return y.reshape(*lead, o1 * o2)[..., : self.out_features]
+
+    def to_dense(self) -> torch.Tensor:
+        (o1, i1), (o2, i2) = self.left.shape, self.right.shape
+        full = (self.left[:, None, :, None] * self.right[None, :, None, :]).reshape(o1 * o2, i1 * i2)
+        return full[: self.out_features, : self.in_features]

@@ -1,0 +1,103 @@
+"""PMSS's skeleton operator: ΔW = C · U · R with C, R gathered from the frozen pretrained weight.
+
+Math (PyTorch layout, W is out × in, y = x Wᵀ): for column indices I (|I| = k_in) and row indices J (|J| = k_out),
+
+    C = W[:, I] · D_c   (out × k_in),   R = D_r · W[J, :]   (k_out × in),   ΔW = C · U · R,   U (k_in × k_out).
+
+D_c, D_r are diagonal normalisations: the identity (``skeleton_scaling="none"``) or the inverse norms of the
+selected columns / rows (``"unit"``). Only U is trained (k_in·k_out parameters); U = 0 at init, so ΔW = 0.
+rank(ΔW) <= min(k_in, k_out) and the column space of ΔW lies in span(W[:, I]).
+Forward: ``x Rᵀ`` is read from the base layer's own output, (x Wᵀ + b)[..., J] − b[J] (exact while W is
+unmerged, only without dropout on the adapter input), so the adapter costs k_out·k_in + k_in·out multiply-adds
+per token — about k·(k + d) — instead of out·in. ``forward`` (with dropout) computes x Rᵀ directly: k_out·in.
+C and R are frozen buffers gathered when the operator is built; they are not saved (the adapter file holds U,
+and the config holds I, J and a checksum of the gathered factors).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+SKELETON_SCALINGS = ("none", "unit")
+SKELETON_INITS = ("zero", "gaussian", "random")
+
+
+class SkeletonOperator(nn.Module):
+    """ΔW = C·U·R (see the module docstring); built from the frozen (out × in) weight and the indices I, J."""
+
+    structure = "skeleton"
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        col_idx: torch.Tensor,
+        row_idx: torch.Tensor,
+        skeleton_scaling: str = "none",
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if skeleton_scaling not in SKELETON_SCALINGS:
+            raise ConfigError(
+                f"skeleton_scaling={skeleton_scaling!r} is invalid; valid: {', '.join(SKELETON_SCALINGS)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        self.skeleton_scaling = skeleton_scaling
+        w = weight.detach()
+        col_idx = torch.as_tensor(col_idx, dtype=torch.long, device=w.device)
+        row_idx = torch.as_tensor(row_idx, dtype=torch.long, device=w.device)
+        cols = w[:, col_idx].float()
+        rows = w[row_idx, :].float()
+        col_scale = torch.ones(cols.shape[1], device=w.device)
+        row_scale = torch.ones(rows.shape[0], device=w.device)
+        if skeleton_scaling == "unit":
+            col_scale = 1.0 / cols.norm(dim=0).clamp_min(1e-12)
+            row_scale = 1.0 / rows.norm(dim=1).clamp_min(1e-12)
+        self.register_buffer("col_idx", col_idx, persistent=False)
+        self.register_buffer("row_idx", row_idx, persistent=False)
+        self.register_buffer("cols", cols * col_scale, persistent=False)  # C (out × k_in)
+        self.register_buffer("rows", rows * row_scale[:, None], persistent=False)  # R (k_out × in)
+        self.register_buffer("row_scale", row_scale, persistent=False)
+        b = None if bias is None else bias.detach()[row_idx].float()
+        self.register_buffer("row_bias", b, persistent=False)  # b[J], to subtract from the base output
+        self.core = nn.Parameter(torch.zeros(cols.shape[1], rows.shape[0], device=w.device))
+
+    @property
+    def options(self) -> dict:
+        return {"k_in": self.core.shape[0], "k_out": self.core.shape[1], "skeleton_scaling": self.skeleton_scaling}
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool | str = True) -> None:
+        """``True``/``"zero"``: U = 0 (the paper). ``"gaussian"``: U ~ N(0, 1e-4) (small, for ablation).
+        ``False``/``"random"``: U ~ N(0, 1/k_in) (a clearly non-zero ΔW, for tests)."""
+        if init is True or init == "zero":
+            self.core.zero_()
+        elif init == "gaussian":
+            self.core.normal_(0.0, 1e-2)
+        elif init is False or init == "random":
+            self.core.normal_(0.0, self.core.shape[0] ** -0.5)
+        else:
+            raise ConfigError(f"init_weights={init!r} is invalid; valid: True, False, {', '.join(SKELETON_INITS)}")
+
+    def _finish(self, xr: torch.Tensor) -> torch.Tensor:
+        """(..., k_out) values of x·Rᵀ -> (..., out) values of x·Rᵀ·Uᵀ·Cᵀ = x·ΔWᵀ."""
+        dtype = torch.promote_types(xr.dtype, self.core.dtype)
+        xr = xr.to(dtype)
+        return (xr @ self.core.to(dtype).T) @ self.cols.to(dtype).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, self.core.dtype)
+        return self._finish(x.to(dtype) @ self.rows.to(dtype).T)
+
+    def forward_from_base(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Same as ``forward(x)`` but reads x·W[J, :]ᵀ from ``base_out`` = x Wᵀ + b (exact while W is unmerged)."""
+        xr = base_out[..., self.row_idx]
+        if self.row_bias is not None:
+            xr = xr - self.row_bias.to(xr.dtype)
+        dtype = torch.promote_types(xr.dtype, self.core.dtype)
+        return self._finish(xr.to(dtype) * self.row_scale.to(dtype))
+
+    def to_dense(self) -> torch.Tensor:
+        return self.cols @ self.core @ self.rows

@@ -1,0 +1,263 @@
+"""PEFT configs of structpeft's methods.
+
+``SurmConfig`` (SURM: ΔW is a structured matrix) — and, in :mod:`structpeft.peft.pmss_config`, ``PmssConfig`` —
+are ``peft.PeftConfig`` dataclasses: every field has help text, values are validated in ``__post_init__`` with
+errors that name the bad value and the valid choices, and ``layer_options`` records what was resolved for each
+targeted module (its shape and structure options) so that a saved adapter is rebuilt exactly and loading it onto
+a base model with other shapes is refused before anything is modified.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peft.config import PeftConfig
+
+from ..errors import ConfigError
+from ..operators import OPERATORS, get_operator_class
+
+SURM_PEFT_TYPE = "SURM"
+
+# structure -> the structure-specific config fields it uses (the others must stay None)
+SURM_STRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {
+    "circulant": ("block_size",),
+    "toeplitz": ("block_size", "num_factors"),
+    "kronecker": ("factor_shape",),
+    "ldr": ("block_size", "displacement_rank"),
+    "dense": (),
+}
+PLACEMENTS = ("lora", "adapter")
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{name}={value!r} is invalid: expected a finite number in [{low}, {high}{bracket}")
+
+
+def _check_target_modules(value: Any, name: str = "target_modules") -> None:
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        if not value:
+            raise ConfigError(f"{name}={value!r} is empty: give module names, a regex string, or 'all-linear'")
+        return
+    raise ConfigError(f"{name}={value!r} is invalid: expected a list of module names, a regex string, or None")
+
+
+class StructPeftConfigMixin:
+    """Shared behaviour of structpeft configs: adapter-file validation on ``from_pretrained``."""
+
+    param_prefix: ClassVar[str] = ""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load the config; for a local adapter folder also validate ``adapter_model.safetensors`` first.
+
+        The file check happens here because PEFT reads the config before it touches the model: a truncated,
+        foreign or non-finite weights file is refused with :class:`~structpeft.errors.AdapterFileError` while the
+        base model is still unmodified.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = str(pretrained_model_name_or_path)
+        if subfolder:
+            folder = os.path.join(folder, subfolder)
+        if os.path.isdir(folder):
+            from .io import validate_adapter_folder
+
+            validate_adapter_folder(folder, config)
+        return config
+
+
+@dataclass
+class SurmConfig(StructPeftConfigMixin, PeftConfig):
+    """Configuration of SURM (Structured Unrestricted-Rank Matrices, Sehanobish et al., NeurIPS 2024).
+
+    Each targeted layer computes ``y = base(x) + alpha · ΔW · dropout(x)`` where ΔW (out × in) is the structured
+    matrix named by ``structure`` (see :mod:`structpeft.operators`). ΔW = 0 at initialisation.
+    """
+
+    param_prefix: ClassVar[str] = "surm_"
+
+    structure: str = field(
+        default="circulant",
+        metadata={"help": f"Structure of ΔW, one of {sorted(OPERATORS)}."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match) or a regex (full match) of the layers to adapt, or 'all-linear'. "
+            "None uses the preset for the model type (BERT: query, value; LLaMA: q_proj, v_proj; GPT-2: c_attn)."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex of layers NOT to adapt."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices (needs a layer pattern)."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h') for layers_to_transform."}
+    )
+    alpha: float = field(
+        default=1.0,
+        metadata={"help": "Scale s in W + s·ΔW (the same convention for every structure; no division by a rank)."},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input, in [0, 1)."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the paper's init with ΔW = 0 (the model is unchanged). False: random non-zero ΔW "
+            "(for tests and ablations only)."
+        },
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "circulant / toeplitz / ldr: side b of the square blocks tiling ΔW (ceil(out/b)·ceil(in/b) "
+            "blocks, padded and cropped). None: one block of side max(out, in). Larger b: fewer parameters."
+        },
+    )
+    num_factors: int | None = field(
+        default=None,
+        metadata={"help": "toeplitz: number of Toeplitz factors multiplied in each block (default 2, the paper's)."},
+    )
+    displacement_rank: int | None = field(
+        default=None,
+        metadata={"help": "ldr: displacement rank r >= 1, the number of circulant × skew-circulant terms (default 1)."},
+    )
+    factor_shape: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "kronecker: shape (o1, i1) of the first factor L of ΔW = L ⊗ R; None picks the most balanced "
+            "factorisation (about sqrt(out) × sqrt(in))."
+        },
+    )
+    budget: str | int | None = field(
+        default=None,
+        metadata={
+            "help": "Choose each layer's size option (block size or factor shape) to use at most this many "
+            "trainable parameters per layer: 'lora-R' (as many as LoRA rank R: R·(in + out)) or an integer. "
+            "Exclusive with block_size / factor_shape."
+        },
+    )
+    placement: str = field(
+        default="lora",
+        metadata={
+            "help": "'lora': ΔW is added to the targeted layer's weight (SURM-LoRA). 'adapter': a structured "
+            "adapter is applied to the layer's output, h + s·act(S·h) + bias (SURM-Adapter)."
+        },
+    )
+    activation: str = field(
+        default="identity",
+        metadata={
+            "help": "adapter placement: activation act, one of identity, gelu, relu, silu, tanh. Only identity "
+            "can be merged. relu with the zero init never trains S (relu'(0) = 0)."
+        },
+    )
+    adapter_form: str = field(
+        default="square",
+        metadata={
+            "help": "adapter placement: 'square' (one n × n structured S, the paper's circulant adapter) or "
+            "'bottleneck' (S_up · act(S_down · h) with S_down: bottleneck × n)."
+        },
+    )
+    bottleneck: int | None = field(
+        default=None,
+        metadata={"help": "adapter_form='bottleneck': the inner width m (required there, < n)."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules (e.g. a classifier head) that are fully trained and saved with the adapter."},
+    )
+    layer_options: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Filled in when the adapter is created: per targeted module, its (out, in) shape and the "
+            "resolved structure options. Loading uses these and refuses a base model whose shapes differ."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SURM_PEFT_TYPE
+        get_operator_class(self.structure)  # UnknownStructureError naming the valid structures
+        _check_target_modules(self.target_modules)
+        _check_target_modules(self.exclude_modules, "exclude_modules")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        _check_number("alpha", self.alpha, low=-1e6, high=1e6)
+        _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"init_weights={self.init_weights!r} is invalid: expected True or False")
+        self._check_placement()
+        used = SURM_STRUCTURE_FIELDS[self.structure]
+        for name in ("block_size", "num_factors", "displacement_rank", "factor_shape"):
+            if getattr(self, name) is not None and name not in used:
+                users = [s for s, f in SURM_STRUCTURE_FIELDS.items() if name in f]
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} does not apply to structure {self.structure!r} "
+                    f"(it is an option of {', '.join(users)}); options of {self.structure!r}: {', '.join(used)}"
+                )
+        if self.budget is not None:
+            from ..budget import parse_budget
+
+            parse_budget(self.budget)
+            for name in ("block_size", "factor_shape"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"budget={self.budget!r} and {name}={getattr(self, name)!r} both set the layer size; "
+                        "give one of them"
+                    )
+        # validates block_size / num_factors / displacement_rank / factor_shape values on a probe shape
+        probe = self.structure_options()
+        if "factor_shape" in probe and probe["factor_shape"] is not None:
+            fs = probe["factor_shape"]
+            if not isinstance(fs, (list, tuple)) or len(fs) != 2:
+                raise ConfigError(f"factor_shape={fs!r} is invalid: expected a pair [o1, i1] or None")
+            get_operator_class(self.structure).resolve_factor_shape(max(fs[0], 1), max(fs[1], 1), fs)
+        else:
+            get_operator_class(self.structure).num_parameters(8, 8, **probe)
+
+    def _check_placement(self) -> None:
+        from .adapter import ACTIVATIONS, ADAPTER_FORMS
+
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement={self.placement!r} is invalid; valid: {', '.join(PLACEMENTS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} is invalid; valid: {', '.join(ACTIVATIONS)}")
+        if self.adapter_form not in ADAPTER_FORMS:
+            raise ConfigError(f"adapter_form={self.adapter_form!r} is invalid; valid: {', '.join(ADAPTER_FORMS)}")
+        if self.placement == "lora":
+            for name, default in (("activation", "identity"), ("adapter_form", "square"), ("bottleneck", None)):
+                if getattr(self, name) != default:
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)!r} applies to placement='adapter' only (placement is 'lora')"
+                    )
+            return
+        if self.adapter_form == "bottleneck":
+            if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+                raise ConfigError(
+                    f"bottleneck={self.bottleneck!r} is invalid: adapter_form='bottleneck' needs an integer width >= 1"
+                )
+        elif self.bottleneck is not None:
+            raise ConfigError(
+                f"bottleneck={self.bottleneck!r} needs adapter_form='bottleneck' (adapter_form is 'square', "
+                "which has no inner width)"
+            )
+
+    def structure_options(self) -> dict[str, Any]:
+        """The structure-specific options the user set (block size etc.), without the resolved per-layer ones."""
+        return {
+            name: getattr(self, name)
+            for name in SURM_STRUCTURE_FIELDS[self.structure]
+            if getattr(self, name) is not None
+        }
+

@@ -1,0 +1,61 @@
+"""Validation of saved adapter folders, before PEFT touches the model.
+
+``validate_adapter_folder`` checks ``adapter_model.safetensors`` (PEFT's weights file): it must parse as
+safetensors (a truncated or non-safetensors file is refused), hold this method's parameters (a file of another
+method, e.g. LoRA's, is refused), cover every layer recorded in the config's ``layer_options``, and be finite.
+Only safetensors is read; pickle-based ``adapter_model.bin`` files are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..errors import AdapterFileError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; :class:`AdapterFileError` naming the file if it is truncated or not safetensors."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types (and OSError / ValueError)
+        size = os.path.getsize(path)
+        raise AdapterFileError(
+            f"{path} ({size} bytes) is not a complete safetensors file ({type(err).__name__}: {err}); "
+            "expected the adapter_model.safetensors written by save_pretrained"
+        ) from None
+
+
+def validate_adapter_folder(folder: str, config: Any) -> None:
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.exists(weights):
+        if os.path.exists(os.path.join(folder, PICKLE_NAME)):
+            raise AdapterFileError(
+                f"{folder} holds only {PICKLE_NAME} (pickle); structpeft loads {WEIGHTS_NAME} only"
+            )
+        raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}; expected the folder written by save_pretrained")
+    tensors = read_safetensors(weights)
+    marker = "." + config.param_prefix
+    ours = [k for k in tensors if marker in k]
+    if not ours:
+        sample = ", ".join(sorted(tensors)[:3]) or "(no tensors)"
+        raise AdapterFileError(
+            f"{weights} holds no {config.param_prefix}* parameters (keys: {sample}); it was not written for "
+            f"a {config.peft_type} adapter"
+        )
+    for key in config.layer_options:
+        if not any(k.startswith(f"base_model.model.{key}{marker}") for k in ours):
+            raise AdapterFileError(
+                f"{weights} lacks the parameters of layer {key!r} that adapter_config.json lists; "
+                "the file does not belong to this config"
+            )
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{weights}: tensor {key!r} contains NaN or inf values")

@@ -1,0 +1,279 @@
+"""ONE layer wrapper shared by every structure and method.
+
+A targeted module (``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d``) is replaced by a wrapper that keeps
+it as ``base_layer`` and holds, per adapter name, one operator module (a structured ΔW of shape (out, in')):
+
+    forward(x) = base(x) + Σ_{a active} s_a · op_a(dropout_a(x))          (Linear, Conv1D)
+    forward(x) = base(x) + Σ_{a active} conv(dropout_a(x), s_a · ΔW_a)     (Conv2d: ΔW acts on the flattened
+                                                                           (out, in/groups·kh·kw) kernel)
+
+Active adapters are *summed* (never chained). ``get_delta_weight`` returns s·ΔW in the base weight's layout
+(transposed for Conv1D, reshaped for Conv2d); merging adds it to the base weight, unmerging subtracts it.
+The operator is built by the method (``_build_operator``): SURM builds it from the layer shape, PMSS from the
+frozen weight. An operator may implement ``forward_from_base(x, base_out)`` to reuse the base layer's output.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..errors import MergeError, UnsupportedLayerError
+
+try:  # transformers is optional
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - exercised only without transformers
+    Conv1D = None
+
+SUPPORTED_LAYER_TYPES = "torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d' or 'conv2d' for the supported base layer types, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def delta_shape(module: nn.Module) -> tuple[int, int]:
+    """The (out, in') shape of ΔW for a supported base layer; :class:`UnsupportedLayerError` otherwise."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.out_features, module.in_features
+    if kind == "conv1d":
+        return module.weight.shape[1], module.weight.shape[0]
+    if kind == "conv2d":
+        w = module.weight
+        return w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
+    raise UnsupportedLayerError(
+        f"cannot wrap a module of type {type(module).__module__}.{type(module).__qualname__}; "
+        f"supported types: {SUPPORTED_LAYER_TYPES}"
+    )
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    """The base weight as the (out, in') matrix ΔW is added to (a view, no copy)."""
+    kind = layer_kind(module)
+    w = module.weight
+    if kind == "conv1d":
+        return w.T
+    if kind == "conv2d":
+        return w.reshape(w.shape[0], -1)
+    return w
+
+
+class StructuredLayer(BaseTunerLayer):
+    """Per-adapter operators, scales and dropouts around one base layer (see the module docstring).
+
+    Subclasses set ``adapter_layer_names = ("<prefix>op",)``, ``other_param_names`` and ``_build_operator``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+    op_attr: str = ""
+    scaling_attr: str = ""
+    dropout_attr: str = ""
+
+    def __init__(self, base_layer: nn.Module, module_path: str = "", **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        setattr(self, self.op_attr, nn.ModuleDict({}))
+        setattr(self, self.dropout_attr, nn.ModuleDict({}))
+        setattr(self, self.scaling_attr, {})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.module_path = module_path
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.kind = layer_kind(base)
+        self.out_features, self.in_features = delta_shape(base)
+
+    # ------------------------------------------------------------------------------------------- containers
+    @property
+    def operators(self) -> nn.ModuleDict:
+        return getattr(self, self.op_attr)
+
+    @property
+    def scalings(self) -> dict[str, float]:
+        return getattr(self, self.scaling_attr)
+
+    @property
+    def dropouts(self) -> nn.ModuleDict:
+        return getattr(self, self.dropout_attr)
+
+    def _build_operator(self, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        """Add (or replace) adapter ``adapter_name`` built from ``config``."""
+        op = self._build_operator(adapter_name, config, **kwargs)
+        self.operators[adapter_name] = op
+        self.scalings[adapter_name] = float(config.alpha)
+        self.dropouts[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # ----------------------------------------------------------------------------------------------- delta
+    def is_adapter_placement(self, adapter_name: str) -> bool:
+        """True for a SURM-Adapter block (applied to the layer's output), False for a ΔW on the weight."""
+        return getattr(self.operators[adapter_name], "placement", "lora") == "adapter"
+
+    def _to_base_layout(self, dense_2d: torch.Tensor) -> torch.Tensor:
+        """(out, in') matrix -> the base weight's layout (transposed for Conv1D, kernel-shaped for Conv2d)."""
+        base = self.get_base_layer()
+        if self.kind == "conv1d":
+            return dense_2d.T
+        if self.kind == "conv2d":
+            return dense_2d.reshape(base.weight.shape)
+        return dense_2d
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change of the base weight (base layout and dtype) that merging this adapter alone makes.
+
+        ΔW placement: s·ΔW. Adapter placement (identity activation): M·W₀ with W₀ the unmerged base weight.
+        """
+        base = self.get_base_layer()
+        if self.is_adapter_placement(adapter_name):
+            w0, _ = self._unmerged_weights(list(self.merged_adapters))
+            m = self.operators[adapter_name].linear_map(self.scalings[adapter_name])
+            dense = m.to(w0) @ w0
+        else:
+            dense = self.operators[adapter_name].to_dense() * self.scalings[adapter_name]
+        return self._to_base_layout(dense).to(base.weight.dtype)
+
+    def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(D, M, c): the sum of s·ΔW of the ΔW-placed adapters, of the adapter maps M, of the adapter biases."""
+        d = m = c = None
+        for name in names:
+            if name not in self.operators:
+                continue
+            op, scale = self.operators[name], self.scalings[name]
+            if self.is_adapter_placement(name):
+                m_a = op.linear_map(scale).double()
+                m = m_a if m is None else m + m_a
+                if op.bias is not None:
+                    c = op.bias.double() if c is None else c + op.bias.double()
+            else:
+                d_a = op.to_dense().double() * scale
+                d = d_a if d is None else d + d_a
+        return d, m, c
+
+    def _unmerged_weights(self, merged: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W₀, b₀) in float64, (out, in') layout: the base weight and bias with the ``merged`` adapters removed.
+
+        The merged state is W = W₀ + D + M·W₀, b = b₀ + M·b₀ + c (see ``_merge_terms``); adapter maps are undone
+        by solving (I + M)·W₀ = W − D.
+        """
+        base = self.get_base_layer()
+        w = weight_2d(base).detach().double()
+        b = None if getattr(base, "bias", None) is None else base.bias.detach().double()
+        d, m, c = self._merge_terms(merged)
+        if d is not None:
+            w = w - d
+        if c is not None and b is not None:
+            b = b - c
+        if m is not None:
+            eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+            w = torch.linalg.solve(eye + m, w)
+            if b is not None:
+                b = torch.linalg.solve(eye + m, b[:, None])[:, 0]
+        return w, b
+
+    def _set_weights(self, names: list[str], safe_merge: bool, new_names: list[str]) -> None:
+        """Write the base weight (and bias) for the merged set ``names``, computed from the unmerged base."""
+        base = self.get_base_layer()
+        previous = [n for n in names if n not in new_names]
+        uses_map = any(self.is_adapter_placement(n) for n in names if n in self.operators)
+        if not uses_map:
+            # ΔW placement only: plain addition / subtraction in the base dtype (bit-stable, no solve)
+            w2 = weight_2d(base).detach().clone()
+            for name in new_names:
+                w2 = w2 + (self.operators[name].to_dense() * self.scalings[name]).to(w2.dtype)
+            new_w, new_b = self._to_base_layout(w2), None
+        else:
+            w0, b0 = self._unmerged_weights(previous)
+            d, m, c = self._merge_terms(names)
+            w = w0 + (0 if d is None else d) + (0 if m is None else m @ w0)
+            new_w = self._to_base_layout(w).to(base.weight.dtype)
+            new_b = None
+            if b0 is not None:
+                b = b0 + (0 if m is None else m @ b0) + (0 if c is None else c)
+                new_b = b.to(base.bias.dtype)
+        if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+            raise MergeError(
+                f"merging adapter(s) {new_names} into {self.module_path or type(base).__name__} would give "
+                "non-finite weights (NaN/inf in the adapter); the base weight was left unchanged"
+            )
+        base.weight.data = new_w.contiguous()
+        if new_b is not None:
+            base.bias.data = new_b
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge the given (default: active) adapters into the base weight (and bias, for adapter blocks)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        new = [n for n in adapter_names if n in self.operators]
+        if not new:
+            return
+        for name in new:  # non-mergeable adapters raise here, before anything changes
+            if self.is_adapter_placement(name):
+                self.operators[name].linear_map(self.scalings[name])
+        self._set_weights(self.merged_adapters + new, safe_merge, new)
+        self.merged_adapters.extend(new)
+
+    def unmerge(self) -> None:
+        """Restore the unmerged base weight (and bias)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        merged = list(self.merged_adapters)
+        if any(self.is_adapter_placement(n) for n in merged if n in self.operators):
+            w0, b0 = self._unmerged_weights(merged)
+            base.weight.data = self._to_base_layout(w0).to(base.weight.dtype).contiguous()
+            if b0 is not None:
+                base.bias.data = b0.to(base.bias.dtype)
+        else:
+            for name in reversed(merged):
+                if name in self.operators:
+                    base.weight.data -= self.get_delta_weight(name)
+        self.merged_adapters.clear()
+
+    # --------------------------------------------------------------------------------------------- forward
+    def _adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        op = self.operators[name]
+        dropout = self.dropouts[name]
+        scale = self.scalings[name]
+        if self.is_adapter_placement(name):
+            if self.kind == "conv2d":  # channels are dim 1
+                return op.transform(dropout(base_out).movedim(1, -1), scale).movedim(-1, 1)
+            return op.transform(dropout(base_out), scale)
+        if self.kind == "conv2d":
+            base = self.get_base_layer()
+            delta = (op.to_dense() * scale).reshape(base.weight.shape).to(x.dtype)
+            return base._conv_forward(dropout(x), delta, None)
+        if isinstance(dropout, nn.Identity) and hasattr(op, "forward_from_base"):
+            return op.forward_from_base(x, base_out) * scale
+        return op(dropout(x)) * scale
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        base_out = result
+        for name in self.active_adapters:
+            if name not in self.operators:
+                continue
+            delta = self._adapter_output(name, x, base_out)
+            result = result + delta.to(result.dtype)
+        return result

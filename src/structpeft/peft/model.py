@@ -1,0 +1,178 @@
+"""PEFT tuners (``BaseTuner`` subclasses) of structpeft's methods.
+
+``StructuredTuner`` holds what every method shares: validation of every targeted module *before* the model is
+modified (no match, unsupported type, shapes that differ from the ones recorded in a saved adapter, sizes that do
+not fit), creation of the shared layer wrapper, and recording of the resolved per-layer options in the config.
+A method subclass names its prefix, its layer class and how it resolves a layer's options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from torch import nn
+
+from ..errors import BaseModelMismatchError, MergeError, ShapeError, TargetModulesError
+from ..operators import get_operator_class
+from .config import SurmConfig
+from .layer import StructuredLayer, delta_shape
+from .surm_layer import SurmLayer, SurmWrapper
+
+TARGET_PRESETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+}
+
+
+def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
+    names = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and not list(m.children())}
+    )
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class StructuredTuner(BaseTuner):
+    """Shared tuner logic; subclasses set ``prefix``, ``tuner_layer_cls``, ``wrapper_cls``, ``resolve_layer``."""
+
+    wrapper_cls: type[nn.Module]
+    target_module_mapping = TARGET_PRESETS
+
+    # ------------------------------------------------------------------------------------ per-method hooks
+    def resolve_layer(self, config: Any, key: str, base: nn.Module) -> dict[str, Any]:
+        """The resolved options for the module at ``key`` (recorded in ``config.layer_options[key]``)."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------- validation
+    def _targets(self, config: Any, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        existing = [k for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        found = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(e + ".") for e in existing):
+                continue
+            if self._check_target_module_exists(config, key):
+                found.append((key, module))
+        return found
+
+    def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
+        """Validate every target before anything is replaced (PEFT calls this before injecting)."""
+        _maybe_include_all_linear_layers(peft_config, model)
+        targets = self._targets(peft_config, model)
+        if not targets:
+            raise TargetModulesError(
+                f"target_modules={sorted(peft_config.target_modules) if isinstance(peft_config.target_modules, set) else peft_config.target_modules!r} "
+                f"matched no module of the model; leaf module names in this model: {_describe_candidates(model)}"
+            )
+        for key, module in targets:
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            try:
+                delta_shape(base)
+            except TypeError as err:
+                raise type(err)(f"target module {key!r}: {err}") from None
+            self.resolve_layer(peft_config, key, base, record=False)
+
+    @staticmethod
+    def check_recorded_shape(config: Any, key: str, shape: tuple[int, int]) -> dict[str, Any] | None:
+        rec = config.layer_options.get(key)
+        if rec is None:
+            return None
+        if tuple(rec["shape"]) != tuple(shape):
+            raise BaseModelMismatchError(
+                f"module {key!r} has ΔW shape {tuple(shape)} in this base model but the adapter was created for "
+                f"shape {tuple(rec['shape'])}: load it onto the base model it was trained on"
+            )
+        return rec
+
+    # --------------------------------------------------------------------------------------------- creation
+    def _create_and_replace(
+        self,
+        config: Any,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        options = self.resolve_layer(config, current_key, base, record=True)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, options=options)
+            return
+        new_module = self.wrapper_cls(target, adapter_name, config, module_path=current_key, options=options)
+        new_module.train(target.training)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def structured_layers(self) -> list[tuple[str, StructuredLayer]]:
+        """(module path, layer) of every structured layer in the model."""
+        return [(k, m) for k, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
+
+
+class SurmModel(StructuredTuner):
+    """SURM tuner: ΔW of each targeted layer is a structured matrix (see :class:`SurmConfig`)."""
+
+    prefix: str = "surm_"
+    tuner_layer_cls = SurmLayer
+    wrapper_cls = SurmWrapper
+
+    def resolve_layer(self, config: SurmConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
+        """{operator role: resolved options}: role "delta" (placement='lora'), "op" (square adapter) or
+        "down" / "up" (bottleneck adapter)."""
+        shape = delta_shape(base)
+        rec = self.check_recorded_shape(config, key, shape)
+        if rec is not None:
+            options = {role: dict(opts) for role, opts in rec["options"].items()}
+        else:
+            out_features = shape[0]
+            if config.placement == "lora":
+                roles = {"delta": shape}
+            elif config.adapter_form == "square":
+                roles = {"op": (out_features, out_features)}
+            else:
+                m = config.bottleneck
+                if m >= out_features:
+                    raise ShapeError(
+                        f"bottleneck={m} must be smaller than the width n={out_features} of module {key!r}"
+                    )
+                roles = {"down": (m, out_features), "up": (out_features, m)}
+            n_params = None
+            if config.budget is not None:  # per targeted module, shared by its operators (and adapter bias)
+                from ..budget import budget_to_parameters
+
+                total = budget_to_parameters(config.budget, *shape)
+                if config.placement == "adapter" and getattr(base, "bias", None) is not None:
+                    total -= out_features
+                n_params = total // len(roles)
+            options = {role: self._resolve_operator(config, s, n_params) for role, s in roles.items()}
+        if record:
+            config.layer_options[key] = {"shape": list(shape), "options": options}
+        return options
+
+    @staticmethod
+    def _resolve_operator(config: SurmConfig, shape: tuple[int, int], n_params: int | None) -> dict[str, Any]:
+        cls = get_operator_class(config.structure)
+        options = config.structure_options()
+        if n_params is not None:
+            options = cls.options_for_budget(*shape, n_params, **options)
+        with torch.device("meta"):
+            return cls(*shape, **options).options  # validates and resolves (no memory on meta)
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for name, config in self.peft_config.items():
+            if getattr(config, "placement", "lora") == "adapter" and config.activation != "identity":
+                raise MergeError(
+                    f"adapter {name!r} uses activation={config.activation!r}: a non-linear adapter cannot be "
+                    "merged into the base weight; use activation='identity' to merge, or keep it unmerged"
+                )

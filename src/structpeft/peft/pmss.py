@@ -1,0 +1,242 @@
+"""PMSS (Pretrained Matrices Skeleton Selection, Wang et al., COLING 2025) as a PEFT method.
+
+ΔW = W[:, I] · U · W[J, :] for each targeted layer (see :mod:`structpeft.operators.skeleton`); I and J are
+selected from the frozen pretrained weight by :func:`structpeft.selection.select_skeleton`, only U is trained.
+
+Storage: the adapter file holds U only; ``adapter_config.json`` records, per layer, the shape, k_in, k_out, the
+indices I and J and a checksum of the gathered factors W[:, I], W[J, :] (computed on their bf16 rounding, so
+the same base model loaded in fp32, fp16 or bf16 passes). At load, C and R are re-gathered from the base model
+and the checksum is verified for every layer *before* the model is modified: a different base model raises
+:class:`~structpeft.errors.BaseModelMismatchError`. File size: 4·k_in·k_out bytes per layer (fp32 U), e.g.
+24 KB per MiniLM layer at LoRA r=8's budget, instead of 4·(out·k_in + k_out·in) for snapshotted factors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from peft.config import PeftConfig
+from torch import nn
+
+from ..errors import BaseModelMismatchError, ConfigError
+from ..operators.skeleton import SKELETON_INITS, SKELETON_SCALINGS, SkeletonOperator
+from ..selection import SELECTION_STRATEGIES, select_skeleton, skeleton_checksum
+from .config import StructPeftConfigMixin, _check_number, _check_target_modules
+from .layer import StructuredLayer, delta_shape, weight_2d
+from .model import StructuredTuner
+
+PMSS_PEFT_TYPE = "PMSS"
+DEFAULT_BUDGET = "lora-8"
+
+
+@dataclass
+class PmssConfig(StructPeftConfigMixin, PeftConfig):
+    """Configuration of PMSS: y = base(x) + alpha · W[:, I] · U · W[J, :] · x, only U (k_in × k_out) trained."""
+
+    param_prefix: ClassVar[str] = "pmss_"
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match) or a regex, or 'all-linear' (the PiSSA / PMSS protocol). None: "
+            "the preset for the model type (BERT: query, value; LLaMA: q_proj, v_proj)."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules NOT to adapt."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    selection: str = field(
+        default="deim",
+        metadata={"help": f"Skeleton selection strategy, one of {sorted(SELECTION_STRATEGIES)}."},
+    )
+    budget: str | int | None = field(
+        default=DEFAULT_BUDGET,
+        metadata={
+            "help": "Trainable parameters per layer: 'lora-R' (as many as LoRA rank R, R·(in + out)) or an "
+            "integer; k_in = k_out = floor(sqrt(budget)), capped below min(out, in). Ignored if k_in/k_out set."
+        },
+    )
+    k_in: int | None = field(default=None, metadata={"help": "Number of selected columns |I| (with k_out)."})
+    k_out: int | None = field(default=None, metadata={"help": "Number of selected rows |J| (with k_in)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random strategy and of randomised SVDs."})
+    alpha: float = field(default=1.0, metadata={"help": "Scale s in W + s·ΔW."})
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the adapter input; 0 keeps the fast path that reuses the base output."},
+    )
+    init_weights: bool | str = field(
+        default=True,
+        metadata={
+            "help": "True / 'zero': U = 0 (the paper; model unchanged). 'gaussian': U ~ N(0, 1e-4) (ablation). "
+            "False / 'random': clearly non-zero U (tests)."
+        },
+    )
+    skeleton_scaling: str = field(
+        default="none",
+        metadata={"help": "'none': raw columns / rows of W. 'unit': each selected column and row scaled to norm 1."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules (e.g. a classifier head) fully trained and saved."}
+    )
+    layer_options: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Filled in when the adapter is created: per layer its shape, k_in, k_out, the indices I "
+            "(columns) and J (rows) and a checksum of the selected factors."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PMSS_PEFT_TYPE
+        if self.selection not in SELECTION_STRATEGIES:
+            from ..errors import UnknownStructureError
+
+            raise UnknownStructureError(
+                f"unknown selection strategy {self.selection!r}; valid: {', '.join(sorted(SELECTION_STRATEGIES))}"
+            )
+        _check_target_modules(self.target_modules)
+        _check_target_modules(self.exclude_modules, "exclude_modules")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        _check_number("alpha", self.alpha, low=-1e6, high=1e6)
+        _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        if (self.k_in is None) != (self.k_out is None):
+            raise ConfigError(f"k_in={self.k_in!r}, k_out={self.k_out!r}: give both or neither")
+        for name in ("k_in", "k_out"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        if self.k_in is None:
+            if self.budget is None:
+                raise ConfigError("budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out")
+            from ..budget import parse_budget
+
+            parse_budget(self.budget)
+        if self.skeleton_scaling not in SKELETON_SCALINGS:
+            raise ConfigError(
+                f"skeleton_scaling={self.skeleton_scaling!r} is invalid; valid: {', '.join(SKELETON_SCALINGS)}"
+            )
+        if not isinstance(self.init_weights, bool) and self.init_weights not in SKELETON_INITS:
+            raise ConfigError(
+                f"init_weights={self.init_weights!r} is invalid; valid: True, False, {', '.join(SKELETON_INITS)}"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed={self.seed!r} is invalid: expected an integer")
+
+    def layer_k(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """(k_in, k_out) for a layer: the explicit values, or the budget rule of :mod:`structpeft.budget`."""
+        if self.k_in is not None:
+            return self.k_in, self.k_out
+        from ..budget import budget_to_parameters, pmss_k_for_budget
+
+        return pmss_k_for_budget(budget_to_parameters(self.budget, out_features, in_features), out_features, in_features)
+
+
+def _checksum(w2d: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> str:
+    return skeleton_checksum(w2d.detach().to(torch.bfloat16), cols, rows)
+
+
+class PmssLayer(StructuredLayer):
+    """Adapter containers of PMSS: ``pmss_op[name]`` (a :class:`SkeletonOperator`), ``pmss_scaling``, ``pmss_dropout``."""
+
+    adapter_layer_names = ("pmss_op",)
+    other_param_names = ("pmss_scaling", "pmss_dropout")
+    op_attr = "pmss_op"
+    scaling_attr = "pmss_scaling"
+    dropout_attr = "pmss_dropout"
+
+    def _build_operator(self, adapter_name: str, config: PmssConfig, options: dict[str, Any]) -> SkeletonOperator:
+        base = self.get_base_layer()
+        bias = base.bias if self.kind in ("linear", "conv1d") else None
+        op = SkeletonOperator(
+            weight_2d(base), options["col_idx"], options["row_idx"], config.skeleton_scaling, bias=bias
+        )
+        op.reset_parameters(config.init_weights)
+        return op
+
+    def unmerge(self) -> None:
+        """Unmerge, then check that the selected columns / rows of W are back to the gathered factors."""
+        names = list(self.merged_adapters)
+        super().unmerge()
+        w2d = weight_2d(self.get_base_layer())
+        for name in names:
+            op = self.operators[name]
+            if op.skeleton_scaling != "none":
+                continue
+            drift = (w2d[:, op.col_idx].float() - op.cols.float()).abs().max().item()
+            scale = op.cols.abs().max().item() or 1.0
+            if drift > 1e-3 * scale:
+                warnings.warn(
+                    f"after unmerging adapter {name!r} from {self.module_path}, W[:, I] differs from the factor "
+                    f"gathered at creation by {drift:.3g} (max abs): the base weight drifted (merged in low "
+                    "precision, or changed while merged)",
+                    stacklevel=2,
+                )
+
+
+class PmssWrapper(nn.Module, PmssLayer):
+    """The module that replaces a targeted Linear / Conv1D / Conv2d for PMSS."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: PmssConfig,
+        module_path: str = "",
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        PmssLayer.__init__(self, base_layer, module_path=module_path)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, options=options or {})
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return PmssLayer.forward(self, x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "pmss." + nn.Module.__repr__(self)
+
+
+class PmssModel(StructuredTuner):
+    """PMSS tuner (see :class:`PmssConfig`)."""
+
+    prefix: str = "pmss_"
+    tuner_layer_cls = PmssLayer
+    wrapper_cls = PmssWrapper
+
+    def resolve_layer(self, config: PmssConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
+        shape = delta_shape(base)
+        w2d = weight_2d(base)
+        rec = self.check_recorded_shape(config, key, shape)
+        if rec is not None:
+            options = rec["options"]
+            if _checksum(w2d, torch.tensor(options["col_idx"]), torch.tensor(options["row_idx"])) != options[
+                "checksum"
+            ]:
+                raise BaseModelMismatchError(
+                    f"module {key!r}: the selected columns / rows of this base model's weight differ from the ones "
+                    "the PMSS adapter was created on (checksum mismatch); load it onto the base model it was "
+                    "trained on"
+                )
+            return options
+        cached = getattr(self, "_selection_cache", {}).get((id(config), key))
+        if cached is None:
+            k_in, k_out = config.layer_k(*shape)
+            cols, rows = select_skeleton(w2d, k_in, k_out, config.selection, seed=config.seed)
+            cached = {
+                "k_in": k_in,
+                "k_out": k_out,
+                "col_idx": cols.tolist(),
+                "row_idx": rows.tolist(),
+                "checksum": _checksum(w2d, cols, rows),
+            }
+            self.__dict__.setdefault("_selection_cache", {})[(id(config), key)] = cached
+        if record:
+            config.layer_options[key] = {"shape": list(shape), "options": cached}
+        return cached
