@@ -16,6 +16,7 @@ from .errors import (
     UnknownStructureError,
     UnsupportedLayerError,
 )
+from .export import to_lora
 from .operators import OPERATORS
 from .peft.config import SurmConfig
 from .peft.pmss import PmssConfig
@@ -38,4 +39,5 @@ __all__ = [
     "UnknownStructureError",
     "UnsupportedLayerError",
     "__version__",
+    "to_lora",
 ]

@@ -1,0 +1,150 @@
+"""Export a structured adapter to a standard PEFT LoRA checkpoint (for LoRA-only serving stacks).
+
+For every structured layer, ΔW_total (out × in', the sum of s·ΔW over the exported adapter, in the layer's own
+(out, in') layout) is factorised by a truncated SVD, ΔW ≈ B·A with B = U_r·sqrt(S_r) (out × r) and
+A = sqrt(S_r)·V_rᵀ (r × in'); r is ``rank`` or the smallest rank keeping ``energy`` of Σσ². The relative
+Frobenius error ||ΔW − BA||_F / ||ΔW||_F of every layer is reported. The result is written as a plain PEFT LoRA
+adapter (``lora_alpha = r`` per layer, so LoRA's scaling is 1); it loads with ``PeftModel.from_pretrained`` in a
+process that never imports structpeft. Supported: SURM in LoRA placement, linear SURM-Adapters (ΔW = M·W₀) on
+layers without an adapter bias, and PMSS, on Linear and Conv1D layers, and Conv2d with groups = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, UnsupportedLayerError
+from .peft.layer import StructuredLayer
+
+
+@dataclass
+class LayerExport:
+    module: str
+    shape: tuple[int, int]
+    rank: int
+    relative_error: float
+
+
+def _factorise(
+    delta: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    if rank is None:
+        cum = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-300)
+        rank = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
+    rank = max(1, min(rank, s.numel()))
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root
+    a = root[:, None] * vh[:rank]
+    norm = torch.linalg.norm(delta.double())
+    err = float(torch.linalg.norm(delta.double() - b @ a) / norm) if norm > 0 else 0.0
+    return b, a, rank, err
+
+
+def to_lora(
+    model: nn.Module,
+    output_dir: str,
+    *,
+    adapter_name: str = "default",
+    rank: int | None = None,
+    energy: float | None = None,
+) -> list[LayerExport]:
+    """Write ``model``'s structured adapter ``adapter_name`` as a PEFT LoRA adapter into ``output_dir``.
+
+    Give exactly one of ``rank`` (a fixed rank per layer, capped at min(out, in')) or ``energy`` in (0, 1]
+    (per-layer rank keeping that fraction of the squared singular values). Returns one :class:`LayerExport` per
+    layer with its rank and relative error. ``modules_to_save`` weights (e.g. a classifier head) are copied.
+    The folder is written atomically (a temporary folder renamed into place).
+    """
+    from safetensors.torch import save_file
+
+    from peft import LoraConfig
+
+    if (rank is None) == (energy is None):
+        raise ConfigError(f"rank={rank!r}, energy={energy!r}: give exactly one of them")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank={rank!r} is invalid: expected an integer >= 1")
+    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+        raise ConfigError(f"energy={energy!r} is invalid: expected a number in (0, 1]")
+    config = model.peft_config[adapter_name]
+    prefix = "base_model.model."
+    tensors: dict[str, torch.Tensor] = {}
+    reports: list[LayerExport] = []
+    rank_pattern: dict[str, int] = {}
+    for path, layer in model.base_model.model.named_modules():
+        if not isinstance(layer, StructuredLayer) or adapter_name not in layer.operators:
+            continue
+        if (
+            layer.is_adapter_placement(adapter_name)
+            and getattr(layer.operators[adapter_name], "bias", None) is not None
+        ):
+            raise UnsupportedLayerError(
+                f"layer {path!r}: an adapter block with a bias cannot be expressed as LoRA (LoRA has no bias term)"
+            )
+        base = layer.get_base_layer()
+        if layer.kind == "conv2d" and base.groups != 1:
+            raise UnsupportedLayerError(
+                f"layer {path!r}: Conv2d with groups={base.groups} has no LoRA equivalent"
+            )
+        with torch.no_grad():
+            delta = layer.get_delta_weight(adapter_name).double()
+            if layer.kind == "conv1d":
+                delta = delta.T
+            delta = delta.reshape(delta.shape[0], -1)
+            b, a, r, err = _factorise(delta, rank, energy)
+        dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+        if layer.kind == "conv2d":
+            a = a.reshape(r, *base.weight.shape[1:])
+            b = b.reshape(b.shape[0], r, 1, 1)
+        tensors[f"{prefix}{path}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{prefix}{path}.lora_B.weight"] = b.to(dtype).contiguous()
+        rank_pattern[path] = r
+        reports.append(LayerExport(path, tuple(delta.shape), r, err))
+    if not reports:
+        raise ConfigError(f"adapter {adapter_name!r} has no structured layers to export")
+    for name, tensor in model.state_dict().items():  # modules_to_save copies, keyed as PEFT saves them
+        marker = f".modules_to_save.{adapter_name}."
+        if marker in name:
+            tensors[name.replace(marker, ".")] = tensor.detach().clone().contiguous()
+    max_rank = max(rank_pattern.values())
+    lora = LoraConfig(
+        r=max_rank,
+        lora_alpha=max_rank,
+        target_modules=sorted(rank_pattern),
+        rank_pattern={f"^{k}$": v for k, v in rank_pattern.items()},
+        alpha_pattern={f"^{k}$": v for k, v in rank_pattern.items()},
+        modules_to_save=config.modules_to_save,
+        fan_in_fan_out=any(x.kind == "conv1d" for _, x in _layers(model, adapter_name)),
+        base_model_name_or_path=config.base_model_name_or_path,
+        task_type=config.task_type,
+    )
+    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".to_lora-", dir=parent)
+    try:
+        lora.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
+        with open(os.path.join(tmp, "export_report.json"), "w") as f:
+            json.dump([r.__dict__ for r in reports], f, indent=1)
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return reports
+
+
+def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, StructuredLayer]]:
+    return [
+        (p, m)
+        for p, m in model.base_model.model.named_modules()
+        if isinstance(m, StructuredLayer) and adapter_name in m.operators
+    ]

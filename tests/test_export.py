@@ -1,0 +1,86 @@
+"""to_lora: a structured adapter exported as a plain PEFT LoRA checkpoint loads without structpeft."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import structpeft
+from structpeft.errors import ConfigError
+
+transformers = pytest.importorskip("transformers")
+
+BERT = dict(
+    vocab_size=64, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=36, num_labels=3
+)
+
+
+def _base():
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**BERT)).eval()
+
+
+CONFIGS = {
+    "surm-circulant": lambda: structpeft.SurmConfig(
+        structure="circulant", target_modules=["query", "value"], modules_to_save=["classifier"], init_weights=False
+    ),
+    "surm-kronecker": lambda: structpeft.SurmConfig(
+        structure="kronecker", target_modules=["query", "intermediate.dense"], init_weights=False, alpha=0.5
+    ),
+    "pmss": lambda: structpeft.PmssConfig(target_modules=["query", "value"], k_in=5, k_out=4, init_weights=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_full_rank_export_reproduces_outputs_without_structpeft(name, tmp_path):
+    base = _base()
+    model = get_peft_model(copy.deepcopy(base), CONFIGS[name]()).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    reports = structpeft.to_lora(model, str(tmp_path / "lora"), rank=64)
+    assert all(r.relative_error < 1e-6 for r in reports)
+    torch.save({"ids": ids, "expected": expected, "state": base.state_dict()}, tmp_path / "data.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, transformers
+        from peft import PeftModel
+        data = torch.load({str(tmp_path / "data.pt")!r})
+        base = transformers.BertForSequenceClassification(transformers.BertConfig(**{BERT!r})).eval()
+        base.load_state_dict(data["state"])
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "lora")!r}).eval()
+        assert "structpeft" not in sys.modules
+        with torch.no_grad():
+            print((model(data["ids"]).logits - data["expected"]).abs().max().item())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_energy_truncation_reports_the_error_it_makes(tmp_path):
+    model = get_peft_model(_base(), CONFIGS["surm-circulant"]())
+    reports = structpeft.to_lora(model, str(tmp_path / "lora"), energy=0.5)
+    saved = json.load(open(tmp_path / "lora" / "export_report.json"))
+    assert [r["rank"] for r in saved] == [r.rank for r in reports]
+    for r in reports:
+        assert 1 <= r.rank < min(r.shape)
+        assert 0 < r.relative_error < 1
+        # energy 0.5 keeps half of sum(sigma^2): the relative Frobenius error is at most sqrt(0.5)
+        assert r.relative_error <= 0.5**0.5 + 1e-9
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"rank": 2, "energy": 0.9}, {"rank": 0}, {"energy": 1.5}])
+def test_bad_arguments_raise_before_writing(kwargs, tmp_path):
+    model = get_peft_model(_base(), CONFIGS["surm-circulant"]())
+    with pytest.raises(ConfigError):
+        structpeft.to_lora(model, str(tmp_path / "lora"), **kwargs)
+    assert not os.path.exists(tmp_path / "lora")
