@@ -11,13 +11,11 @@ Convention (PyTorch layout, ``weight`` is ``out_features x in_features``, ``y = 
 
 :func:`select_skeleton` chooses ``(I, J)`` with one of the strategies of :data:`SELECTION_STRATEGIES`:
 
-=========  ==========================================================================================
-``deim``     DEIM (Sorensen & Embree 2016) on the leading singular vectors; the classic CUR choice.
-``qdeim``    Q-DEIM (Drmac & Gugercin 2016): column-pivoted QR of the transposed singular vectors.
-``leverage`` top-k rank-k leverage scores (squared row norms of the leading singular vectors).
-``norm``     top-k Euclidean column (row) norms of ``weight``.
-``random``   uniform sample without replacement, from a seeded ``torch.Generator``.
-=========  ==========================================================================================
+* ``deim``: DEIM (Sorensen & Embree 2016) on the leading singular vectors; the classic CUR choice;
+* ``qdeim``: Q-DEIM (Drmac & Gugercin 2016), column-pivoted QR of the transposed singular vectors;
+* ``leverage``: top-k rank-k leverage scores (squared row norms of the leading singular vectors);
+* ``norm``: top-k Euclidean column (row) norms of ``weight``;
+* ``random``: uniform sample without replacement, from a seeded ``torch.Generator``.
 
 Results are deterministic: the same weight, k, strategy and seed give the same indices on the same machine
 (floating-point rounding of the SVD may differ between BLAS/LAPACK builds, which can flip near-ties; this is
@@ -30,10 +28,12 @@ randomised truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4: Gaussian ske
 ``(2 + 2 * niter) * out * in * q`` multiply-adds) is used; its Gaussian test matrix is drawn from a local CPU
 ``torch.Generator`` seeded with ``seed``, so the global RNG is neither used nor changed.
 
-Measured on 2 CPU cores (torch 2.13, float32, ``torch.set_num_threads(2)``), a 4096 x 4096 weight,
-``k_in = k_out = 256``, full :func:`select_skeleton` call including validation: deim 0.56 s, qdeim 0.66 s,
-leverage 0.53 s, norm 0.03 s, random 0.03 s (randomised SVD with q = 266, niter = 2: about 0.5 s of each
-SVD-based time). The exact SVD of a 1024 x 1024 weight takes about 0.4 s there.
+Cost measured for a 4096 x 4096 float32 weight with ``k_in = k_out = 256`` (randomised SVD, q = 266,
+niter = 2), full :func:`select_skeleton` call, torch 2.13 on a 2-core AMD EPYC VM shared with other jobs:
+CPU time with ``torch.set_num_threads(1)`` (an upper bound for the 2-core wall time) deim 1.4 s, qdeim
+1.5-1.7 s, leverage 1.1-1.35 s, norm 0.12-0.23 s, random 0.1 s, of which the randomised SVD is about 1.1 s;
+2-thread wall time on the machine when lightly loaded: deim 0.8-1.0 s, leverage 0.75 s, norm 0.1 s, random
+0.06 s. The exact SVD of a 1024 x 1024 weight costs 0.3-0.7 s there.
 
 Rank deficiency: when k exceeds the numerical rank ``r`` of the weight (singular values above
 ``sigma_1 * max(out, in) * eps``), DEIM and Q-DEIM select ``r`` indices from the ``r`` meaningful singular
@@ -46,6 +46,7 @@ indices. An all-zero weight is rejected, because its skeleton update would be id
 from __future__ import annotations
 
 import hashlib
+import math
 import operator
 from collections.abc import Callable
 from typing import Literal
@@ -58,6 +59,8 @@ __all__ = [
     "EXACT_SVD_MAX_DIM",
     "SELECTION_STRATEGIES",
     "TruncatedSVD",
+    "deim_indices",
+    "pivoted_qr_indices",
     "select_deim",
     "select_leverage",
     "select_norm",
@@ -90,9 +93,7 @@ def _as_compute(weight: torch.Tensor) -> torch.Tensor:
 
 def _check_side(side: str) -> None:
     if side not in _SIDES:
-        raise ConfigError(
-            f"side={side!r} is not valid; valid: 'columns' (indices into dim 1), 'rows' (dim 0)"
-        )
+        raise ConfigError(f"side={side!r} is not valid; valid: 'columns' (indices into dim 1), 'rows' (dim 0)")
 
 
 def _side_length(weight: torch.Tensor, side: str) -> int:
@@ -133,7 +134,8 @@ def _randomized_svd(
     Halko, Martinsson & Tropp (2011), Algorithm 4.4 (randomised subspace iteration). The Gaussian test matrix
     is drawn on the CPU from a generator seeded with ``seed`` and then moved to ``a``'s device, so the result
     does not depend on, and does not change, any global RNG state. Cost: ``(2 + 2 * niter)`` products of
-    ``a`` with an ``n x q`` or ``m x q`` matrix, ``2 * niter + 1`` thin QRs and one SVD of a ``q x n`` matrix.
+    ``a`` with an ``n x q`` or ``m x q`` matrix (``O(m * n * q)`` each), ``2 * niter + 2`` thin QRs
+    (``O((m + n) * q^2)``) and one ``q x q`` SVD.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(a.shape[1], q, generator=generator, dtype=a.dtype).to(a.device)
@@ -141,25 +143,27 @@ def _randomized_svd(
     for _ in range(niter):
         basis = torch.linalg.qr(a.mT @ basis).Q
         basis = torch.linalg.qr(a @ basis).Q
-    u_small, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
-    return basis @ u_small, s, vh.mT
+    # SVD of the small q x n matrix B = basis^T a via B^T = Q2 R2 and svd(R2^T) (a q x q SVD; LAPACK's
+    # direct SVD of a wide q x n matrix is several times slower).
+    q2, r2 = torch.linalg.qr(a.mT @ basis)
+    u_small, s, vh_small = torch.linalg.svd(r2.mT)
+    return basis @ u_small, s, q2 @ vh_small.mT
 
 
 class TruncatedSVD:
     """Leading singular triplets of a weight, computed once (lazily) and shared by both sides.
 
-    ``right(k)`` is the ``in x k`` matrix of leading right singular vectors (used to select columns ``I``),
-    ``left(k)`` the ``out x k`` matrix of leading left singular vectors (used to select rows ``J``). The
-    computation is done on the "tall" orientation of the weight (``weight`` if ``out >= in``, else
-    ``weight.T``), so that a non-square weight and its transpose go through exactly the same arithmetic.
+    ``basis("columns", k)`` is the ``in x k`` matrix of leading right singular vectors (used to select the
+    columns ``I``), ``basis("rows", k)`` the ``out x k`` matrix of leading left singular vectors (used to
+    select the rows ``J``); both are truncated to the numerical rank. The computation is done on the "tall"
+    orientation of the weight (``weight`` if ``out >= in``, else ``weight.T``), so that a non-square weight
+    and its transpose go through exactly the same arithmetic.
 
     Exact thin SVD when ``min(out, in) <= EXACT_SVD_MAX_DIM`` or the sketch width ``rank + oversample``
     reaches ``min(out, in)``; otherwise the randomised SVD of :func:`_randomized_svd`.
     """
 
-    def __init__(
-        self, weight: torch.Tensor, rank: int, *, seed: int = 0, oversample: int = 10, niter: int = 2
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, rank: int, *, seed: int = 0, oversample: int = 10, niter: int = 2) -> None:
         self.weight = _as_compute(weight)
         self.rank = int(rank)
         self.seed = int(seed)
@@ -227,45 +231,64 @@ def deim_indices(basis: torch.Tensor) -> torch.Tensor:
     """DEIM indices of the ``n x r`` ``basis`` (Sorensen & Embree 2016, Algorithm 1): ``r`` distinct indices.
 
     Greedy: ``p_1 = argmax |v_1|``; for ``j = 2..r`` the interpolation residual
-    ``res = v_j - V[:, :j-1] @ solve(V[p, :j-1], v_j[p])`` is formed and ``p_j = argmax |res|`` (first
-    index on exact ties). The residuals are computed incrementally as the Schur complements of Gaussian elimination
-    on ``V`` with the chosen pivots (mathematically identical to the formula above), so the cost is
-    ``O(n * r^2)`` instead of ``O(n * r^2 + r^4)``.
+    ``res = v_j - V[:, :j-1] @ solve(V[p, :j-1], v_j[p])`` is formed and ``p_j = argmax |res|`` (lowest
+    index on exact ties). The residuals are computed incrementally as the Schur complements of Gaussian
+    elimination on ``V`` with the chosen pivots (mathematically identical to the formula above; it is LU with
+    partial pivoting, but with ties broken by original index), so the cost is ``O(n * r^2)`` instead of
+    ``O(n * r^2 + r^4)``.
     """
     n, r = basis.shape
     work = basis.clone()
     chosen: list[int] = []
     taken = torch.zeros(n, dtype=torch.bool, device=basis.device)
     for j in range(r):
-        col = work[:, j].abs()
-        col = col.masked_fill(taken, -1.0)  # chosen rows have residual 0 exactly; mask for safety
+        col = work[:, j].abs().masked_fill(taken, -1.0)  # chosen rows have residual 0; mask for safety
         p = int(torch.argmax(col))
         chosen.append(p)
         taken[p] = True
         if j + 1 < r:
-            pivot_col = work[:, j] / work[p, j]
-            work[:, j + 1 :] -= torch.outer(pivot_col, work[p, j + 1 :])
+            multipliers = work[:, j] / work[p, j]
+            work[:, j + 1 :].addr_(multipliers, work[p, j + 1 :].clone(), alpha=-1.0)
     return torch.tensor(chosen, dtype=torch.int64, device=basis.device)
 
 
 def pivoted_qr_indices(matrix: torch.Tensor, k: int) -> torch.Tensor:
     """First ``k`` column pivots of the column-pivoted QR (Businger & Golub 1965) of ``matrix`` (``r x n``).
 
-    At each step the column with the largest residual norm (first index on ties) is chosen and all columns
-    are orthogonalised against it (modified Gram-Schmidt; residual norms recomputed, not downdated, so there
-    is no cancellation). Cost ``O(k * r * n)``. ``k`` must not exceed ``min(r, n)``.
+    At each step the column with the largest residual norm (lowest index on ties) becomes the pivot; the
+    residual norms are downdated with the projections on the new orthonormal direction, and recomputed
+    exactly for columns whose residual fell below ``sqrt(eps)`` times its last exact value (the LAPACK
+    ``xGEQP3`` safeguard against cancellation). Only the pivots are needed, so ``matrix`` is never updated:
+    each step costs one ``r x n`` product. Cost ``O(k * r * n)``; ``k`` must not exceed ``min(r, n)``.
     """
-    work = matrix.clone()
-    n = work.shape[1]
+    r, n = matrix.shape
+    eps_sqrt = math.sqrt(torch.finfo(matrix.dtype).eps)
+    ref = (matrix * matrix).sum(dim=0)  # last exactly computed squared residual norm of every column
+    res = ref.clone()  # downdated squared residual norms
+    q_basis = matrix.new_zeros(r, k)
     taken = torch.zeros(n, dtype=torch.bool, device=matrix.device)
     chosen: list[int] = []
-    for _ in range(k):
-        norms = (work * work).sum(dim=0).masked_fill(taken, -1.0)
-        p = int(torch.argmax(norms))
+    for j in range(k):
+        p = int(torch.argmax(res.masked_fill(taken, -1.0)))
         chosen.append(p)
         taken[p] = True
-        q = work[:, p] / torch.sqrt(norms[p])
-        work -= torch.outer(q, q @ work)
+        q_prev = q_basis[:, :j]
+        q = matrix[:, p].clone()
+        for _ in range(2):  # Gram-Schmidt twice is enough (Giraud et al. 2005)
+            q -= q_prev @ (q_prev.mT @ q)
+        q_norm = torch.linalg.vector_norm(q)
+        if float(q_norm) == 0.0:
+            break  # rank exhausted; the caller fills the rest
+        q /= q_norm
+        q_basis[:, j] = q
+        res -= (q @ matrix) ** 2
+        stale = (res <= eps_sqrt * ref) & ~taken
+        if bool(stale.any()):
+            cols = matrix[:, stale]
+            cols = cols - q_basis[:, : j + 1] @ (q_basis[:, : j + 1].mT @ cols)
+            exact = (cols * cols).sum(dim=0)
+            res[stale] = exact
+            ref[stale] = exact
     return torch.tensor(chosen, dtype=torch.int64, device=matrix.device)
 
 
@@ -447,14 +470,12 @@ def _validate_k(name: str, k: object, shape: tuple[int, int]) -> int:
         value = operator.index(k)  # type: ignore[arg-type]
     except TypeError:
         raise SelectionError(
-            f"{name}={k!r} must be an integer with 1 <= {name} < min(out, in) = {limit} for layer of shape "
-            f"{shape}"
+            f"{name}={k!r} must be an integer with 1 <= {name} < min(out, in) = {limit} for layer of shape {shape}"
         ) from None
     if not 1 <= value < limit:
         hint = "" if limit > 1 else " (no valid value: the layer is too small for a skeleton)"
         raise SelectionError(
-            f"{name}={value} must satisfy 1 <= {name} < min(out, in) = {limit} for layer of shape "
-            f"{shape}{hint}"
+            f"{name}={value} must satisfy 1 <= {name} < min(out, in) = {limit} for layer of shape {shape}{hint}"
         )
     return value
 
@@ -560,8 +581,7 @@ def skeleton_checksum(weight: torch.Tensor, I: torch.Tensor, J: torch.Tensor) ->
         idx = torch.as_tensor(idx)
         if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise SelectionError(
-                f"{name} must be a 1-D integer index tensor, got dtype {idx.dtype} and shape "
-                f"{tuple(idx.shape)}"
+                f"{name} must be a 1-D integer index tensor, got dtype {idx.dtype} and shape {tuple(idx.shape)}"
             )
         idx = idx.to(device="cpu", dtype=torch.int64)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
