@@ -32,7 +32,6 @@ def register(peft_type: str, config_cls: type, tuner_cls: type, prefix: str) -> 
 def register_all() -> None:
     from .peft.config import SURM_PEFT_TYPE, SurmConfig
     from .peft.model import SurmModel
-
     from .peft.pmss import PMSS_PEFT_TYPE, PmssConfig, PmssModel
 
     register(SURM_PEFT_TYPE, SurmConfig, SurmModel, SurmModel.prefix)

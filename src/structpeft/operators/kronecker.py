@@ -67,8 +67,15 @@ class KroneckerOperator(StructuredOperator):
     ) -> tuple[int, int]:
         if factor_shape is None:
             return min(
-                ((o1, i1) for o1 in _factor_candidates(out_features) for i1 in _factor_candidates(in_features)),
-                key=lambda s: (_imbalance(out_features, in_features, *s), _count(out_features, in_features, *s)),
+                (
+                    (o1, i1)
+                    for o1 in _factor_candidates(out_features)
+                    for i1 in _factor_candidates(in_features)
+                ),
+                key=lambda s: (
+                    _imbalance(out_features, in_features, *s),
+                    _count(out_features, in_features, *s),
+                ),
             )
         if not isinstance(factor_shape, (tuple, list)) or len(factor_shape) != 2:
             raise ConfigError(f"factor_shape={factor_shape!r} is invalid: expected a pair (o1, i1) or None")
@@ -89,7 +96,9 @@ class KroneckerOperator(StructuredOperator):
     def num_parameters(
         cls, out_features: int, in_features: int, factor_shape: tuple[int, int] | list[int] | None = None
     ) -> int:
-        return _count(out_features, in_features, *cls.resolve_factor_shape(out_features, in_features, factor_shape))
+        return _count(
+            out_features, in_features, *cls.resolve_factor_shape(out_features, in_features, factor_shape)
+        )
 
     @classmethod
     def options_for_budget(

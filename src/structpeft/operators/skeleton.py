@@ -66,7 +66,11 @@ class SkeletonOperator(nn.Module):
 
     @property
     def options(self) -> dict:
-        return {"k_in": self.core.shape[0], "k_out": self.core.shape[1], "skeleton_scaling": self.skeleton_scaling}
+        return {
+            "k_in": self.core.shape[0],
+            "k_out": self.core.shape[1],
+            "skeleton_scaling": self.skeleton_scaling,
+        }
 
     @torch.no_grad()
     def reset_parameters(self, init: bool | str = True) -> None:
@@ -79,7 +83,9 @@ class SkeletonOperator(nn.Module):
         elif init is False or init == "random":
             self.core.normal_(0.0, self.core.shape[0] ** -0.5)
         else:
-            raise ConfigError(f"init_weights={init!r} is invalid; valid: True, False, {', '.join(SKELETON_INITS)}")
+            raise ConfigError(
+                f"init_weights={init!r} is invalid; valid: True, False, {', '.join(SKELETON_INITS)}"
+            )
 
     def _finish(self, xr: torch.Tensor) -> torch.Tensor:
         """(..., k_out) values of x·Rᵀ -> (..., out) values of x·Rᵀ·Uᵀ·Cᵀ = x·ΔWᵀ."""

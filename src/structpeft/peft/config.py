@@ -45,9 +45,13 @@ def _check_target_modules(value: Any, name: str = "target_modules") -> None:
         return
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         if not value:
-            raise ConfigError(f"{name}={value!r} is empty: give module names, a regex string, or 'all-linear'")
+            raise ConfigError(
+                f"{name}={value!r} is empty: give module names, a regex string, or 'all-linear'"
+            )
         return
-    raise ConfigError(f"{name}={value!r} is invalid: expected a list of module names, a regex string, or None")
+    raise ConfigError(
+        f"{name}={value!r} is invalid: expected a list of module names, a regex string, or None"
+    )
 
 
 class StructPeftConfigMixin:
@@ -102,13 +106,18 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         default=None, metadata={"help": "Only adapt the layers with these indices (needs a layer pattern)."}
     )
     layers_pattern: list[str] | str | None = field(
-        default=None, metadata={"help": "Name of the layer list (e.g. 'layers', 'h') for layers_to_transform."}
+        default=None,
+        metadata={"help": "Name of the layer list (e.g. 'layers', 'h') for layers_to_transform."},
     )
     alpha: float = field(
         default=1.0,
-        metadata={"help": "Scale s in W + s·ΔW (the same convention for every structure; no division by a rank)."},
+        metadata={
+            "help": "Scale s in W + s·ΔW (the same convention for every structure; no division by a rank)."
+        },
     )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input, in [0, 1)."})
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout probability on the adapter input, in [0, 1)."}
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -125,11 +134,15 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     )
     num_factors: int | None = field(
         default=None,
-        metadata={"help": "toeplitz: number of Toeplitz factors multiplied in each block (default 2, the paper's)."},
+        metadata={
+            "help": "toeplitz: number of Toeplitz factors multiplied in each block (default 2, the paper's)."
+        },
     )
     displacement_rank: int | None = field(
         default=None,
-        metadata={"help": "ldr: displacement rank r >= 1, the number of circulant × skew-circulant terms (default 1)."},
+        metadata={
+            "help": "ldr: displacement rank r >= 1, the number of circulant × skew-circulant terms (default 1)."
+        },
     )
     factor_shape: list[int] | None = field(
         default=None,
@@ -173,7 +186,9 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules (e.g. a classifier head) that are fully trained and saved with the adapter."},
+        metadata={
+            "help": "Modules (e.g. a classifier head) that are fully trained and saved with the adapter."
+        },
     )
     layer_options: dict[str, dict[str, Any]] = field(
         default_factory=dict,
@@ -234,16 +249,26 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r} is invalid; valid: {', '.join(ACTIVATIONS)}")
         if self.adapter_form not in ADAPTER_FORMS:
-            raise ConfigError(f"adapter_form={self.adapter_form!r} is invalid; valid: {', '.join(ADAPTER_FORMS)}")
+            raise ConfigError(
+                f"adapter_form={self.adapter_form!r} is invalid; valid: {', '.join(ADAPTER_FORMS)}"
+            )
         if self.placement == "lora":
-            for name, default in (("activation", "identity"), ("adapter_form", "square"), ("bottleneck", None)):
+            for name, default in (
+                ("activation", "identity"),
+                ("adapter_form", "square"),
+                ("bottleneck", None),
+            ):
                 if getattr(self, name) != default:
                     raise ConfigError(
                         f"{name}={getattr(self, name)!r} applies to placement='adapter' only (placement is 'lora')"
                     )
             return
         if self.adapter_form == "bottleneck":
-            if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+            if (
+                isinstance(self.bottleneck, bool)
+                or not isinstance(self.bottleneck, int)
+                or self.bottleneck < 1
+            ):
                 raise ConfigError(
                     f"bottleneck={self.bottleneck!r} is invalid: adapter_form='bottleneck' needs an integer width >= 1"
                 )
@@ -260,4 +285,3 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
             for name in SURM_STRUCTURE_FIELDS[self.structure]
             if getattr(self, name) is not None
         }
-

@@ -40,7 +40,9 @@ def validate_adapter_folder(folder: str, config: Any) -> None:
             raise AdapterFileError(
                 f"{folder} holds only {PICKLE_NAME} (pickle); structpeft loads {WEIGHTS_NAME} only"
             )
-        raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME}; expected the folder written by save_pretrained")
+        raise AdapterFileError(
+            f"{folder} has no {WEIGHTS_NAME}; expected the folder written by save_pretrained"
+        )
     tensors = read_safetensors(weights)
     marker = "." + config.param_prefix
     ours = [k for k in tensors if marker in k]

@@ -148,7 +148,9 @@ class StructuredLayer(BaseTunerLayer):
             dense = self.operators[adapter_name].to_dense() * self.scalings[adapter_name]
         return self._to_base_layout(dense).to(base.weight.dtype)
 
-    def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _merge_terms(
+        self, names: list[str]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(D, M, c): the sum of s·ΔW of the ΔW-placed adapters, of the adapter maps M, of the adapter biases."""
         d = m = c = None
         for name in names:
@@ -206,7 +208,9 @@ class StructuredLayer(BaseTunerLayer):
             if b0 is not None:
                 b = b0 + (0 if m is None else m @ b0) + (0 if c is None else c)
                 new_b = b.to(base.bias.dtype)
-        if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+        if safe_merge and not (
+            torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())
+        ):
             raise MergeError(
                 f"merging adapter(s) {new_names} into {self.module_path or type(base).__name__} would give "
                 "non-finite weights (NaN/inf in the adapter); the base weight was left unchanged"

@@ -68,8 +68,10 @@ class StructuredTuner(BaseTuner):
         _maybe_include_all_linear_layers(peft_config, model)
         targets = self._targets(peft_config, model)
         if not targets:
+            wanted = peft_config.target_modules
+            wanted = sorted(wanted) if isinstance(wanted, set) else wanted
             raise TargetModulesError(
-                f"target_modules={sorted(peft_config.target_modules) if isinstance(peft_config.target_modules, set) else peft_config.target_modules!r} "
+                f"target_modules={wanted!r} "
                 f"matched no module of the model; leaf module names in this model: {_describe_candidates(model)}"
             )
         for key, module in targets:
@@ -126,7 +128,9 @@ class SurmModel(StructuredTuner):
     tuner_layer_cls = SurmLayer
     wrapper_cls = SurmWrapper
 
-    def resolve_layer(self, config: SurmConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
+    def resolve_layer(
+        self, config: SurmConfig, key: str, base: nn.Module, record: bool = True
+    ) -> dict[str, Any]:
         """{operator role: resolved options}: role "delta" (placement='lora'), "op" (square adapter) or
         "down" / "up" (bottleneck adapter)."""
         shape = delta_shape(base)

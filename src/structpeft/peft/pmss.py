@@ -46,7 +46,9 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
         },
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules NOT to adapt."})
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Layer indices to adapt."}
+    )
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     selection: str = field(
         default="deim",
@@ -76,7 +78,9 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
     )
     skeleton_scaling: str = field(
         default="none",
-        metadata={"help": "'none': raw columns / rows of W. 'unit': each selected column and row scaled to norm 1."},
+        metadata={
+            "help": "'none': raw columns / rows of W. 'unit': each selected column and row scaled to norm 1."
+        },
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules (e.g. a classifier head) fully trained and saved."}
@@ -114,7 +118,9 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
                 raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
         if self.k_in is None:
             if self.budget is None:
-                raise ConfigError("budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out")
+                raise ConfigError(
+                    "budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out"
+                )
             from ..budget import parse_budget
 
             parse_budget(self.budget)
@@ -135,7 +141,9 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
             return self.k_in, self.k_out
         from ..budget import budget_to_parameters, pmss_k_for_budget
 
-        return pmss_k_for_budget(budget_to_parameters(self.budget, out_features, in_features), out_features, in_features)
+        return pmss_k_for_budget(
+            budget_to_parameters(self.budget, out_features, in_features), out_features, in_features
+        )
 
 
 def _checksum(w2d: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> str:
@@ -143,7 +151,7 @@ def _checksum(w2d: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> str:
 
 
 class PmssLayer(StructuredLayer):
-    """Adapter containers of PMSS: ``pmss_op[name]`` (a :class:`SkeletonOperator`), ``pmss_scaling``, ``pmss_dropout``."""
+    """PMSS's containers: ``pmss_op[name]`` (a :class:`SkeletonOperator`), ``pmss_scaling``, ``pmss_dropout``."""
 
     adapter_layer_names = ("pmss_op",)
     other_param_names = ("pmss_scaling", "pmss_dropout")
@@ -151,7 +159,9 @@ class PmssLayer(StructuredLayer):
     scaling_attr = "pmss_scaling"
     dropout_attr = "pmss_dropout"
 
-    def _build_operator(self, adapter_name: str, config: PmssConfig, options: dict[str, Any]) -> SkeletonOperator:
+    def _build_operator(
+        self, adapter_name: str, config: PmssConfig, options: dict[str, Any]
+    ) -> SkeletonOperator:
         base = self.get_base_layer()
         bias = base.bias if self.kind in ("linear", "conv1d") else None
         op = SkeletonOperator(
@@ -210,15 +220,18 @@ class PmssModel(StructuredTuner):
     tuner_layer_cls = PmssLayer
     wrapper_cls = PmssWrapper
 
-    def resolve_layer(self, config: PmssConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
+    def resolve_layer(
+        self, config: PmssConfig, key: str, base: nn.Module, record: bool = True
+    ) -> dict[str, Any]:
         shape = delta_shape(base)
         w2d = weight_2d(base)
         rec = self.check_recorded_shape(config, key, shape)
         if rec is not None:
             options = rec["options"]
-            if _checksum(w2d, torch.tensor(options["col_idx"]), torch.tensor(options["row_idx"])) != options[
-                "checksum"
-            ]:
+            if (
+                _checksum(w2d, torch.tensor(options["col_idx"]), torch.tensor(options["row_idx"]))
+                != options["checksum"]
+            ):
                 raise BaseModelMismatchError(
                     f"module {key!r}: the selected columns / rows of this base model's weight differ from the ones "
                     "the PMSS adapter was created on (checksum mismatch); load it onto the base model it was "
