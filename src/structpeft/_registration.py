@@ -3,7 +3,7 @@
 PEFT's ``register_peft_method`` only accepts names of its own ``PeftType`` enum, so an outside package registers
 by adding entries, keyed by the plain upper-case method name, to PEFT's three mappings (``PeftType`` is a ``str``
 enum, so string keys are found by the same lookups). Tested on the PEFT range pinned in pyproject.toml by
-``tests/peft/test_registration.py``, which fails loudly if a PEFT release moves these mappings.
+``tests/surm/test_registration.py``, which fails loudly if a PEFT release moves these mappings.
 """
 
 from __future__ import annotations

@@ -77,6 +77,10 @@ class StructPeftConfigMixin:
             validate_adapter_folder(folder, config)
         return config
 
+    def expected_tensors(self) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
+        """Per recorded layer: {parameter name under the adapter container: (shape, required)}."""
+        raise NotImplementedError
+
 
 @dataclass
 class SurmConfig(StructPeftConfigMixin, PeftConfig):
@@ -277,6 +281,23 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
                 f"bottleneck={self.bottleneck!r} needs adapter_form='bottleneck' (adapter_form is 'square', "
                 "which has no inner width)"
             )
+
+    def expected_tensors(self) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
+        import torch
+
+        from .surm_layer import build_surm_module
+
+        expected = {}
+        for key, rec in self.layer_options.items():
+            out_features, in_features = rec["shape"]
+            with torch.device("meta"):
+                module = build_surm_module(self, rec["options"], out_features, in_features, with_bias=True)
+            # the adapter block's bias exists only when the base layer has one: optional here
+            expected[key] = {
+                name: (tuple(p.shape), not (self.placement == "adapter" and name == "bias"))
+                for name, p in module.named_parameters()
+            }
+        return expected
 
     def structure_options(self) -> dict[str, Any]:
         """The structure-specific options the user set (block size etc.), without the resolved per-layer ones."""

@@ -34,30 +34,49 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def validate_adapter_folder(folder: str, config: Any) -> None:
+    """Check the folder's weights file against ``config`` (see the module docstring); a folder holding only a
+    config (``PeftConfig.save_pretrained``) passes."""
     weights = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.exists(weights):
         if os.path.exists(os.path.join(folder, PICKLE_NAME)):
             raise AdapterFileError(
                 f"{folder} holds only {PICKLE_NAME} (pickle); structpeft loads {WEIGHTS_NAME} only"
             )
-        raise AdapterFileError(
-            f"{folder} has no {WEIGHTS_NAME}; expected the folder written by save_pretrained"
-        )
+        return
     tensors = read_safetensors(weights)
     marker = "." + config.param_prefix
-    ours = [k for k in tensors if marker in k]
+    ours = {k: v for k, v in tensors.items() if marker in k}
     if not ours:
         sample = ", ".join(sorted(tensors)[:3]) or "(no tensors)"
         raise AdapterFileError(
             f"{weights} holds no {config.param_prefix}* parameters (keys: {sample}); it was not written for "
             f"a {config.peft_type} adapter"
         )
-    for key in config.layer_options:
-        if not any(k.startswith(f"base_model.model.{key}{marker}") for k in ours):
-            raise AdapterFileError(
-                f"{weights} lacks the parameters of layer {key!r} that adapter_config.json lists; "
-                "the file does not belong to this config"
-            )
+    container = f"{config.param_prefix}op."
+    seen: set[str] = set()
+    for layer, params in config.expected_tensors().items():
+        prefix = f"base_model.model.{layer}.{container}"
+        for name, (shape, required) in params.items():
+            key = prefix + name
+            if key not in ours:
+                if required:
+                    raise AdapterFileError(
+                        f"{weights} lacks {key!r} (shape {list(shape)}) that adapter_config.json implies for layer "
+                        f"{layer!r}; the file was not saved with this config"
+                    )
+                continue
+            if tuple(ours[key].shape) != shape:
+                raise AdapterFileError(
+                    f"{weights}: {key!r} has shape {list(ours[key].shape)} but adapter_config.json implies "
+                    f"{list(shape)} (structure / size options differ); the file was not saved with this config"
+                )
+            seen.add(key)
+    unexpected = sorted(set(ours) - seen)
+    if unexpected:
+        raise AdapterFileError(
+            f"{weights} holds {len(unexpected)} {config.param_prefix}* tensor(s) that adapter_config.json does not "
+            f"describe (first: {unexpected[0]!r}); the file was not saved with this config"
+        )
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise AdapterFileError(f"{weights}: tensor {key!r} contains NaN or inf values")

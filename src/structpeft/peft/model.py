@@ -52,6 +52,15 @@ class StructuredTuner(BaseTuner):
         """The resolved options for the module at ``key`` (recorded in ``config.layer_options[key]``)."""
         raise NotImplementedError
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: drop the adapter name after ``<prefix>op`` also for nested modules
+        (an adapter block's ``ops.op.weight``), where PEFT's default only drops a second-to-last component."""
+        container = f".{cls.prefix}op.{adapter_name}."
+        if container in key:
+            return key.replace(container, f".{cls.prefix}op.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
     # --------------------------------------------------------------------------------------- validation
     def _targets(self, config: Any, model: nn.Module) -> list[tuple[str, nn.Module]]:
         existing = [k for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -74,13 +83,26 @@ class StructuredTuner(BaseTuner):
                 f"target_modules={wanted!r} "
                 f"matched no module of the model; leaf module names in this model: {_describe_candidates(model)}"
             )
+        recorded = set(peft_config.layer_options)
+        if recorded:
+            found = {key for key, _ in targets}
+            missing, extra = sorted(recorded - found), sorted(found - recorded)
+            if missing or extra:
+                raise BaseModelMismatchError(
+                    "the model's targeted modules differ from the ones recorded in the config's layer_options "
+                    f"(from the saved adapter, or from the model this config was first used with): "
+                    f"recorded but not in this model: {missing[:5]}; in this model but not recorded: {extra[:5]}. "
+                    "Load the adapter onto the base model it was trained on, or use a fresh config"
+                )
         for key, module in targets:
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             try:
                 delta_shape(base)
-            except TypeError as err:
+                self.resolve_layer(peft_config, key, base, record=False)
+            except BaseModelMismatchError:
+                raise
+            except (TypeError, ValueError) as err:  # name the module in size / type errors
                 raise type(err)(f"target module {key!r}: {err}") from None
-            self.resolve_layer(peft_config, key, base, record=False)
 
     @staticmethod
     def check_recorded_shape(config: Any, key: str, shape: tuple[int, int]) -> dict[str, Any] | None:
@@ -89,8 +111,9 @@ class StructuredTuner(BaseTuner):
             return None
         if tuple(rec["shape"]) != tuple(shape):
             raise BaseModelMismatchError(
-                f"module {key!r} has ΔW shape {tuple(shape)} in this base model but the adapter was created for "
-                f"shape {tuple(rec['shape'])}: load it onto the base model it was trained on"
+                f"module {key!r} has ΔW shape {tuple(shape)} in this base model but the config's layer_options "
+                f"record shape {tuple(rec['shape'])} (from the saved adapter, or from the model this config was "
+                "first used with): load the adapter onto the base model it was trained on, or use a fresh config"
             )
         return rec
 

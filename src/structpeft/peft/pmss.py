@@ -135,6 +135,12 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed={self.seed!r} is invalid: expected an integer")
 
+    def expected_tensors(self) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
+        return {
+            key: {"core": ((rec["options"]["k_in"], rec["options"]["k_out"]), True)}
+            for key, rec in self.layer_options.items()
+        }
+
     def layer_k(self, out_features: int, in_features: int) -> tuple[int, int]:
         """(k_in, k_out) for a layer: the explicit values, or the budget rule of :mod:`structpeft.budget`."""
         if self.k_in is not None:

@@ -22,27 +22,38 @@ class SurmLayer(StructuredLayer):
     dropout_attr = "surm_dropout"
 
     def _build_operator(self, adapter_name: str, config: Any, options: dict[str, Any]) -> nn.Module:
-        cls = get_operator_class(config.structure)
-        device = self.get_base_layer().weight.device
-        if config.placement == "lora":
-            op = cls(self.out_features, self.in_features, **options["delta"]).to(device)
-            op.reset_parameters(config.init_weights)
-            return op
-        n = self.out_features
-        if config.adapter_form == "square":
-            ops = {"op": cls(n, n, **options["op"])}
-            ops["op"].reset_parameters(config.init_weights)
-        else:
-            m = config.bottleneck
-            ops = {"down": cls(m, n, **options["down"]), "up": cls(n, m, **options["up"])}
-            ops["down"].reset_parameters(False)  # random: the output is zero through S_up alone
-            ops["up"].reset_parameters(config.init_weights)
-        with_bias = getattr(self.get_base_layer(), "bias", None) is not None
-        block = AdapterBlock(ops, config.activation, n, with_bias).to(device)
-        if not config.init_weights and block.bias is not None:
-            with torch.no_grad():
-                block.bias.normal_(0.0, 0.1)
-        return block
+        base = self.get_base_layer()
+        with_bias = getattr(base, "bias", None) is not None
+        return build_surm_module(config, options, self.out_features, self.in_features, with_bias).to(
+            base.weight.device
+        )
+
+
+def build_surm_module(
+    config: Any, options: dict[str, Any], out_features: int, in_features: int, with_bias: bool
+) -> nn.Module:
+    """The per-adapter module of SURM for a layer: a structured operator (placement 'lora') or an
+    :class:`AdapterBlock` (placement 'adapter'), initialised per ``config.init_weights``. ``options`` maps each
+    operator role ("delta"; "op"; "down" / "up") to its resolved structure options."""
+    cls = get_operator_class(config.structure)
+    if config.placement == "lora":
+        op = cls(out_features, in_features, **options["delta"])
+        op.reset_parameters(config.init_weights)
+        return op
+    n = out_features
+    if config.adapter_form == "square":
+        ops = {"op": cls(n, n, **options["op"])}
+        ops["op"].reset_parameters(config.init_weights)
+    else:
+        m = config.bottleneck
+        ops = {"down": cls(m, n, **options["down"]), "up": cls(n, m, **options["up"])}
+        ops["down"].reset_parameters(False)  # random: the output is zero through S_up alone
+        ops["up"].reset_parameters(config.init_weights)
+    block = AdapterBlock(ops, config.activation, n, with_bias)
+    if not config.init_weights and block.bias is not None:
+        with torch.no_grad():
+            block.bias.normal_(0.0, 0.1)
+    return block
 
 
 class SurmWrapper(nn.Module, SurmLayer):

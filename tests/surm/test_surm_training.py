@@ -1,0 +1,237 @@
+"""Trainability, dtypes / devices, and a transformers.Trainer smoke test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from surm_cases import LAYERS_BY_ID
+from surm_testing import adapter_deltas, assert_close64, dense_reference, rel_err, surm_layers
+
+F64 = torch.float64
+
+
+def _trainable(name: str) -> bool:
+    return "surm_" in name or "modules_to_save" in name
+
+
+# -------------------------------------------------------------------------------------------- 6. training
+def test_only_adapter_parameters_train_and_loss_decreases(structure, layer_case):
+    model = get_peft_model(layer_case.model(), structure.config(layer_case))  # identity init
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable == {n for n in params if _trainable(n)}
+    assert any("surm_" in n for n in trainable)
+    if layer_case.modules_to_save:
+        assert any("modules_to_save" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in params.items() if n not in trainable}
+
+    inputs = layer_case.inputs()
+    opt = torch.optim.AdamW([params[n] for n in sorted(trainable)], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = layer_case.loss(layer_case.run(model, inputs))
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = layer_case.loss(layer_case.run(model, inputs)).item()
+    assert math.isfinite(final) and final < losses[0], (losses, final)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"base parameter {n} changed"
+    # the adapters left the identity
+    assert all(torch.count_nonzero(layer.surm_op["default"].to_dense()) for layer in surm_layers(model).values())
+
+
+# ---------------------------------------------------------------------------------------- 7. dtype/device
+def test_to_float64_forward_and_gradients(structure, layer_case):
+    model = get_peft_model(layer_case.model(), structure.config(layer_case, init_weights=False, alpha=0.7))
+    model.to(F64)
+    assert {p.dtype for p in model.parameters()} == {F64}
+    inputs = layer_case.inputs(F64)
+    out = layer_case.run(model, inputs)
+    assert out.dtype == F64
+    deltas = adapter_deltas(model, {"default": 0.7})
+    assert_close64(out.detach(), dense_reference(layer_case, deltas, inputs, F64))
+
+    layer_case.loss(out).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "surm_" in n}
+    assert grads and all(g is not None and g.dtype == F64 and torch.isfinite(g).all() for g in grads.values())
+    assert any(torch.count_nonzero(g) for g in grads.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if not _trainable(n))
+
+    model.to("cpu")
+    with torch.no_grad():
+        assert torch.equal(layer_case.run(model, inputs), out.detach())
+
+
+def _half_tolerance(case, dtype, rel):
+    """``rel``, or twice the relative error the cast to ``dtype`` causes in the base model alone if larger."""
+    with torch.no_grad():
+        base_err = rel_err(case.run(case.model(dtype), case.inputs(dtype)), case.run(case.model(), case.inputs()))
+    return max(rel, 2 * base_err)
+
+
+HALF = [pytest.param(torch.bfloat16, 2e-2, id="bf16"), pytest.param(torch.float16, 5e-3, id="fp16")]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rel"),
+    HALF,
+)
+def test_half_precision_forward_and_merge(structure, layer_case, dtype, rel):
+    """A float32 PEFT model cast with .half() / .bfloat16(): forward, merge, unmerge, safe merge stay finite
+    and close to the float32 output.
+
+    The tolerance is ``rel`` or, if larger, twice the error the cast causes in the *base* model alone (the
+    tiny BERT's logits are small differences of larger terms: its bf16 logits are off by ~2 % without
+    adapters).
+    """
+    rel = _half_tolerance(layer_case, dtype, rel)
+    model = get_peft_model(layer_case.model(), structure.config(layer_case, init_weights=False))
+    with torch.no_grad():
+        out32 = layer_case.run(model, layer_case.inputs())
+    model = model.bfloat16() if dtype == torch.bfloat16 else model.half()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    inputs = layer_case.inputs(dtype)
+    try:
+        with torch.no_grad():
+            out = layer_case.run(model, inputs)
+    except (RuntimeError, NotImplementedError) as err:  # pragma: no cover - depends on the torch CPU build
+        if "Half" in str(err) or "not implemented" in str(err).lower():
+            pytest.skip(f"{dtype} forward of the base model is not supported on this CPU build: {err}")
+        raise
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, out32) <= rel, rel_err(out, out32)
+
+    with torch.no_grad():
+        model.merge_adapter(safe_merge=True)
+        merged = layer_case.run(model, inputs)
+        model.unmerge_adapter()
+        unmerged = layer_case.run(model, inputs)
+    # merging rounds W + ΔW to the half dtype, unmerging rounds again: allow twice the forward tolerance
+    for o in (merged, unmerged):
+        assert o.dtype == dtype and torch.isfinite(o).all()
+        assert rel_err(o, out32) <= 2 * rel, rel_err(o, out32)
+
+
+@pytest.mark.parametrize(("dtype", "rel"), HALF)
+def test_half_precision_base_model_gets_float32_adapters(structure, layer_case, dtype, rel):
+    """get_peft_model on a bf16 / fp16 base (PEFT's autocast_adapter_dtype=True): adapter parameters in
+    float32, output in the base dtype, close to the same model in float32."""
+    model = get_peft_model(layer_case.model(dtype), structure.config(layer_case, init_weights=False))
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if "surm_" in name else dtype), name
+    with torch.no_grad():
+        out = layer_case.run(model, layer_case.inputs(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    # reference: the float32 base model with the same (float32) ΔW, computed without PEFT
+    deltas = adapter_deltas(model, {"default": 1.0})
+    ref = dense_reference(layer_case, deltas, layer_case.inputs(), torch.float32)
+    assert rel_err(out, ref) <= _half_tolerance(layer_case, dtype, rel), rel_err(out, ref)
+
+
+# -------------------------------------------------------------------------------------------- 10. Trainer
+def test_transformers_trainer_smoke(one_structure, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    case = LAYERS_BY_ID["linear-bert"]
+    model = get_peft_model(case.model(), one_structure.config(case, task_type="SEQ_CLS"))
+    assert type(model).__name__ == "PeftModelForSequenceClassification"
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {
+            "input_ids": torch.randint(0, 64, (7,), generator=g),
+            "labels": int(torch.randint(0, 3, (), generator=g)),
+        }
+        for _ in range(16)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert result.global_step == 4
+    assert math.isfinite(result.training_loss)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+# ----------------------------------------------------------------------------------------- decoder models
+def _gpt2_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4321)
+    cfg = GPT2Config(
+        n_embd=24,
+        n_layer=2,
+        n_head=2,
+        vocab_size=50,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0  # deterministic in train mode
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_decoder_generate(one_structure):
+    """task_type CAUSAL_LM on a GPT-2 LM: generate() works; at init it generates what the base model does."""
+    ids = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    expected = _gpt2_lm().generate(ids, **kwargs)
+    lm = LAYERS_BY_ID["conv1d-gpt2"]
+    model = get_peft_model(_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM"))
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert torch.equal(model.generate(input_ids=ids, **kwargs), expected)
+    model = get_peft_model(_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM", init_weights=False))
+    assert model.generate(input_ids=ids, **kwargs).shape == (2, 9)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(one_structure):
+    """With activation checkpointing the SURM layers are recomputed in backward (their forward runs twice) and
+    the gradients are those of the plain run."""
+    lm = LAYERS_BY_ID["conv1d-gpt2"]
+    ids = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM", init_weights=False))
+        if checkpointing:
+            base = model.base_model.model
+            # transformers 5 renamed it (the old name warns); keep transformers 4.x working
+            (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
+            model.enable_input_require_grads()
+        model.train()
+        layer = next(iter(surm_layers(model).values()))
+        n_calls = [0]
+
+        def count(*_, n_calls=n_calls):
+            n_calls[0] += 1
+
+        layer.register_forward_hook(count)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        calls.append(n_calls[0])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert calls == [1, 2]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all("surm_" in n for n in grads[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5)
