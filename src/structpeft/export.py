@@ -63,9 +63,8 @@ def to_lora(
     layer with its rank and relative error. ``modules_to_save`` weights (e.g. a classifier head) are copied.
     The folder is written atomically (a temporary folder renamed into place).
     """
-    from safetensors.torch import save_file
-
     from peft import LoraConfig
+    from safetensors.torch import save_file
 
     if (rank is None) == (energy is None):
         raise ConfigError(f"rank={rank!r}, energy={energy!r}: give exactly one of them")
@@ -90,9 +89,7 @@ def to_lora(
             )
         base = layer.get_base_layer()
         if layer.kind == "conv2d" and base.groups != 1:
-            raise UnsupportedLayerError(
-                f"layer {path!r}: Conv2d with groups={base.groups} has no LoRA equivalent"
-            )
+            raise UnsupportedLayerError(f"layer {path!r}: Conv2d with groups={base.groups} has no LoRA equivalent")
         with torch.no_grad():
             delta = layer.get_delta_weight(adapter_name).double()
             if layer.kind == "conv1d":

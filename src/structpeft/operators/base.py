@@ -69,9 +69,7 @@ class StructuredOperator(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def options_for_budget(
-        cls, out_features: int, in_features: int, n_params: int, **fixed: Any
-    ) -> dict[str, Any]:
+    def options_for_budget(cls, out_features: int, in_features: int, n_params: int, **fixed: Any) -> dict[str, Any]:
         """Size options with at most ``n_params`` parameters; ``fixed`` options (e.g. ``displacement_rank``) are
         kept as given and the free size option (block size, factor shape) is chosen."""
         raise NotImplementedError

@@ -44,9 +44,7 @@ class CirculantOperator(BlockGridOperator):
         return q * p * b
 
     @classmethod
-    def options_for_budget(
-        cls, out_features: int, in_features: int, n_params: int, **fixed: Any
-    ) -> dict[str, Any]:
+    def options_for_budget(cls, out_features: int, in_features: int, n_params: int, **fixed: Any) -> dict[str, Any]:
         b = largest_block_size_within(
             out_features, in_features, n_params, lambda b: cls.num_parameters(out_features, in_features, b)
         )

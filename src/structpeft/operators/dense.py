@@ -34,9 +34,7 @@ class DenseOperator(StructuredOperator):
         return out_features * in_features
 
     @classmethod
-    def options_for_budget(
-        cls, out_features: int, in_features: int, n_params: int, **fixed: Any
-    ) -> dict[str, Any]:
+    def options_for_budget(cls, out_features: int, in_features: int, n_params: int, **fixed: Any) -> dict[str, Any]:
         if n_params < out_features * in_features:
             raise ConfigError(
                 f"budget of {n_params} parameters is too small for a dense ({out_features} x {in_features}) "

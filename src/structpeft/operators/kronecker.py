@@ -6,9 +6,10 @@ reshaped row-major to X (i1 × i2) (zero-padded from in to i1·i2), (L ⊗ R)·v
     y = crop(vec(L @ X @ R.T))      cost per token: i1·i2·o2 + o1·i1·o2 (or the other order, whichever is less).
 
 Parameters: o1·i1 + o2·i2; rank(ΔW) <= rank(L)·rank(R). ``factor_shape=(o1, i1)`` sets the shape of L;
-``None`` chooses the most balanced pair, o1 ≈ sqrt(out) and i1 ≈ sqrt(in) (≈ 2·sqrt(out·in) parameters, the
-paper's in + out for square layers, and full rank possible), among factor sizes whose padding wastes at most
-max(5 %, 1) of each dimension, so prime sizes fall back gracefully (97 × 89 → L 10 × 9, R 10 × 10, cropped).
+``None`` chooses, among factor sizes whose padding wastes at most max(5 %, 1) of each dimension, a pair that
+allows full rank (rank bound min(o1, i1)·min(o2, i2) >= min(out, in)) and is the most balanced, o1 ≈ sqrt(out)
+and i1 ≈ sqrt(in) (≈ 2·sqrt(out·in) parameters, the paper's in + out for square layers); prime sizes fall back
+gracefully by padding and cropping (97 × 89 → L 10 × 9, R 10 × 10).
 The paper's (α/r)·kron(B, A) with B (out/r × r), A (r × in/r) is ``factor_shape=(out // r, r)``.
 With a parameter budget, the factor shapes with the highest rank bound min(o1, i1)·min(o2, i2) (capped at
 min(out, in)) are preferred, then the most parameters within the budget.
@@ -35,8 +36,18 @@ def _factor_candidates(n: int) -> list[int]:
 
 
 def _imbalance(out_features: int, in_features: int, o1: int, i1: int) -> float:
-    """Distance of (o1, i1) from (sqrt(out), sqrt(in)) on a log scale: balanced factors give the highest rank."""
-    return abs(math.log(o1) - 0.5 * math.log(out_features)) + abs(math.log(i1) - 0.5 * math.log(in_features))
+    """Distance of (o1, i1) from (sqrt(out), sqrt(in)) on a log scale (balanced factors give the highest rank),
+    plus the padded fraction of each dimension (an exact factorisation wins over a padded one that is barely
+    more balanced)."""
+    pad = (o1 * math.ceil(out_features / o1) - out_features) / out_features
+    pad += (i1 * math.ceil(in_features / i1) - in_features) / in_features
+    return abs(math.log(o1) - 0.5 * math.log(out_features)) + abs(math.log(i1) - 0.5 * math.log(in_features)) + pad
+
+
+def _rank_bound(out_features: int, in_features: int, o1: int, i1: int) -> int:
+    """The largest rank L ⊗ R can have: rank(L)·rank(R) <= min(o1, i1)·min(o2, i2), capped at min(out, in)."""
+    o2, i2 = math.ceil(out_features / o1), math.ceil(in_features / i1)
+    return min(min(o1, i1) * min(o2, i2), out_features, in_features)
 
 
 def _count(out_features: int, in_features: int, o1: int, i1: int) -> int:
@@ -67,11 +78,7 @@ class KroneckerOperator(StructuredOperator):
     ) -> tuple[int, int]:
         if factor_shape is None:
             return min(
-                (
-                    (o1, i1)
-                    for o1 in _factor_candidates(out_features)
-                    for i1 in _factor_candidates(in_features)
-                ),
+                ((o1, i1) for o1 in _factor_candidates(out_features) for i1 in _factor_candidates(in_features)),
                 key=lambda s: (
                     _imbalance(out_features, in_features, *s),
                     _count(out_features, in_features, *s),
@@ -96,21 +103,19 @@ class KroneckerOperator(StructuredOperator):
     def num_parameters(
         cls, out_features: int, in_features: int, factor_shape: tuple[int, int] | list[int] | None = None
     ) -> int:
-        return _count(
-            out_features, in_features, *cls.resolve_factor_shape(out_features, in_features, factor_shape)
-        )
+        return _count(out_features, in_features, *cls.resolve_factor_shape(out_features, in_features, factor_shape))
 
     @classmethod
-    def options_for_budget(
-        cls, out_features: int, in_features: int, n_params: int, **fixed: Any
-    ) -> dict[str, Any]:
+    def options_for_budget(cls, out_features: int, in_features: int, n_params: int, **fixed: Any) -> dict[str, Any]:
         best = None
         for o1 in _factor_candidates(out_features):
             for i1 in _factor_candidates(in_features):
                 n = _count(out_features, in_features, o1, i1)
-                o2, i2 = math.ceil(out_features / o1), math.ceil(in_features / i1)
-                rank_bound = min(min(o1, i1) * min(o2, i2), out_features, in_features)
-                key = (rank_bound, n, -_imbalance(out_features, in_features, o1, i1))
+                key = (
+                    _rank_bound(out_features, in_features, o1, i1),
+                    n,
+                    -_imbalance(out_features, in_features, o1, i1),
+                )
                 if n <= n_params and (best is None or key > best[0]):
                     best = (key, (o1, i1))
         if best is None:

@@ -48,10 +48,11 @@ class SkeletonOperator(nn.Module):
         w = weight.detach()
         col_idx = torch.as_tensor(col_idx, dtype=torch.long, device=w.device)
         row_idx = torch.as_tensor(row_idx, dtype=torch.long, device=w.device)
-        cols = w[:, col_idx].float()
-        rows = w[row_idx, :].float()
-        col_scale = torch.ones(cols.shape[1], device=w.device)
-        row_scale = torch.ones(rows.shape[0], device=w.device)
+        dtype = torch.promote_types(w.dtype, torch.float32)  # float64 weights stay float64
+        cols = w[:, col_idx].to(dtype)
+        rows = w[row_idx, :].to(dtype)
+        col_scale = torch.ones(cols.shape[1], device=w.device, dtype=dtype)
+        row_scale = torch.ones(rows.shape[0], device=w.device, dtype=dtype)
         if skeleton_scaling == "unit":
             col_scale = 1.0 / cols.norm(dim=0).clamp_min(1e-12)
             row_scale = 1.0 / rows.norm(dim=1).clamp_min(1e-12)
@@ -60,9 +61,9 @@ class SkeletonOperator(nn.Module):
         self.register_buffer("cols", cols * col_scale, persistent=False)  # C (out × k_in)
         self.register_buffer("rows", rows * row_scale[:, None], persistent=False)  # R (k_out × in)
         self.register_buffer("row_scale", row_scale, persistent=False)
-        b = None if bias is None else bias.detach()[row_idx].float()
+        b = None if bias is None else bias.detach()[row_idx].to(dtype)
         self.register_buffer("row_bias", b, persistent=False)  # b[J], to subtract from the base output
-        self.core = nn.Parameter(torch.zeros(cols.shape[1], rows.shape[0], device=w.device))
+        self.core = nn.Parameter(torch.zeros(cols.shape[1], rows.shape[0], device=w.device, dtype=dtype))
 
     @property
     def options(self) -> dict:
@@ -83,9 +84,7 @@ class SkeletonOperator(nn.Module):
         elif init is False or init == "random":
             self.core.normal_(0.0, self.core.shape[0] ** -0.5)
         else:
-            raise ConfigError(
-                f"init_weights={init!r} is invalid; valid: True, False, {', '.join(SKELETON_INITS)}"
-            )
+            raise ConfigError(f"init_weights={init!r} is invalid; valid: True, False, {', '.join(SKELETON_INITS)}")
 
     def _finish(self, xr: torch.Tensor) -> torch.Tensor:
         """(..., k_out) values of x·Rᵀ -> (..., out) values of x·Rᵀ·Uᵀ·Cᵀ = x·ΔWᵀ."""
@@ -106,4 +105,5 @@ class SkeletonOperator(nn.Module):
         return self._finish(xr.to(dtype) * self.row_scale.to(dtype))
 
     def to_dense(self) -> torch.Tensor:
-        return self.cols @ self.core @ self.rows
+        dtype = torch.promote_types(self.cols.dtype, self.core.dtype)
+        return self.cols.to(dtype) @ self.core.to(dtype) @ self.rows.to(dtype)

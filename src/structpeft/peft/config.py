@@ -45,13 +45,9 @@ def _check_target_modules(value: Any, name: str = "target_modules") -> None:
         return
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         if not value:
-            raise ConfigError(
-                f"{name}={value!r} is empty: give module names, a regex string, or 'all-linear'"
-            )
+            raise ConfigError(f"{name}={value!r} is empty: give module names, a regex string, or 'all-linear'")
         return
-    raise ConfigError(
-        f"{name}={value!r} is invalid: expected a list of module names, a regex string, or None"
-    )
+    raise ConfigError(f"{name}={value!r} is invalid: expected a list of module names, a regex string, or None")
 
 
 class StructPeftConfigMixin:
@@ -115,13 +111,9 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     )
     alpha: float = field(
         default=1.0,
-        metadata={
-            "help": "Scale s in W + s·ΔW (the same convention for every structure; no division by a rank)."
-        },
+        metadata={"help": "Scale s in W + s·ΔW (the same convention for every structure; no division by a rank)."},
     )
-    dropout: float = field(
-        default=0.0, metadata={"help": "Dropout probability on the adapter input, in [0, 1)."}
-    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input, in [0, 1)."})
     init_weights: bool = field(
         default=True,
         metadata={
@@ -138,15 +130,11 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     )
     num_factors: int | None = field(
         default=None,
-        metadata={
-            "help": "toeplitz: number of Toeplitz factors multiplied in each block (default 2, the paper's)."
-        },
+        metadata={"help": "toeplitz: number of Toeplitz factors multiplied in each block (default 2, the paper's)."},
     )
     displacement_rank: int | None = field(
         default=None,
-        metadata={
-            "help": "ldr: displacement rank r >= 1, the number of circulant × skew-circulant terms (default 1)."
-        },
+        metadata={"help": "ldr: displacement rank r >= 1, the number of circulant × skew-circulant terms (default 1)."},
     )
     factor_shape: list[int] | None = field(
         default=None,
@@ -190,9 +178,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "Modules (e.g. a classifier head) that are fully trained and saved with the adapter."
-        },
+        metadata={"help": "Modules (e.g. a classifier head) that are fully trained and saved with the adapter."},
     )
     layer_options: dict[str, dict[str, Any]] = field(
         default_factory=dict,
@@ -253,9 +239,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r} is invalid; valid: {', '.join(ACTIVATIONS)}")
         if self.adapter_form not in ADAPTER_FORMS:
-            raise ConfigError(
-                f"adapter_form={self.adapter_form!r} is invalid; valid: {', '.join(ADAPTER_FORMS)}"
-            )
+            raise ConfigError(f"adapter_form={self.adapter_form!r} is invalid; valid: {', '.join(ADAPTER_FORMS)}")
         if self.placement == "lora":
             for name, default in (
                 ("activation", "identity"),
@@ -268,11 +252,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
                     )
             return
         if self.adapter_form == "bottleneck":
-            if (
-                isinstance(self.bottleneck, bool)
-                or not isinstance(self.bottleneck, int)
-                or self.bottleneck < 1
-            ):
+            if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
                 raise ConfigError(
                     f"bottleneck={self.bottleneck!r} is invalid: adapter_form='bottleneck' needs an integer width >= 1"
                 )

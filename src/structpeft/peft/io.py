@@ -39,9 +39,7 @@ def validate_adapter_folder(folder: str, config: Any) -> None:
     weights = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.exists(weights):
         if os.path.exists(os.path.join(folder, PICKLE_NAME)):
-            raise AdapterFileError(
-                f"{folder} holds only {PICKLE_NAME} (pickle); structpeft loads {WEIGHTS_NAME} only"
-            )
+            raise AdapterFileError(f"{folder} holds only {PICKLE_NAME} (pickle); structpeft loads {WEIGHTS_NAME} only")
         return
     tensors = read_safetensors(weights)
     marker = "." + config.param_prefix

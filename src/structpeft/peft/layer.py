@@ -148,9 +148,7 @@ class StructuredLayer(BaseTunerLayer):
             dense = self.operators[adapter_name].to_dense() * self.scalings[adapter_name]
         return self._to_base_layout(dense).to(base.weight.dtype)
 
-    def _merge_terms(
-        self, names: list[str]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(D, M, c): the sum of s·ΔW of the ΔW-placed adapters, of the adapter maps M, of the adapter biases."""
         d = m = c = None
         for name in names:
@@ -208,9 +206,7 @@ class StructuredLayer(BaseTunerLayer):
             if b0 is not None:
                 b = b0 + (0 if m is None else m @ b0) + (0 if c is None else c)
                 new_b = b.to(base.bias.dtype)
-        if safe_merge and not (
-            torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())
-        ):
+        if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
             raise MergeError(
                 f"merging adapter(s) {new_names} into {self.module_path or type(base).__name__} would give "
                 "non-finite weights (NaN/inf in the adapter); the base weight was left unchanged"
@@ -219,6 +215,19 @@ class StructuredLayer(BaseTunerLayer):
         if new_b is not None:
             base.bias.data = new_b
 
+    def check_mergeable(self, adapter_name: str) -> None:
+        """:class:`MergeError` if adapter ``adapter_name`` cannot be merged into this layer."""
+        if not self.is_adapter_placement(adapter_name):
+            return
+        self.operators[adapter_name].linear_map(self.scalings[adapter_name])  # raises for non-linear blocks
+        base = self.get_base_layer()
+        if self.kind == "conv2d" and base.groups != 1:
+            raise MergeError(
+                f"adapter {adapter_name!r} on {self.module_path or 'a Conv2d'}: (I + M)·W mixes output channels "
+                f"across the groups={base.groups} of a grouped convolution, which its kernel cannot hold; keep the "
+                "adapter unmerged"
+            )
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge the given (default: active) adapters into the base weight (and bias, for adapter blocks)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -226,8 +235,7 @@ class StructuredLayer(BaseTunerLayer):
         if not new:
             return
         for name in new:  # non-mergeable adapters raise here, before anything changes
-            if self.is_adapter_placement(name):
-                self.operators[name].linear_map(self.scalings[name])
+            self.check_mergeable(name)
         self._set_weights(self.merged_adapters + new, safe_merge, new)
         self.merged_adapters.extend(new)
 

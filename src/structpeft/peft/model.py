@@ -34,9 +34,7 @@ TARGET_PRESETS: dict[str, list[str]] = {
 
 
 def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
-    names = sorted(
-        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and not list(m.children())}
-    )
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and not list(m.children())})
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -151,9 +149,7 @@ class SurmModel(StructuredTuner):
     tuner_layer_cls = SurmLayer
     wrapper_cls = SurmWrapper
 
-    def resolve_layer(
-        self, config: SurmConfig, key: str, base: nn.Module, record: bool = True
-    ) -> dict[str, Any]:
+    def resolve_layer(self, config: SurmConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
         """{operator role: resolved options}: role "delta" (placement='lora'), "op" (square adapter) or
         "down" / "up" (bottleneck adapter)."""
         shape = delta_shape(base)
@@ -195,11 +191,34 @@ class SurmModel(StructuredTuner):
         with torch.device("meta"):
             return cls(*shape, **options).options  # validates and resolves (no memory on meta)
 
-    def _check_merge_allowed(self) -> None:
-        super()._check_merge_allowed()
-        for name, config in self.peft_config.items():
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        """MergeError, before anything changes, if one of the adapters to merge is a non-linear adapter block."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for name in names:
+            config = self.peft_config.get(name)
             if getattr(config, "placement", "lora") == "adapter" and config.activation != "identity":
                 raise MergeError(
                     f"adapter {name!r} uses activation={config.activation!r}: a non-linear adapter cannot be "
                     "merged into the base weight; use activation='identity' to merge, or keep it unmerged"
                 )
+        for _, layer in self.structured_layers():
+            for name in names:
+                if name in layer.operators:
+                    layer.check_mergeable(name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_mergeable(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )

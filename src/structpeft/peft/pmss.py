@@ -46,9 +46,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
         },
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules NOT to adapt."})
-    layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Layer indices to adapt."}
-    )
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     selection: str = field(
         default="deim",
@@ -78,9 +76,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
     )
     skeleton_scaling: str = field(
         default="none",
-        metadata={
-            "help": "'none': raw columns / rows of W. 'unit': each selected column and row scaled to norm 1."
-        },
+        metadata={"help": "'none': raw columns / rows of W. 'unit': each selected column and row scaled to norm 1."},
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules (e.g. a classifier head) fully trained and saved."}
@@ -118,9 +114,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
                 raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= 1")
         if self.k_in is None:
             if self.budget is None:
-                raise ConfigError(
-                    "budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out"
-                )
+                raise ConfigError("budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out")
             from ..budget import parse_budget
 
             parse_budget(self.budget)
@@ -165,9 +159,7 @@ class PmssLayer(StructuredLayer):
     scaling_attr = "pmss_scaling"
     dropout_attr = "pmss_dropout"
 
-    def _build_operator(
-        self, adapter_name: str, config: PmssConfig, options: dict[str, Any]
-    ) -> SkeletonOperator:
+    def _build_operator(self, adapter_name: str, config: PmssConfig, options: dict[str, Any]) -> SkeletonOperator:
         base = self.get_base_layer()
         bias = base.bias if self.kind in ("linear", "conv1d") else None
         op = SkeletonOperator(
@@ -226,9 +218,11 @@ class PmssModel(StructuredTuner):
     tuner_layer_cls = PmssLayer
     wrapper_cls = PmssWrapper
 
-    def resolve_layer(
-        self, config: PmssConfig, key: str, base: nn.Module, record: bool = True
-    ) -> dict[str, Any]:
+    def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
+        self.__dict__["_selection_cache"] = {}  # selections are valid for this injection only
+        super()._prepare_model(peft_config, model)
+
+    def resolve_layer(self, config: PmssConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
         shape = delta_shape(base)
         w2d = weight_2d(base)
         rec = self.check_recorded_shape(config, key, shape)
@@ -244,7 +238,9 @@ class PmssModel(StructuredTuner):
                     "trained on"
                 )
             return options
-        cached = getattr(self, "_selection_cache", {}).get((id(config), key))
+        # one selection per module and injection: _prepare_model (validation) and _create_and_replace share it
+        cache = self.__dict__.setdefault("_selection_cache", {})
+        cached = cache.get(key)
         if cached is None:
             k_in, k_out = config.layer_k(*shape)
             cols, rows = select_skeleton(w2d, k_in, k_out, config.selection, seed=config.seed)
@@ -255,7 +251,7 @@ class PmssModel(StructuredTuner):
                 "row_idx": rows.tolist(),
                 "checksum": _checksum(w2d, cols, rows),
             }
-            self.__dict__.setdefault("_selection_cache", {})[(id(config), key)] = cached
+            cache[key] = cached
         if record:
             config.layer_options[key] = {"shape": list(shape), "options": cached}
         return cached

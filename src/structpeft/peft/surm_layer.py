@@ -24,9 +24,7 @@ class SurmLayer(StructuredLayer):
     def _build_operator(self, adapter_name: str, config: Any, options: dict[str, Any]) -> nn.Module:
         base = self.get_base_layer()
         with_bias = getattr(base, "bias", None) is not None
-        return build_surm_module(config, options, self.out_features, self.in_features, with_bias).to(
-            base.weight.device
-        )
+        return build_surm_module(config, options, self.out_features, self.in_features, with_bias).to(base.weight.device)
 
 
 def build_surm_module(

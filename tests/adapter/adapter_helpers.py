@@ -1,0 +1,161 @@
+"""Helpers of the SURM-Adapter tests: a dense reference written from the definition (forward hooks on a fresh
+base model), snapshots, fresh-process runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from adapter_cases import AdapterLayerCase
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from structpeft.peft.surm_layer import SurmLayer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEFT_PREFIX = "base_model.model."
+ATOL64 = 1e-10
+
+# the activations, written independently of structpeft's table
+ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda t: t,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def surm_layers(peft_model: nn.Module) -> dict[str, SurmLayer]:
+    """{module path in the base model: SURM layer}."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, SurmLayer):
+            assert name.startswith(PEFT_PREFIX), name
+            out[name[len(PEFT_PREFIX) :]] = module
+    return out
+
+
+def weight_2d(module: nn.Module) -> torch.Tensor:
+    """The (out x in') matrix of a Linear / Conv1D / Conv2d."""
+    w = module.weight.detach()
+    if isinstance(module, Conv1D):
+        return w.T
+    if isinstance(module, nn.Conv2d):
+        return w.reshape(w.shape[0], -1)
+    return w
+
+
+def adapter_fn(block: nn.Module, alpha: float, activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h (..., n) -> alpha·act(S h) + bias (square) or alpha·S_up act(S_down h) + bias, with dense matrices."""
+    act = ACT[activation]
+    bias = None if block.bias is None else block.bias.detach()
+    if "op" in block.ops:
+        s = block.ops["op"].to_dense().detach()
+        assert s.shape[0] == s.shape[1], s.shape
+
+        def f(h):
+            return alpha * act(h @ s.T.to(h.dtype))
+    else:
+        down, up = block.ops["down"].to_dense().detach(), block.ops["up"].to_dense().detach()
+        assert down.shape[1] == up.shape[0] and down.shape[0] == up.shape[1], (down.shape, up.shape)
+
+        def f(h):
+            return alpha * (act(h @ down.T.to(h.dtype)) @ up.T.to(h.dtype))
+
+    if bias is None:
+        return f
+    return lambda h: f(h) + bias.to(h.dtype)
+
+
+def lora_fn(module: nn.Module, delta_2d: torch.Tensor, alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> alpha · ΔW x for a ΔW placed on the weight (as a convolution for Conv2d)."""
+    delta = alpha * delta_2d.detach()
+    if isinstance(module, nn.Conv2d):
+        kernel = delta.reshape(module.weight.shape)
+        return lambda x: module._conv_forward(x, kernel.to(x.dtype), None)
+    return lambda x: x @ delta.T.to(x.dtype)
+
+
+def reference_output(
+    case: AdapterLayerCase,
+    peft_model: nn.Module,
+    adapters: dict[str, tuple[float, str]],
+    inputs: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    lora: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """The output of a fresh base model whose targeted modules output h + Σ_a A_a(h) (+ Σ_l s_l ΔW_l x), with
+    h the module's own output; ``adapters``: {name: (alpha, activation)}, ``lora``: {name: alpha}."""
+    base = case.model(dtype)
+    layers = surm_layers(peft_model)
+    assert set(layers) == {k for k, _ in base.named_modules() if case.is_target(k)}
+    handles = []
+    for path, layer in layers.items():
+        module = base.get_submodule(path)
+        fns = [adapter_fn(layer.surm_op[n], alpha, act) for n, (alpha, act) in adapters.items()]
+        lfns = [lora_fn(module, layer.surm_op[n].to_dense(), a) for n, a in (lora or {}).items()]
+        conv = isinstance(module, nn.Conv2d)  # channels are dim 1
+
+        def hook(mod, args, out, fns=fns, lfns=lfns, conv=conv):
+            h = out.movedim(1, -1) if conv else out
+            y = h + sum(f(h) for f in fns)
+            y = y.movedim(-1, 1) if conv else y
+            return y + sum(f(args[0]) for f in lfns)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return case.run(base, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def assert_close64(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL64) -> None:
+    assert actual.dtype == expected.dtype == torch.float64, (actual.dtype, expected.dtype)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def assert_original_types(case: AdapterLayerCase, model: nn.Module) -> None:
+    assert not [k for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    expected = {"linear": nn.Linear, "conv1d": Conv1D, "conv2d": nn.Conv2d}[case.kind]
+    targets = [m for k, m in model.named_modules() if case.is_target(k)]
+    assert targets
+    for m in targets:
+        assert type(m) is expected, type(m)
+
+
+def snapshot(model: nn.Module):
+    modules = [(k, type(m).__qualname__) for k, m in model.named_modules()]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return modules, state
+
+
+def assert_same_snapshot(before, after) -> None:
+    assert before[0] == after[0], "module tree changed"
+    assert before[1].keys() == after[1].keys(), "state dict keys changed"
+    for k, v in before[1].items():
+        assert torch.equal(v, after[1][k]), f"{k} changed"
+
+
+def run_python(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter with tests/adapter on sys.path; fail with its output if it fails."""
+    code = f"import sys\nsys.path.insert(0, {HERE!r})\n" + textwrap.dedent(script)
+    env = dict(
+        os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc

@@ -1,0 +1,150 @@
+"""Layer-type cases of the PMSS test matrix (importable from fresh-process scripts: no pytest, no structpeft).
+
+Each :class:`PmssLayerCase` is a tiny seeded model whose targeted modules are all of one layer type, with an
+input factory, the tensor compared, and the targets. ``SELECTIONS`` lists the selection strategies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+SELECTIONS: tuple[str, ...] = ("deim", "qdeim", "leverage", "norm", "random")
+
+
+class PmssMLP(nn.Module):
+    """nn.Linear with awkward shapes: 24 -> 40 -> 13 -> 11 (targeted), then an untargeted 11 -> 5 head.
+
+    The smallest targeted layer (13 -> 11) comes last, so a k that only it cannot take fails on the last layer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(24, 40)
+        self.lin1 = nn.Linear(40, 13)
+        self.lin2 = nn.Linear(13, 11)
+        self.head = nn.Linear(11, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin0(x))
+        h = torch.tanh(self.lin1(h))
+        return self.head(torch.tanh(self.lin2(h)))
+
+
+class TinyConvNet(nn.Module):
+    """Conv2d(3, 6, 3) -> ReLU -> Conv2d(6, 8, 3, padding=1, groups=2) -> ReLU -> mean -> Linear(8, 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3)
+        self.conv1 = nn.Conv2d(6, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        return self.head(h.mean(dim=(-2, -1)))
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(n_embd=24, n_layer=2, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return GPT2Model(cfg)
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=36,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def _ids(vocab: int, shape: tuple[int, ...]) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
+    return lambda g: {"input_ids": torch.randint(0, vocab, shape, generator=g)}
+
+
+@dataclass(frozen=True)
+class PmssLayerCase:
+    id: str
+    factory: Callable[[], nn.Module]
+    input_factory: Callable[[torch.Generator], dict[str, torch.Tensor]]
+    output: Callable[[Any], torch.Tensor]
+    target_modules: tuple[str, ...]
+    kind: str  # "linear" | "conv1d" | "conv2d"
+    modules_to_save: tuple[str, ...] = ()
+    seed: int = 1234
+
+    def model(self, dtype: torch.dtype = torch.float32, *, seed: int | None = None) -> nn.Module:
+        """The base model (eval mode), built in float32 under a fixed seed, then cast to ``dtype``."""
+        torch.manual_seed(self.seed if seed is None else seed)
+        return self.factory().to(dtype).eval()
+
+    def inputs(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.input_factory(g).items()}
+
+    def run(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.output(model(**inputs))
+
+    def is_target(self, key: str) -> bool:
+        return any(key == t or key.endswith("." + t) for t in self.target_modules)
+
+    def config(self, **kwargs: Any):
+        from structpeft import PmssConfig
+
+        kwargs.setdefault("target_modules", list(self.target_modules))
+        if self.modules_to_save:
+            kwargs.setdefault("modules_to_save", list(self.modules_to_save))
+        return PmssConfig(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"PmssLayerCase({self.id})"
+
+
+LAYER_CASES: list[PmssLayerCase] = [
+    PmssLayerCase(
+        id="linear-mlp",
+        factory=PmssMLP,
+        input_factory=lambda g: {"x": torch.randn(4, 3, 24, generator=g)},
+        output=lambda out: out,
+        target_modules=("lin0", "lin1", "lin2"),
+        kind="linear",
+    ),
+    PmssLayerCase(
+        id="conv1d-gpt2",
+        factory=tiny_gpt2,
+        input_factory=_ids(50, (2, 9)),
+        output=lambda out: out.last_hidden_state,
+        target_modules=("c_attn", "c_proj"),
+        kind="conv1d",
+    ),
+    PmssLayerCase(
+        id="conv2d-convnet",
+        factory=TinyConvNet,
+        input_factory=lambda g: {"x": torch.randn(2, 3, 8, 8, generator=g)},
+        output=lambda out: out,
+        target_modules=("conv0", "conv1"),
+        kind="conv2d",
+    ),
+    PmssLayerCase(
+        id="linear-bert",
+        factory=tiny_bert,
+        input_factory=_ids(64, (2, 7)),
+        output=lambda out: out.logits,
+        target_modules=("query", "value", "intermediate.dense"),
+        kind="linear",
+        modules_to_save=("classifier",),
+    ),
+]
+CASES_BY_ID = {c.id: c for c in LAYER_CASES}

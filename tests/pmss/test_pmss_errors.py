@@ -1,0 +1,82 @@
+"""Bad PMSS input: the specific error class, a message naming the bad value, and the model left unchanged
+(module tree and state dict identical before / after)."""
+
+from __future__ import annotations
+
+import pytest
+from pmss_cases import CASES_BY_ID
+from pmss_helpers import assert_same_snapshot, snapshot
+
+from peft import get_peft_model
+from structpeft import ConfigError, ShapeError, UnknownStructureError
+from structpeft.errors import SelectionError
+
+BAD_CONFIGS = [
+    # (config kwargs, error class, regex the message must match)
+    pytest.param({"k_in": 10_000, "k_out": 2}, SelectionError, r"k_in=10000", id="k_in-too-large"),
+    pytest.param({"k_in": 2, "k_out": 10_000}, SelectionError, r"k_out=10000", id="k_out-too-large"),
+    # lin0 (40 x 24) and lin1 (13 x 40) accept 12; only the last targeted layer, lin2 (11 x 13), does not
+    pytest.param({"k_in": 12, "k_out": 12}, SelectionError, r"k_in=12.*\(11, 13\)", id="k-too-large-last-layer"),
+    pytest.param({"selection": "foo"}, UnknownStructureError, r"'foo'.*deim", id="unknown-strategy"),
+    pytest.param({"k_in": 3}, ConfigError, r"k_in=3.*k_out=None", id="k_in-without-k_out"),
+    pytest.param({"k_out": 3}, ConfigError, r"k_in=None.*k_out=3", id="k_out-without-k_in"),
+    pytest.param({"skeleton_scaling": "foo"}, ConfigError, r"skeleton_scaling='foo'", id="bad-scaling"),
+    pytest.param({"k_in": 0, "k_out": 2}, ConfigError, r"k_in=0", id="k_in-zero"),
+    pytest.param({"budget": "lora-0"}, ConfigError, r"lora-0", id="bad-budget"),
+    pytest.param({"init_weights": "bar"}, ConfigError, r"init_weights='bar'", id="bad-init"),
+    pytest.param({"dropout": 1.5}, ConfigError, r"dropout=1.5", id="bad-dropout"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_CONFIGS)
+def test_bad_config_raises_and_leaves_the_model_unchanged(kwargs, error, message):
+    case = CASES_BY_ID["linear-mlp"]
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(error, match=message) as info:
+        get_peft_model(model, case.config(**kwargs))
+    assert isinstance(info.value, ValueError)  # `except ValueError` keeps working
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize(
+    "field,value,error,message",
+    [
+        ("selection", "foo", UnknownStructureError, r"'foo'"),
+        ("k_in", 10_000, ShapeError, r"k_in=10000"),
+    ],
+)
+def test_values_set_after_construction_are_checked_before_the_model_changes(field, value, error, message):
+    """A config mutated after ``__post_init__`` is still refused by get_peft_model, before any replacement."""
+    case = CASES_BY_ID["linear-mlp"]
+    cfg = case.config(k_in=2, k_out=2)
+    setattr(cfg, field, value)
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        get_peft_model(model, cfg)
+    assert_same_snapshot(before, snapshot(model))
+    assert cfg.layer_options == {}
+
+
+def test_unsupported_target_type_names_it():
+    from structpeft import UnsupportedLayerError
+
+    case = CASES_BY_ID["conv1d-gpt2"]
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(UnsupportedLayerError, match="LayerNorm") as info:
+        get_peft_model(model, case.config(target_modules=["ln_1"]))
+    assert isinstance(info.value, TypeError)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_no_matching_target_lists_what_exists():
+    from structpeft import TargetModulesError
+
+    case = CASES_BY_ID["linear-mlp"]
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(TargetModulesError, match=r"no_such_layer.*lin0"):
+        get_peft_model(model, case.config(target_modules=["no_such_layer"]))
+    assert_same_snapshot(before, snapshot(model))
