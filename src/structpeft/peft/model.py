@@ -31,6 +31,17 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "gemma": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],
 }
+# SURM-Adapter: after the attention output projection and after the FFN output (Houlsby positions)
+ADAPTER_PRESETS: dict[str, list[str]] = {
+    "bert": ["attention.output.dense", "output.dense"],
+    "roberta": ["attention.output.dense", "output.dense"],
+    "distilbert": ["out_lin", "lin2"],
+    "gpt2": ["attn.c_proj", "mlp.c_proj"],
+    "llama": ["o_proj", "down_proj"],
+    "mistral": ["o_proj", "down_proj"],
+    "qwen2": ["o_proj", "down_proj"],
+    "gemma": ["o_proj", "down_proj"],
+}
 
 
 def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
@@ -44,6 +55,15 @@ class StructuredTuner(BaseTuner):
 
     wrapper_cls: type[nn.Module]
     target_module_mapping = TARGET_PRESETS
+
+    def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
+        """``target_modules=None``: the preset of the model type (``TARGET_PRESETS``)."""
+        if peft_config.target_modules is None and model_config.get("model_type") not in TARGET_PRESETS:
+            raise TargetModulesError(
+                f"no target_modules preset for model type {model_config.get('model_type')!r} (presets: "
+                f"{', '.join(sorted(TARGET_PRESETS))}); give target_modules"
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)
 
     # ------------------------------------------------------------------------------------ per-method hooks
     def resolve_layer(self, config: Any, key: str, base: nn.Module) -> dict[str, Any]:
@@ -148,6 +168,19 @@ class SurmModel(StructuredTuner):
     prefix: str = "surm_"
     tuner_layer_cls = SurmLayer
     wrapper_cls = SurmWrapper
+
+    def _prepare_adapter_config(self, peft_config: SurmConfig, model_config: dict) -> SurmConfig:
+        """``target_modules=None``: the preset of the model type, for the config's placement."""
+        if peft_config.target_modules is None and peft_config.placement == "adapter":
+            presets = ADAPTER_PRESETS.get(model_config.get("model_type"))
+            if presets is None:
+                raise TargetModulesError(
+                    f"no adapter-placement preset for model type {model_config.get('model_type')!r} (presets: "
+                    f"{', '.join(sorted(ADAPTER_PRESETS))}); give target_modules"
+                )
+            peft_config.target_modules = set(presets)
+            return peft_config
+        return super()._prepare_adapter_config(peft_config, model_config)
 
     def resolve_layer(self, config: SurmConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
         """{operator role: resolved options}: role "delta" (placement='lora'), "op" (square adapter) or
