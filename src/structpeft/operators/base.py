@@ -3,7 +3,8 @@
 An operator is a ``torch.nn.Module`` that *is* a structured matrix ΔW of shape (out_features, in_features):
 
 * ``op(x)`` computes ``x @ ΔW.T`` for ``x`` of shape (..., in_features) with the fast algorithm (FFT, reshape),
-  never by forming ΔW;
+  never by forming ΔW (``op.fast_forward``), unless ``op.compute_mode = "dense"`` asks for a materialised ΔW
+  (faster for grids of small blocks; chosen per layer by :mod:`structpeft.operators.dispatch`);
 * ``op.to_dense()`` returns ΔW itself (out_features × in_features), by an independent construction that the tests
   use as the reference;
 * ``cls.num_parameters(out, in, **options)`` is the parameter count, a closed formula stated in the docstring;
@@ -57,6 +58,8 @@ class StructuredOperator(nn.Module):
         super().__init__()
         self.out_features = check_positive_int("out_features", out_features)
         self.in_features = check_positive_int("in_features", in_features)
+        # "fast": the structured product; "dense": x @ to_dense().T (faster for small blocks, see dispatch.py)
+        self.compute_mode = "fast"
 
     # ----------------------------------------------------------------------------------------------------- api
     @property
@@ -77,7 +80,16 @@ class StructuredOperator(nn.Module):
     def reset_parameters(self, init: bool = True) -> None:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ ΔW.T by the structured product (``compute_mode="fast"``) or a materialised ΔW (``"dense"``)."""
+        if self.compute_mode == "dense":
+            self._check_input(x)
+            w = self.to_dense()
+            dtype = torch.promote_types(x.dtype, w.dtype)
+            return torch.nn.functional.linear(x.to(dtype), w.to(dtype))
+        return self.fast_forward(x)
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:  # pragma: no cover - abstract

@@ -80,7 +80,7 @@ class LDROperator(BlockGridOperator):
             self.circ.normal_(0.0, self.block_size**-0.5)
             self.skew.normal_(0.0, self.block_size**-0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         dtype = compute_dtype(x.dtype, self.circ.dtype)
         b = self.block_size

@@ -81,7 +81,7 @@ class ToeplitzOperator(BlockGridOperator):
             self.weight[0].normal_(0.0, 0.02)
             self.weight[1:-1, ..., b - 1] = 1.0  # identity factors in the middle
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         dtype = compute_dtype(x.dtype, self.weight.dtype)
         b, n_fft = self.block_size, 2 * self.block_size

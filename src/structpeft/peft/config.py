@@ -151,6 +151,14 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
             "Exclusive with block_size / factor_shape."
         },
     )
+    compute: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': per layer, time the structured product against a materialised dense ΔW once and "
+            "use the faster (recorded in layer_options, so a loaded adapter uses the same); 'fast' / 'dense' "
+            "force either."
+        },
+    )
     placement: str = field(
         default="lora",
         metadata={
@@ -203,6 +211,10 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} is invalid: expected True or False")
         self._check_placement()
+        from ..operators.dispatch import COMPUTE_MODES
+
+        if self.compute not in COMPUTE_MODES:
+            raise ConfigError(f"compute={self.compute!r} is invalid; valid: {', '.join(COMPUTE_MODES)}")
         used = SURM_STRUCTURE_FIELDS[self.structure]
         for name in ("block_size", "num_factors", "displacement_rank", "factor_shape"):
             if getattr(self, name) is not None and name not in used:

@@ -212,8 +212,21 @@ class SurmModel(StructuredTuner):
                 n_params = total // len(roles)
             options = {role: self._resolve_operator(config, s, n_params) for role, s in roles.items()}
         if record:
-            config.layer_options[key] = {"shape": list(shape), "options": options}
+            if rec is not None:
+                compute = rec.get("compute", {})
+            else:
+                compute = {role: self._choose_compute(config, roles[role], options[role], base) for role in roles}
+            config.layer_options[key] = {"shape": list(shape), "options": options, "compute": compute}
         return options
+
+    @staticmethod
+    def _choose_compute(config: SurmConfig, shape: tuple[int, int], options: dict[str, Any], base: nn.Module) -> str:
+        if config.compute != "auto":
+            return config.compute
+        from ..operators.dispatch import choose_compute
+
+        device = base.weight.device if base.weight.device.type != "meta" else "cpu"
+        return choose_compute(get_operator_class(config.structure), *shape, options, device=device)
 
     @staticmethod
     def _resolve_operator(config: SurmConfig, shape: tuple[int, int], n_params: int | None) -> dict[str, Any]:

@@ -24,7 +24,11 @@ class SurmLayer(StructuredLayer):
     def _build_operator(self, adapter_name: str, config: Any, options: dict[str, Any]) -> nn.Module:
         base = self.get_base_layer()
         with_bias = getattr(base, "bias", None) is not None
-        return build_surm_module(config, options, self.out_features, self.in_features, with_bias).to(base.weight.device)
+        module = build_surm_module(config, options, self.out_features, self.in_features, with_bias)
+        compute = config.layer_options.get(self.module_path, {}).get("compute", {})
+        for role, op in module.ops.items() if isinstance(module, AdapterBlock) else [("delta", module)]:
+            op.compute_mode = compute.get(role, "fast")
+        return module.to(base.weight.device)
 
 
 def build_surm_module(

@@ -1,0 +1,84 @@
+"""compute="auto" | "fast" | "dense": the per-layer choice of the structured product or a materialised ΔW."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from structpeft import ConfigError, SurmConfig
+from structpeft.operators import OPERATORS, dispatch
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(13, 24), nn.Tanh(), nn.Linear(24, 7)).double().eval()
+
+
+def _ops(model):
+    return {k: m.surm_op["default"] for k, m in model.base_model.model.named_modules() if hasattr(m, "surm_op")}
+
+
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz", "kronecker", "ldr"])
+def test_dense_and_fast_paths_give_the_same_output(structure):
+    x = torch.randn(5, 13, dtype=torch.float64)
+    outs = {}
+    for mode in ("fast", "dense"):
+        cfg = SurmConfig(structure=structure, target_modules=["0", "2"], init_weights=False, compute=mode)
+        torch.manual_seed(1)
+        model = get_peft_model(_mlp(), cfg)
+        assert {op.compute_mode for op in _ops(model).values()} == {mode}
+        assert all(rec["compute"] == {"delta": mode} for rec in cfg.layer_options.values())
+        outs[mode] = model(x)
+    torch.testing.assert_close(outs["fast"], outs["dense"], atol=1e-10, rtol=0)
+
+
+def test_dense_path_does_not_call_the_fast_product(monkeypatch):
+    model = get_peft_model(_mlp(), SurmConfig(target_modules=["0"], init_weights=False, compute="dense"))
+    op = _ops(model)["0"]
+    monkeypatch.setattr(op, "fast_forward", lambda x: (_ for _ in ()).throw(AssertionError("fast path used")))
+    model(torch.randn(2, 13, dtype=torch.float64))
+
+
+def test_auto_measures_once_records_the_choice_and_loading_reuses_it(tmp_path, monkeypatch):
+    calls = []
+    real = dispatch.choose_compute
+
+    def spy(*args, **kwargs):
+        calls.append(args[1:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "choose_compute", spy)
+    cfg = SurmConfig(structure="circulant", block_size=4, target_modules=["0", "2"], init_weights=False)
+    model = get_peft_model(_mlp(), cfg)
+    assert sorted(calls) == [(7, 24), (24, 13)]
+    chosen = {k: rec["compute"]["delta"] for k, rec in cfg.layer_options.items()}
+    assert set(chosen.values()) <= {"fast", "dense"}
+    model.save_pretrained(tmp_path)
+    # force the opposite answer for any new measurement: the loaded adapter must still use the recorded path
+    monkeypatch.setattr(dispatch, "choose_compute", lambda *a, **k: pytest.fail("measured again on load"))
+    loaded = PeftModel.from_pretrained(_mlp(), tmp_path)
+    assert {k: op.compute_mode for k, op in _ops(loaded).items()} == chosen
+
+
+def test_choose_compute_is_cached_and_answers_fast_or_dense():
+    cls = OPERATORS["ldr"]
+    dispatch._CACHE.clear()
+    first = dispatch.choose_compute(cls, 20, 20, {"block_size": 4, "displacement_rank": 1}, tokens=64)
+    assert first in ("fast", "dense")
+    assert len(dispatch._CACHE) == 1
+    assert dispatch.choose_compute(cls, 20, 20, {"block_size": 4, "displacement_rank": 1}, tokens=64) == first
+    assert dispatch.choose_compute(OPERATORS["dense"], 20, 20, {}) == "fast"
+
+
+def test_bad_compute_value_names_the_choices():
+    with pytest.raises(ConfigError, match=r"compute='gpu'.*auto, fast, dense"):
+        SurmConfig(target_modules=["0"], compute="gpu")
+
+
+def test_copy_of_config_keeps_compute():
+    cfg = SurmConfig(target_modules=["0"], compute="dense")
+    assert copy.deepcopy(cfg).compute == "dense"
