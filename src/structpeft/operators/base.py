@@ -85,7 +85,7 @@ class StructuredOperator(nn.Module):
         if self.compute_mode == "dense":
             self._check_input(x)
             w = self.to_dense()
-            dtype = torch.promote_types(x.dtype, w.dtype)
+            dtype = compute_dtype(x.dtype, w.dtype)  # float32 at least, like the fast path
             return torch.nn.functional.linear(x.to(dtype), w.to(dtype))
         return self.fast_forward(x)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import StructuredOperator, check_positive_int
+from .base import StructuredOperator, check_positive_int, compute_dtype
 
 MAX_PAD_FRACTION = 0.05
 
@@ -157,5 +157,7 @@ class KroneckerOperator(StructuredOperator):
 
     def to_dense(self) -> torch.Tensor:
         (o1, i1), (o2, i2) = self.left.shape, self.right.shape
-        full = (self.left[:, None, :, None] * self.right[None, :, None, :]).reshape(o1 * o2, i1 * i2)
+        dtype = compute_dtype(self.left.dtype)
+        left, right = self.left.to(dtype), self.right.to(dtype)
+        full = (left[:, None, :, None] * right[None, :, None, :]).reshape(o1 * o2, i1 * i2)
         return full[: self.out_features, : self.in_features]

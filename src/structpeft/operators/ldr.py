@@ -97,6 +97,7 @@ class LDROperator(BlockGridOperator):
         diff = torch.arange(b)[:, None] - torch.arange(b)[None, :]
         idx = (diff % b).to(self.circ.device)
         sign = torch.where(diff >= 0, 1.0, -1.0).to(self.skew)
-        circ = self.circ[..., idx]  # (r, q, p, b, b)
-        skew = self.skew[..., idx] * sign
+        dtype = compute_dtype(self.circ.dtype)  # products of half-precision factors lose accuracy
+        circ = self.circ[..., idx].to(dtype)  # (r, q, p, b, b)
+        skew = self.skew[..., idx].to(dtype) * sign.to(dtype)
         return self._assemble((circ @ skew).sum(dim=0))

@@ -106,6 +106,7 @@ class ToeplitzOperator(BlockGridOperator):
 
     def to_dense(self) -> torch.Tensor:
         factors = self.factors_dense()
+        factors = factors.to(compute_dtype(factors.dtype))  # products of half-precision factors lose accuracy
         blocks = factors[0]
         for k in range(1, self.num_factors):
             blocks = factors[k] @ blocks
