@@ -1,0 +1,1 @@
+"""Benchmarks (library code; the ``structpeft bench`` command and CI's smoke tests call these)."""
