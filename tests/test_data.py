@@ -307,9 +307,7 @@ def test_unknown_builtin_lists_choices():
     with pytest.raises(UnknownDatasetError) as exc:
         load_data("imdb")
     msg = str(exc.value)
-    assert (
-        "'imdb'" in msg and "'bbc'" in msg and "'snli'" in msg and "'gsm_symbolic'" in msg and ".csv" in msg
-    )
+    assert "'imdb'" in msg and "'bbc'" in msg and "'snli'" in msg and "'gsm_symbolic'" in msg and ".csv" in msg
     assert isinstance(exc.value, UnknownStructureError) and isinstance(exc.value, ValueError)
 
 
@@ -392,9 +390,7 @@ def test_snli_from_cache_drops_unlabelled(tmp_path):
     d = tmp_path / "cache" / "snli"
     d.mkdir(parents=True)
     golds = ["entailment", "neutral", "contradiction", "-"] * 5
-    write_jsonl(
-        d / "snli_1.0_train_subset.jsonl", [_snli_record(f"p{i}", f"h{i}", g) for i, g in enumerate(golds)]
-    )
+    write_jsonl(d / "snli_1.0_train_subset.jsonl", [_snli_record(f"p{i}", f"h{i}", g) for i, g in enumerate(golds)])
     write_jsonl(d / "snli_1.0_test.jsonl", [_snli_record(f"tp{i}", f"th{i}", g) for i, g in enumerate(golds)])
     data = load_data("snli")
     assert data.label_names == ["entailment", "neutral", "contradiction"]
@@ -515,9 +511,7 @@ def test_snli_real_if_cached(monkeypatch):
     else:
         monkeypatch.delenv("STRUCTPEFT_DATA_DIR")
     if not all((builtin_mod.snli_cache_dir() / f).is_file() for f in builtin_mod.SNLI_FILES.values()):
-        pytest.skip(
-            f"SNLI not cached in {builtin_mod.snli_cache_dir()}; run: python -m structpeft.data.fetch_snli"
-        )
+        pytest.skip(f"SNLI not cached in {builtin_mod.snli_cache_dir()}; run: python -m structpeft.data.fetch_snli")
     d = load_data("snli")
     assert len(d.train_texts) == 99_890 and len(d.test_texts) == 9_824
     assert collections.Counter(d.test_labels) == {0: 3368, 1: 3219, 2: 3237}

@@ -52,9 +52,7 @@ def _fake_model_dir(path, weights="model.safetensors"):
 # --------------------------------------------------------------------------------------- local directories
 
 
-@pytest.mark.parametrize(
-    "weights", ["model.safetensors", "model-00001-of-00002.safetensors", "pytorch_model.bin"]
-)
+@pytest.mark.parametrize("weights", ["model.safetensors", "model-00001-of-00002.safetensors", "pytorch_model.bin"])
 def test_local_dir_accepted(tmp_path, weights):
     d = _fake_model_dir(tmp_path / "m", weights)
     out = resolve_model(str(d))
@@ -196,9 +194,7 @@ def test_minilm_loads_offline():
     path = resolve_model("minilm")
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=3, local_files_only=True
-    )
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, local_files_only=True)
     assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
     batch = tok(["a premise", "another"], ["a hypothesis", "and more"], return_tensors="pt", padding=True)
     with torch.no_grad():

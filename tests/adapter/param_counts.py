@@ -48,6 +48,7 @@ def adapter_row(
     """SURM-Adapter (square, or bottleneck of width m) on ``targets``: count and formula
     Σ_layers [P_S(n, n) or P_S(m, n) + P_S(n, m)] + n (adapter bias, when the layer has one)."""
     from peft import get_peft_model
+
     from structpeft import SurmConfig
 
     form = "square" if bottleneck is None else "bottleneck"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from adapter_cases import CASES_BY_ID
 from adapter_helpers import assert_same_snapshot, snapshot
-
 from peft import get_peft_model
+
 from structpeft import ConfigError, ShapeError, SurmConfig, UnsupportedLayerError
 
 TARGETS = ["attention.output.dense", "output.dense"]  # n = 24 in the BERT-like model

@@ -7,9 +7,8 @@ import pytest
 import torch
 from adapter_cases import ACTIVATIONS, BOTTLENECK, CASES_BY_ID, FORMS, STRUCTURES
 from adapter_helpers import assert_close64, reference_output, rel_err, surm_layers
-from torch import nn
-
 from peft import get_peft_model
+from torch import nn
 
 ALPHA = 0.6
 

@@ -132,15 +132,12 @@ def check_constant_classes(dense: np.ndarray, b: int, *, cyclic: bool) -> int:
                 nontrivial += 1
                 spread = float(vals.max() - vals.min())
                 assert spread <= STRUCTURE_RTOL * scale, (
-                    f"block ({i}, {j}) is not constant on {'wrap-around ' if cyclic else ''}diagonal {k}: "
-                    f"values {vals}"
+                    f"block ({i}, {j}) is not constant on {'wrap-around ' if cyclic else ''}diagonal {k}: values {vals}"
                 )
     return nontrivial
 
 
-def check_displacement_rank(
-    dense: np.ndarray, b: int, rank: int, left_corner: float, right_corner: float
-) -> int:
+def check_displacement_rank(dense: np.ndarray, b: int, rank: int, left_corner: float, right_corner: float) -> int:
     """Every b × b block M satisfies rank(Z_l M - M Z_r) <= ``rank``, where Z_l / Z_r are the down-shifts with
     corner entries ``left_corner`` / ``right_corner``.
 
@@ -313,9 +310,7 @@ def ldr_reference(op: StructuredOperator) -> np.ndarray:
 
 def ldr_check(op: StructuredOperator, dense: np.ndarray) -> int:
     # circ commutes with Z1, skew with Zm1 and Z1 - Zm1 has rank one: rank(Z1 M - M Zm1) <= r per block.
-    return check_displacement_rank(
-        dense, op.options["block_size"], op.options["displacement_rank"], 1.0, -1.0
-    )
+    return check_displacement_rank(dense, op.options["block_size"], op.options["displacement_rank"], 1.0, -1.0)
 
 
 def ldr_extra_check(op: StructuredOperator) -> None:
@@ -368,9 +363,7 @@ class Structure:
     extra_check: Callable[[StructuredOperator], None] = lambda op: None
 
     def spec_num_parameters(self, out_features: int, in_features: int, options: dict) -> int:
-        return sum(
-            math.prod(s) for s in self.expected_param_shapes(out_features, in_features, options).values()
-        )
+        return sum(math.prod(s) for s in self.expected_param_shapes(out_features, in_features, options).values())
 
     @property
     def cls(self) -> type[StructuredOperator]:
@@ -488,10 +481,7 @@ class Case:
         return self.structure.cls
 
     def resolve_options(self, out_features: int, in_features: int) -> dict[str, Any]:
-        return {
-            k: (v.fn(out_features, in_features) if isinstance(v, PerShape) else v)
-            for k, v in self.options.items()
-        }
+        return {k: (v.fn(out_features, in_features) if isinstance(v, PerShape) else v) for k, v in self.options.items()}
 
     def make(
         self,

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pmss_helpers import assert_close64, dense_reference, pmss_layers, recorded, reference_deltas
-
 from peft import get_peft_model
+from pmss_helpers import assert_close64, dense_reference, pmss_layers, recorded, reference_deltas
 
 PAIRS = {  # layer case -> (strategy of "default", strategy of "other"): every strategy appears
     "linear-mlp": ("deim", "random"),

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import pytest
+from peft import get_peft_model
 from pmss_cases import CASES_BY_ID
 from pmss_helpers import assert_same_snapshot, snapshot
 
-from peft import get_peft_model
 from structpeft import ConfigError, ShapeError, UnknownStructureError
 from structpeft.errors import SelectionError
 
