@@ -505,16 +505,6 @@ class Case:
         return f"{self.structure.name}-{opts}"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run each test single-threaded: the operators are tiny, and intra-op threads on a shared 2-core machine
-    cost far more in synchronisation than they gain (gradcheck of a 7 × 13 LDR: 0.07 s vs 5.7 s CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _case_params(big: bool) -> list:
     return [
         pytest.param(case, id=case.id)

@@ -13,7 +13,6 @@ import sys
 import warnings
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,21 +33,6 @@ def one_structure(request):
 @pytest.fixture(params=LAYER_CASES, ids=[c.id for c in LAYER_CASES])
 def layer_case(request):
     return request.param
-
-
-@pytest.fixture(autouse=True)
-def _quiet_and_deterministic():
-    """Fixed global seed (adapters with init_weights=False draw from it), one intra-op thread (the models are
-    tiny: on a busy 2-core machine, 2 threads make a forward 10-100x slower), no noise from transformers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
