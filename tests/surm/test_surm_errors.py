@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from surm_cases import BAD_OPTIONS, LAYERS_BY_ID, ONE_PER_STRUCTURE, STRUCTURE_CASES, _bert
 from surm_testing import assert_same_snapshot, snapshot
+from torch import nn
 
 from structpeft import (
     AdapterFileError,
@@ -255,3 +256,19 @@ def test_adapter_file_of_another_structure(one_structure, tmp_path):
     base = layer_case.model()
     warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
     _fails_without_change(base, lambda: PeftModel.from_pretrained(base, folder), AdapterFileError, WEIGHTS)
+
+
+@pytest.mark.parametrize("name", ["circ", "weight", "core", "ops"])
+def test_adapter_name_colliding_with_an_operator_tensor_is_refused(name):
+    """PEFT strips adapter names from state-dict keys by position: an adapter called like a tensor inside our
+    adapter modules would be saved under a confused key, so the name is refused before anything changes."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6))
+    model = get_peft_model(base, SurmConfig(structure="ldr", target_modules=["0"]))
+    before = [k for k, _ in model.named_modules()]
+    with pytest.raises(ConfigError, match=repr(name)):
+        model.add_adapter(name, SurmConfig(structure="ldr", target_modules=["0"]))
+    assert [k for k, _ in model.named_modules()] == before
+    assert name not in model.peft_config
+    with pytest.raises(ConfigError, match=repr(name)):
+        get_peft_model(nn.Sequential(nn.Linear(6, 6)), SurmConfig(target_modules=["0"]), adapter_name=name)

@@ -14,7 +14,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from torch import nn
 
-from ..errors import BaseModelMismatchError, MergeError, ShapeError, TargetModulesError
+from ..errors import BaseModelMismatchError, ConfigError, MergeError, ShapeError, TargetModulesError
 from ..operators import get_operator_class
 from .config import SurmConfig
 from .layer import StructuredLayer, delta_shape
@@ -42,6 +42,17 @@ ADAPTER_PRESETS: dict[str, list[str]] = {
     "qwen2": ["o_proj", "down_proj"],
     "gemma": ["o_proj", "down_proj"],
 }
+
+
+def _reserved_adapter_names() -> set[str]:
+    """Names of the parameters and sub-modules inside the operators and adapter blocks."""
+    from ..operators import OPERATORS
+
+    names = {"ops", "op", "up", "down", "bias", "core", "act"}
+    with torch.device("meta"):
+        for cls in OPERATORS.values():
+            names.update(name for name, _ in cls(4, 4).named_parameters())
+    return names
 
 
 def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
@@ -78,6 +89,16 @@ class StructuredTuner(BaseTuner):
         if container in key:
             return key.replace(container, f".{cls.prefix}op.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Refuse adapter names that collide with names inside the adapter modules, then inject as PEFT does."""
+        reserved = _reserved_adapter_names()
+        if adapter_name in reserved:
+            raise ConfigError(
+                f"adapter name {adapter_name!r} is also the name of a tensor or module inside structpeft's adapter "
+                f"modules ({', '.join(sorted(reserved))}); PEFT's key mapping would confuse them: choose another name"
+            )
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     # --------------------------------------------------------------------------------------- validation
     def _targets(self, config: Any, model: nn.Module) -> list[tuple[str, nn.Module]]:
