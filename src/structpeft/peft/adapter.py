@@ -70,13 +70,17 @@ class AdapterBlock(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
-    def linear_map(self, scale: float) -> torch.Tensor:
-        """M (n × n) with adapter(h) = M h + bias; :class:`MergeError` if the activation is non-linear."""
+    def check_linear(self) -> None:
+        """:class:`MergeError` if the activation is non-linear (the adapter then has no matrix to merge)."""
         if self.activation_name != "identity":
             raise MergeError(
                 f"an adapter with activation={self.activation_name!r} is non-linear and cannot be merged into "
                 "the base weight; use activation='identity' to merge, or keep the adapter unmerged"
             )
+
+    def linear_map(self, scale: float) -> torch.Tensor:
+        """M (n × n) with adapter(h) = M h + bias; :class:`MergeError` if the activation is non-linear."""
+        self.check_linear()
         if self.form == "square":
             return self.ops["op"].to_dense() * scale
         return self.ops["up"].to_dense() @ self.ops["down"].to_dense() * scale

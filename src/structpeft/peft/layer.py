@@ -219,7 +219,10 @@ class StructuredLayer(BaseTunerLayer):
         """:class:`MergeError` if adapter ``adapter_name`` cannot be merged into this layer."""
         if not self.is_adapter_placement(adapter_name):
             return
-        self.operators[adapter_name].linear_map(self.scalings[adapter_name])  # raises for non-linear blocks
+        try:
+            self.operators[adapter_name].check_linear()
+        except MergeError as err:
+            raise MergeError(f"adapter {adapter_name!r} on {self.module_path or 'this layer'}: {err}") from None
         base = self.get_base_layer()
         if self.kind == "conv2d" and base.groups != 1:
             raise MergeError(

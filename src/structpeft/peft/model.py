@@ -8,13 +8,14 @@ A method subclass names its prefix, its layer class and how it resolves a layer'
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from torch import nn
 
-from ..errors import BaseModelMismatchError, ConfigError, MergeError, ShapeError, TargetModulesError
+from ..errors import BaseModelMismatchError, ConfigError, ShapeError, TargetModulesError
 from ..operators import get_operator_class
 from .config import SurmConfig
 from .layer import StructuredLayer, delta_shape
@@ -44,15 +45,16 @@ ADAPTER_PRESETS: dict[str, list[str]] = {
 }
 
 
-def _reserved_adapter_names() -> set[str]:
-    """Names of the parameters and sub-modules inside the operators and adapter blocks."""
+@functools.cache
+def _reserved_adapter_names() -> frozenset[str]:
+    """Names of the parameters and sub-modules inside the operators and adapter blocks (computed once)."""
     from ..operators import OPERATORS
 
     names = {"ops", "op", "up", "down", "bias", "core", "act"}
     with torch.device("meta"):
         for cls in OPERATORS.values():
             names.update(name for name, _ in cls(4, 4).named_parameters())
-    return names
+    return frozenset(names)
 
 
 def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
@@ -67,14 +69,22 @@ class StructuredTuner(BaseTuner):
     wrapper_cls: type[nn.Module]
     target_module_mapping = TARGET_PRESETS
 
+    def target_presets(self, config: Any) -> dict[str, list[str]]:
+        """model type -> default target_modules for this config."""
+        return TARGET_PRESETS
+
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
-        """``target_modules=None``: the preset of the model type (``TARGET_PRESETS``)."""
-        if peft_config.target_modules is None and model_config.get("model_type") not in TARGET_PRESETS:
-            raise TargetModulesError(
-                f"no target_modules preset for model type {model_config.get('model_type')!r} (presets: "
-                f"{', '.join(sorted(TARGET_PRESETS))}); give target_modules"
-            )
-        return super()._prepare_adapter_config(peft_config, model_config)
+        """``target_modules=None``: the preset of the model type (:meth:`target_presets`)."""
+        if peft_config.target_modules is None:
+            presets = self.target_presets(peft_config)
+            model_type = model_config.get("model_type")
+            if model_type not in presets:
+                raise TargetModulesError(
+                    f"no target_modules preset for model type {model_type!r} (presets: "
+                    f"{', '.join(sorted(presets))}); give target_modules"
+                )
+            peft_config.target_modules = set(presets[model_type])
+        return peft_config
 
     # ------------------------------------------------------------------------------------ per-method hooks
     def resolve_layer(self, config: Any, key: str, base: nn.Module) -> dict[str, Any]:
@@ -190,18 +200,9 @@ class SurmModel(StructuredTuner):
     tuner_layer_cls = SurmLayer
     wrapper_cls = SurmWrapper
 
-    def _prepare_adapter_config(self, peft_config: SurmConfig, model_config: dict) -> SurmConfig:
-        """``target_modules=None``: the preset of the model type, for the config's placement."""
-        if peft_config.target_modules is None and peft_config.placement == "adapter":
-            presets = ADAPTER_PRESETS.get(model_config.get("model_type"))
-            if presets is None:
-                raise TargetModulesError(
-                    f"no adapter-placement preset for model type {model_config.get('model_type')!r} (presets: "
-                    f"{', '.join(sorted(ADAPTER_PRESETS))}); give target_modules"
-                )
-            peft_config.target_modules = set(presets)
-            return peft_config
-        return super()._prepare_adapter_config(peft_config, model_config)
+    def target_presets(self, config: SurmConfig) -> dict[str, list[str]]:
+        """LoRA placement: the projections (``TARGET_PRESETS``); adapter placement: the Houlsby positions."""
+        return ADAPTER_PRESETS if config.placement == "adapter" else TARGET_PRESETS
 
     def resolve_layer(self, config: SurmConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
         """{operator role: resolved options}: role "delta" (placement='lora'), "op" (square adapter) or
@@ -259,15 +260,9 @@ class SurmModel(StructuredTuner):
             return cls(*shape, **options).options  # validates and resolves (no memory on meta)
 
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
-        """MergeError, before anything changes, if one of the adapters to merge is a non-linear adapter block."""
+        """MergeError, before any layer changes, if one of the adapters to merge cannot be merged into some layer
+        (a non-linear adapter block, an adapter block on a grouped Conv2d)."""
         names = adapter_names if adapter_names is not None else self.active_adapters
-        for name in names:
-            config = self.peft_config.get(name)
-            if getattr(config, "placement", "lora") == "adapter" and config.activation != "identity":
-                raise MergeError(
-                    f"adapter {name!r} uses activation={config.activation!r}: a non-linear adapter cannot be "
-                    "merged into the base weight; use activation='identity' to merge, or keep it unmerged"
-                )
         for _, layer in self.structured_layers():
             for name in names:
                 if name in layer.operators:
