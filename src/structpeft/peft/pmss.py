@@ -219,28 +219,28 @@ class PmssModel(StructuredTuner):
     wrapper_cls = PmssWrapper
 
     def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
-        self.__dict__["_selection_cache"] = {}  # selections are valid for this injection only
+        # per module, the selection (or the verified recorded one) of this injection: _prepare_model's validation
+        # and _create_and_replace share it, so nothing is selected or checksummed twice
+        self._selection_cache: dict[str, dict[str, Any]] = {}
         super()._prepare_model(peft_config, model)
 
     def resolve_layer(self, config: PmssConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
         shape = delta_shape(base)
         w2d = weight_2d(base)
         rec = self.check_recorded_shape(config, key, shape)
+        cached = self._selection_cache.get(key)
         if rec is not None:
             options = rec["options"]
-            if (
-                _checksum(w2d, torch.tensor(options["col_idx"]), torch.tensor(options["row_idx"]))
-                != options["checksum"]
-            ):
-                raise BaseModelMismatchError(
-                    f"module {key!r}: the selected columns / rows of this base model's weight differ from the ones "
-                    "the PMSS adapter was created on (checksum mismatch); load it onto the base model it was "
-                    "trained on"
-                )
+            if cached is not options:
+                found = _checksum(w2d, torch.tensor(options["col_idx"]), torch.tensor(options["row_idx"]))
+                if found != options["checksum"]:
+                    raise BaseModelMismatchError(
+                        f"module {key!r}: the selected columns / rows of this base model's weight differ from the "
+                        f"ones the PMSS adapter was created on (checksum {found} here, {options['checksum']} "
+                        "recorded); load it onto the base model it was trained on"
+                    )
+                self._selection_cache[key] = options
             return options
-        # one selection per module and injection: _prepare_model (validation) and _create_and_replace share it
-        cache = self.__dict__.setdefault("_selection_cache", {})
-        cached = cache.get(key)
         if cached is None:
             k_in, k_out = config.layer_k(*shape)
             cols, rows = select_skeleton(w2d, k_in, k_out, config.selection, seed=config.seed)
@@ -251,7 +251,7 @@ class PmssModel(StructuredTuner):
                 "row_idx": rows.tolist(),
                 "checksum": _checksum(w2d, cols, rows),
             }
-            cache[key] = cached
+            self._selection_cache[key] = cached
         if record:
             config.layer_options[key] = {"shape": list(shape), "options": cached}
         return cached
