@@ -10,6 +10,8 @@
         --method lora --r 8
     structpeft evaluate runs/snli-kron       # reload the saved adapter and score it again
     structpeft bench speed --quick           # speed of every method at LoRA r=8's budget, in one run
+    structpeft bench accuracy --quick        # fine-tuning sweep (methods x budgets x seeds), resumable
+    structpeft bench approx                  # approximation error of each structure vs parameters
 
 Exit codes: 0 success; 1 training failed (NaN loss); 2 bad input (one ``structpeft: error: ...`` line on
 stderr, nothing written); 130 interrupted. Nothing is ever downloaded from a model hub.
@@ -23,6 +25,10 @@ import sys
 from ._common import PROG, CliError, TrainingFailedError, one_line, set_offline_env
 
 __all__ = ["build_parser", "main"]
+
+
+# benchmark name -> module structpeft.bench.<name>, each with ``main(argv: list[str]) -> int``
+BENCHMARKS = ("speed", "accuracy", "approx")
 
 
 class _UsageError(Exception):
@@ -66,19 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=evaluate.run)
     p = sub.add_parser(
         "bench",
-        help="benchmarks: 'speed' (train step and inference of every method at LoRA r=8's budget)",
+        help="benchmarks: 'speed' (train step and inference of every method at LoRA r=8's budget), "
+        "'accuracy' (fine-tuning sweep of every method, budgets and seeds), 'approx' (matrix approximation "
+        "error of each structure vs parameters)",
         description="Run a benchmark; arguments after the benchmark's name go to it (e.g. 'bench speed --help').",
     )
-    p.add_argument("benchmark", choices=["speed"])
+    p.add_argument("benchmark", choices=BENCHMARKS)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_run_bench)
     return parser
 
 
 def _run_bench(args: argparse.Namespace, _argv: list[str]) -> int:
-    from ..bench import speed
+    import importlib
 
-    return speed.main(args.bench_args)
+    module = importlib.import_module(f"structpeft.bench.{args.benchmark}")
+    return int(module.main(args.bench_args) or 0)
 
 
 def _fail(message: object, code: int) -> int:
