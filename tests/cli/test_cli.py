@@ -493,3 +493,25 @@ def test_other_peft_methods_train_and_reload(method, tmp_path, tiny_bert, keywor
     assert code == 0, err
     assert "(identical)" in eval_out
     assert _printed_accuracy(eval_out) == _printed_accuracy(stdout)
+
+
+def test_surm_adapter_placement_targets_the_houlsby_positions(tmp_path, tiny_bert, keyword_csv, capsys):
+    out = tmp_path / "adapter-run"
+    argv = _base_args(tiny_bert, keyword_csv, out, "--method", "surm", "--placement", "adapter", "--max-steps", "3")
+    code, _, err = _run(capsys, [*argv, "--baseline", "none", "--no-epoch-eval"])
+    assert code == 0, err
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["placement"] == "adapter"
+    assert sorted(adapter["target_modules"]) == ["attention.output.dense", "output.dense"]
+    assert adapter["budget"] is None  # one structured block per adapter unless --budget is given
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 1  # --no-epoch-eval: one final evaluation only
+    assert metrics["step_time_s"] > 0 and metrics["peak_memory_mb"]["cpu_rss"] > 50
+    hidden = json.loads((tiny_bert / "config.json").read_text())["hidden_size"]
+    assert metrics["head_params"] == hidden * 2 + 2  # the 2-class classifier, trained alongside the adapter
+    assert metrics["trainable_params"] > metrics["head_params"]
+
+    code, _, err = _run(
+        capsys, [*_base_args(tiny_bert, keyword_csv, tmp_path / "x", "--method", "lora"), "--placement", "adapter"]
+    )
+    _assert_one_line_error(code, err, "--placement", "surm")

@@ -239,8 +239,19 @@ def is_generative_config(config: Any) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def default_target_modules(config: Any, model: Any) -> list[str]:
+def default_target_modules(config: Any, model: Any, placement: str = "lora") -> list[str]:
+    """Default targets per model family: the attention query / value projections, or for SURM-Adapter
+    (``placement="adapter"``) the attention-output and FFN-output projections (Houlsby positions)."""
     model_type = getattr(config, "model_type", "")
+    if placement == "adapter":
+        from ..peft.model import ADAPTER_PRESETS
+
+        if model_type in ADAPTER_PRESETS:
+            return list(ADAPTER_PRESETS[model_type])
+        raise CliError(
+            f"no default SURM-Adapter positions for model type {model_type!r} (known: "
+            f"{', '.join(sorted(ADAPTER_PRESETS))}); pass --target-modules"
+        )
     if model_type in TARGET_DEFAULTS:
         return list(TARGET_DEFAULTS[model_type])
     with contextlib.suppress(ImportError):

@@ -76,56 +76,45 @@ def _check_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None
     return rc, metrics
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    t_start = time.perf_counter()
-    run_dir = Path(args.run_dir).expanduser()
-    rc, metrics = _check_run_dir(run_dir)
+def load_run_model(run_dir: Path, model: str | None = None, cache_dir: str | None = None) -> tuple[Any, Any, dict]:
+    """Rebuild a saved run's model exactly as ``finetune`` left it: ``(model, tokenizer, run_config)``.
+
+    The base model is resolved from ``model`` (a built-in name or directory) or the recorded directory, refused
+    if its weights differ from the ones the run was trained on; the adapter is loaded with
+    ``PeftModel.from_pretrained`` (``full`` runs: the saved model; ``head-only`` runs: the saved head). The
+    returned model is in eval mode with every parameter frozen.
+    """
+    rc, _ = _check_run_dir(run_dir)
     C.require_training_stack()
-    C.quiet_transformers()
 
     from ..errors import BaseModelMismatchError
     from ..models import resolve_model
-    from .finetune import load_dataset
 
     method = rc["method"]["method"]
     task = rc["task"]
     if method == "full":
-        if args.model is not None:
+        if model is not None:
             raise C.CliError("--model does not apply to a 'full' run: it holds its own model (in model/)")
         model_dir = str((run_dir / C.FULL_MODEL_DIR).resolve())  # config, weights and tokenizer saved there
-    elif args.model is not None:
-        model_dir = resolve_model(args.model, cache_dir=args.cache_dir)
+    elif model is not None:
+        model_dir = resolve_model(model, cache_dir=cache_dir)
     elif os.path.isdir(rc["model_dir"]):
         model_dir = resolve_model(rc["model_dir"])
     else:
         # the recorded directory is gone (another machine?): resolve the name given to finetune again
-        model_dir = resolve_model(rc.get("model") or rc["model_dir"], cache_dir=args.cache_dir)
-
-    data_args = dict(rc["data_args"])
-    if args.data is not None:
-        data_args["name_or_path"] = args.data
-    data = load_dataset(data_args)
-    is_cls = hasattr(data, "label_names")
-    if (task == "classification") != is_cls:
-        raise C.CliError(f"the run is a {task} task but the data {data_args['name_or_path']!r} is not")
-    if task == "classification" and list(data.label_names) != list(rc["label_names"]):
-        raise C.CliError(
-            f"the data's labels {list(data.label_names)} differ from the run's {rc['label_names']}; "
-            "use the data the run was trained on"
-        )
+        model_dir = resolve_model(rc.get("model") or rc["model_dir"], cache_dir=cache_dir)
 
     config = C.load_config(model_dir)
     tokenizer = C.load_tokenizer(model_dir, generative=(task == "generation"))
-    max_length = int(rc["max_length"])
 
     import transformers
 
     transformers.set_seed(int(rc["seed"]))
     if method == "full":
-        model, _ = C.load_base_model(model_dir, task, rc.get("label_names"))
+        net, _ = C.load_base_model(model_dir, task, rc.get("label_names"))
     else:
-        model, head = C.load_base_model(model_dir, task, rc.get("label_names"))
-        fp = C.model_fingerprint(model, head)
+        net, head = C.load_base_model(model_dir, task, rc.get("label_names"))
+        fp = C.model_fingerprint(net, head)
         if rc.get("base_fingerprint") and fp != rc["base_fingerprint"]:
             raise BaseModelMismatchError(
                 f"the {method} run in {str(run_dir)!r} was trained on the base model {rc['model_dir']!r} "
@@ -138,12 +127,41 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             import structpeft  # noqa: F401  (registers structpeft's methods with PEFT)
 
             try:
-                model = PeftModel.from_pretrained(model, str(run_dir), is_trainable=False)
+                net = PeftModel.from_pretrained(net, str(run_dir), is_trainable=False)
             except (ValueError, RuntimeError, KeyError, OSError) as exc:
                 raise C.CliError(f"cannot load the adapter in {str(run_dir)!r}: {C.one_line(exc)}") from None
         else:
-            C.load_head(model, run_dir / C.HEAD_FILE)
-    model.eval()
+            C.load_head(net, run_dir / C.HEAD_FILE)
+    net.eval()
+    net.requires_grad_(False)
+    return net, tokenizer, rc
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
+    run_dir = Path(args.run_dir).expanduser()
+    rc, metrics = _check_run_dir(run_dir)
+    C.require_training_stack()
+    C.quiet_transformers()
+
+    from .finetune import load_dataset
+
+    method = rc["method"]["method"]
+    task = rc["task"]
+    data_args = dict(rc["data_args"])
+    if args.data is not None:
+        data_args["name_or_path"] = args.data
+    data = load_dataset(data_args)
+    is_cls = hasattr(data, "label_names")
+    if (task == "classification") != is_cls:
+        raise C.CliError(f"the run is a {task} task but the data {data_args['name_or_path']!r} is not")
+    if task == "classification" and list(data.label_names) != list(rc["label_names"]):
+        raise C.CliError(
+            f"the data's labels {list(data.label_names)} differ from the run's {rc['label_names']}; "
+            "use the data the run was trained on"
+        )
+    model, tokenizer, _ = load_run_model(run_dir, args.model, args.cache_dir)
+    max_length = int(rc["max_length"])
 
     if task == "classification":
         test_ds = C.tokenize_classification(tokenizer, data.test_texts, data.test_pairs, data.test_labels, max_length)

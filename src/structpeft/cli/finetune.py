@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -91,6 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="surm", help="fine-tuning method (default: surm)")
     g.add_argument("--structure", choices=STRUCTURES, default=None, help="surm: structure of ΔW (default: circulant)")
+    g.add_argument(
+        "--placement",
+        choices=("lora", "adapter"),
+        default=None,
+        help="surm: 'lora' (ΔW in parallel to the targeted weights; default) or 'adapter' (SURM-Adapter: a "
+        "structured map after the attention-output and FFN-output projections; default one block per layer)",
+    )
     g.add_argument("--block-size", type=int, default=None, help="surm circulant/toeplitz/ldr and c3a: block size")
     g.add_argument("--displacement-rank", type=int, default=None, help="surm ldr: displacement rank (default: 1)")
     g.add_argument(
@@ -145,6 +153,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: 128; generation 384)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="generation: greedy decoding length (default: 256)")
     g.add_argument("--seed", type=int, default=0, help="seed of data subsets, head init, adapter init and shuffling")
+    g.add_argument(
+        "--no-epoch-eval",
+        action="store_true",
+        help="evaluate only once, after training (default: also after every epoch, for the training curve)",
+    )
     g.add_argument(
         "--baseline",
         choices=("auto", "probe", "zero-shot", "none"),
@@ -379,7 +392,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     fingerprint = C.model_fingerprint(model, head)
     targets = None
     if args.method in PEFT_METHODS:
-        targets = args.target_modules or C.default_target_modules(config, model)
+        targets = args.target_modules or C.default_target_modules(config, model, hp.get("placement", "lora"))
         targets = [t for name in targets for t in name.split(",") if t]
 
     print(
@@ -391,6 +404,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     transformers.set_seed(args.seed)
     model = apply_method(model, hp, task, head, targets)
     trainable, total = C.count_parameters(model)
+    head_params = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.requires_grad and head and any(f".{h}." in f".{name}." for h in head)
+    )
     print(
         f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
         f"lr {hp['lr']:g}"
@@ -432,6 +450,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     scratch = tempfile.mkdtemp(prefix="structpeft-trainer-")
     step_losses: list[float] = []
     nan_stop = _make_nan_callback(step_losses)
+    step_timer = _make_step_timer()
     try:
         targs = C.make_training_args(
             scratch,
@@ -444,7 +463,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             lr=hp["lr"],
             warmup_steps=round(WARMUP_FRACTION * total_steps),
             logging_steps=max(1, min(50, total_steps // 10)),
-            eval_each_epoch=True,
+            eval_each_epoch=not args.no_epoch_eval,
             show_progress=not args.no_progress,
         )
         trainer = _make_trainer_cls()(
@@ -454,7 +473,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             eval_dataset=test_ds,
             data_collator=collator,
             compute_metrics=C.accuracy_metric if task == "classification" else None,
-            callbacks=[nan_stop],
+            callbacks=[nan_stop, step_timer],
             optimizers=(_optimizer(model, head, hp["lr"], hp["head_lr"]), None),
         )
         trainer.step_losses = step_losses
@@ -546,11 +565,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         "baseline": baseline,
         "trainable_params": trainable,
         "total_params": total,
+        "head_params": head_params,
         "trainable_percent": round(100 * trainable / total, 4),
         "wall_time_s": round(wall, 2),
         "cpu_time_s": round(time.process_time() - cpu_start, 2),
         "train_time_s": round(train_time, 2),
         "train_steps": global_step,
+        # median wall time of one optimizer step (forward, backward, optimizer; no evaluation)
+        "step_time_s": round(statistics.median(step_timer.durations), 4) if step_timer.durations else None,
+        "peak_memory_mb": _peak_memory_mb(),
         "n_train": n_train,
         "n_test": n_test,
         "epochs": epochs_log,
@@ -589,6 +612,40 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     print(f"trainable parameters: {trainable:,} of {total:,}; wall time {wall:.0f} s (training {train_time:.0f} s)")
     print(f"saved {what} to {out}")
     return 0
+
+
+def _make_step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time of every optimizer step (from step begin to step end: forward, backward, optimizer)."""
+
+        def __init__(self) -> None:
+            self.durations: list[float] = []
+            self._t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.durations.append(time.perf_counter() - self._t0)
+
+    return StepTimer()
+
+
+def _peak_memory_mb() -> dict[str, float | None]:
+    """Peak memory of this process so far: CPU resident set (``ru_maxrss``) and CUDA max allocated."""
+    import torch
+
+    rss = None
+    with contextlib.suppress(ImportError):
+        import resource
+
+        # Linux reports KiB, macOS bytes
+        scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
+        rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
+    cuda = round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+    return {"cpu_rss": rss, "cuda_allocated": cuda}
 
 
 def _baseline_probe(model, train_ds, test_ds, collator, batch_size, num_classes) -> float:

@@ -62,6 +62,7 @@ def check_method_args(args: Any) -> None:
         )
     only = {
         "structure": ("surm",),
+        "placement": ("surm",),
         "displacement_rank": ("surm",),
         "num_factors": ("surm",),
         "factor_shape": ("surm",),
@@ -112,11 +113,12 @@ def resolve_hparams(args: Any, task: str) -> dict[str, Any]:
     hp["head_lr"] = args.head_lr if args.head_lr is not None else min(lr, HEAD_LR_CAP)
     if m == "surm":
         hp["structure"] = args.structure or "circulant"
+        hp["placement"] = getattr(args, "placement", None) or "lora"
         hp["block_size"] = args.block_size
         hp["factor_shape"] = list(args.factor_shape) if args.factor_shape else None
         hp["num_factors"] = args.num_factors
         hp["displacement_rank"] = args.displacement_rank
-        sized = args.block_size is not None or args.factor_shape is not None
+        sized = args.block_size is not None or args.factor_shape is not None or hp["placement"] == "adapter"
         hp["budget"] = args.budget if args.budget is not None else (None if sized else DEFAULT_BUDGET)
         hp["alpha"] = args.alpha if args.alpha is not None else 1.0
         hp["dropout"] = args.dropout or 0.0
@@ -205,6 +207,7 @@ def apply_method(model: Any, hp: dict[str, Any], task: str, head: list[str], tar
             budget=hp["budget"],
             alpha=hp["alpha"],
             dropout=hp["dropout"],
+            placement=hp.get("placement", "lora"),
             **common,
         )
     elif m == "pmss":

