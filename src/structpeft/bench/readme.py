@@ -1,0 +1,149 @@
+"""Write the README's "Results" section from the benchmarks' own output files (no hand-typed numbers).
+
+``python -m structpeft.bench.readme`` replaces everything between ``<!-- results:begin -->`` and
+``<!-- results:end -->`` in README.md with:
+
+* the accuracy sweep (``docs/bench/accuracy/summary.md`` and its plots, written by ``structpeft bench accuracy``),
+  with the targets it checks and how many of the planned runs / seeds are in;
+* the matrix-approximation experiment (``docs/bench/approx.md`` / ``approx.png``, ``structpeft bench approx``);
+* a pointer to the speed table (``docs/bench/speed.md``, in the README's Speed section);
+* sentences on where structured adapters win and where they do not, computed from those numbers.
+
+``--check`` exits 1 if the README is not up to date with the files (for CI or a pre-commit hook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def _accuracy_findings(summary: dict[str, Any]) -> list[str]:
+    """Plain-language findings computed from the sweep's cells."""
+    out = []
+    cells = summary.get("cells", [])
+    for task in dict.fromkeys(c["task"] for c in cells):
+        cs = {c["method"]: c for c in cells if c["task"] == task}
+        lora = cs.get("lora-r8")
+        if lora is None:
+            continue
+        peft_ranked = sorted(cs.values(), key=lambda c: -c["accuracy"])
+        best = peft_ranked[0]
+        small = [c for c in cs.values() if c["family"].startswith(("SURM", "PMSS")) and c["adapter_params"] > 0]
+        beat = [c for c in small if c["adapter_params"] <= lora["adapter_params"] and c["accuracy"] > lora["accuracy"]]
+        lost = [c for c in small if c["accuracy"] < lora["accuracy"] - 0.005]
+        line = (
+            f"**{task}**: best overall {best['method']} ({100 * best['accuracy']:.2f}); LoRA r=8 "
+            f"{100 * lora['accuracy']:.2f}. "
+        )
+        if beat:
+            names = ", ".join(
+                f"{c['method']} ({100 * c['accuracy']:.2f}, {c['adapter_params']:,} params)" for c in beat
+            )
+            line += f"Structured adapters at <= LoRA r=8's parameters that beat it: {names}. "
+        else:
+            line += "No structured adapter at <= LoRA r=8's parameters beat it. "
+        if lost:
+            line += f"{len(lost)} of {len(small)} structured settings were more than 0.5 points below LoRA r=8."
+        n = sorted({c["n"] for c in cs.values()})
+        line += f" (Seeds per setting: {', '.join(map(str, n))}.)"
+        out.append(line)
+    return out
+
+
+def _approx_findings(approx: dict[str, Any] | None) -> list[str]:
+    if not approx:
+        return []
+    findings = approx.get("findings")
+    return list(findings) if isinstance(findings, list) else []
+
+
+def render(root: Path) -> str:
+    docs = root / "docs" / "bench"
+    parts: list[str] = [
+        "Every number below is read from the benchmark output files under `docs/bench/` by "
+        "`python -m structpeft.bench.readme`; re-run the command named with each table to reproduce it.",
+        "",
+    ]
+    summary_path = docs / "accuracy" / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        meta = summary["meta"]
+        parts += [
+            "### Accuracy (real models, real data)",
+            "",
+            f"Command: `{meta['command']}` (resumable; `--report-only` rewrites the reports). Hardware: "
+            f"{meta['hardware']}. **{meta['finished']} of {meta['planned']} planned runs are in** "
+            f"({meta['failed']} failed); cells show mean ± sample std over the seeds finished so far.",
+            "",
+        ]
+        findings = _accuracy_findings(summary)
+        if findings:
+            parts += [f"- {f}" for f in findings] + [""]
+        parts += [(docs / "accuracy" / "summary.md").read_text().strip(), ""]
+        for png in sorted((docs / "accuracy").glob("accuracy_vs_params_*.png")):
+            parts.append(f"![{png.stem}](docs/bench/accuracy/{png.name})")
+        parts.append("")
+    else:
+        parts += ["### Accuracy", "", "Not run yet: `structpeft bench accuracy --suite minilm`.", ""]
+
+    approx_md = _read(docs / "approx.md")
+    if approx_md is not None:
+        approx = json.loads(_read(docs / "approx.json") or "{}")
+        parts += ["### Matrix approximation (the SURM paper's experiment)", ""]
+        cmd = approx.get("command") or "structpeft bench approx"
+        parts += [f"Command: `{cmd}`.", ""]
+        parts += [f"- {f}" for f in _approx_findings(approx)]
+        parts += ["", approx_md.strip(), "", "![approximation error vs parameters](docs/bench/approx.png)", ""]
+    else:
+        parts += ["### Matrix approximation", "", "Not run yet: `structpeft bench approx`.", ""]
+
+    if (docs / "speed.md").is_file():
+        parts += ["### Speed", "", "See [Speed](#speed) (`docs/bench/speed.md`, `structpeft bench speed`).", ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def update(readme: Path, body: str) -> tuple[str, str]:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{readme}: needs a '{BEGIN}' line followed by an '{END}' line")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return text, f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m structpeft.bench.readme", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
+    p.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    args = p.parse_args(argv)
+    readme = args.root / "README.md"
+    old, new = update(readme, render(args.root))
+    if args.check:
+        if old != new:
+            print(f"{readme} is out of date; run python -m structpeft.bench.readme")
+            return 1
+        return 0
+    if old != new:
+        tmp = readme.with_name(readme.name + ".tmp")
+        tmp.write_text(new)
+        os.replace(tmp, readme)
+        print(f"updated the results section of {readme}")
+    else:
+        print(f"{readme} already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The README's Results section is generated from the benchmark files: numbers come from them, --check detects drift."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from structpeft.bench import accuracy as A
+from structpeft.bench import readme as R
+
+
+def _fake_sweep(root, accs: dict[str, list[float]]):
+    """Write bench.json files as finished runs would, then the sweep's reports, into a repository-like root."""
+    runs_root = root / "runs"
+    methods = list(accs)
+    runs = A.plan(["snli"], [0, 1], methods)
+    params = {"lora-r8": 73728, "surm-circulant-lora2": 18432, "pmss-deim-lora8": 73008}
+    families = {m.name: m.family for m in A.minilm_methods()}
+    for run in runs:
+        d = A.run_dir(runs_root, run)
+        d.mkdir(parents=True)
+        result = {
+            "task": "snli",
+            "method": run.method.name,
+            "family": families[run.method.name],
+            "seed": run.seed,
+            "accuracy": accs[run.method.name][run.seed],
+            "adapter_params": params[run.method.name],
+            "trainable_params": params[run.method.name] + 1155,
+            "total_params": 22_700_000,
+            "trainable_percent": 0.3,
+            "step_time_s": 0.4,
+            "peak_rss_mb": 700.0,
+            "saved_bytes": 4 * params[run.method.name],
+            "forgetting_kind": "probe",
+            "forgetting": 0.5,
+        }
+        (d / A.BENCH_FILE).write_text(json.dumps(result))
+    A.write_reports(runs, runs_root, root / "docs" / "bench" / "accuracy", "structpeft bench accuracy --tasks snli", {})
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "README.md").write_text(f"# x\n\n## Results\n\n{R.BEGIN}\nold\n{R.END}\n\n## Speed\nkept\n")
+    _fake_sweep(
+        tmp_path,
+        {"lora-r8": [0.60, 0.62], "surm-circulant-lora2": [0.615, 0.625], "pmss-deim-lora8": [0.55, 0.56]},
+    )
+    return tmp_path
+
+
+def test_results_section_is_written_from_the_files(repo):
+    assert R.main(["--root", str(repo)]) == 0
+    text = (repo / "README.md").read_text()
+    assert "old" not in text and text.endswith("## Speed\nkept\n")
+    section = text.split(R.BEGIN)[1].split(R.END)[0]
+    assert "6 of 6 planned runs are in" in section
+    assert "| surm-circulant-lora2 | 18,432 |" in section and "62.00 ± 0.71" in section
+    assert "surm-circulant-lora2 (62.00, 18,432 params)" in section  # beats LoRA r=8 (61.00) with fewer params
+    assert "1 of 2 structured settings were more than 0.5 points below LoRA r=8" in section  # PMSS at 55.5
+    assert "**met**" in section  # the 1/4-parameter target, computed by the sweep
+    assert "![accuracy_vs_params_snli](docs/bench/accuracy/accuracy_vs_params_snli.png)" in section
+    assert "Not run yet: `structpeft bench approx`" in section
+    assert R.main(["--root", str(repo), "--check"]) == 0
+
+
+def test_check_detects_a_stale_readme(repo):
+    assert R.main(["--root", str(repo)]) == 0
+    _fake_sweep_path = repo / "docs" / "bench" / "accuracy" / "summary.json"
+    summary = json.loads(_fake_sweep_path.read_text())
+    summary["meta"]["finished"] = 3
+    _fake_sweep_path.write_text(json.dumps(summary))
+    assert R.main(["--root", str(repo), "--check"]) == 1
+
+
+def test_missing_markers_are_refused(tmp_path):
+    (tmp_path / "README.md").write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="results:begin"):
+        R.main(["--root", str(tmp_path)])
