@@ -125,7 +125,10 @@ TASKS: dict[str, Task] = {
 
 # Quick mode (CI smoke): the real model and data, a few steps; forgetting on a small BBC probe for every task (SNLI
 # needs a one-time fetch), which exercises the measurement only — quick-mode numbers mean nothing.
-QUICK_ARGS = ("--max-train", "48", "--max-test", "48", "--max-length", "64", "--max-steps", "3", "--batch-size", "8")
+QUICK_ARGS = (
+    *("--max-train", "48", "--max-test", "48", "--max-length", "64", "--max-steps", "3", "--batch-size", "8"),
+    *("--max-new-tokens", "16"),
+)
 QUICK_FORGETTING = {"max_train": 32, "max_test": 32, "max_length": 64}
 
 
