@@ -1,0 +1,986 @@
+"""Matrix-approximation benchmark: how well each structure fits a target matrix, versus its parameter count.
+
+The SURM paper's approximation experiment. For each target matrix T (out × in) and each method M with a parameter
+budget P, the benchmark finds S in M's family with at most P parameters that (approximately) minimises
+||T − S||_F and reports the relative error ||T − S||_F / ||T||_F.
+
+Targets (seeded):
+
+* ``gaussian``: i.i.d. N(0, 1/n) entries, n × n (full rank, flat spectrum: the Marchenko–Pastur law);
+* ``lowrank``: A·B with A (n × k), B (k × n) Gaussian, k = ``--rank`` (16), plus Gaussian noise of relative
+  Frobenius norm ``--noise`` (0.01);
+* ``query``: MiniLM-L6's layer-``--layer`` attention query weight (384 × 384, real pretrained weights);
+* ``ffn_out``: the same layer's FFN ``output.dense`` weight (384 × 1536), its first ``--ffn-cols`` (384) columns.
+
+The real weights are read from the local checkpoint of :func:`structpeft.models.resolve_model` (``--model``);
+if it is not installed those targets are skipped with a printed note that is also recorded in the output.
+
+Budgets are given as LoRA-equivalent ranks ρ (``--budgets``, default 0.5 1 2 4 8 16 32): P = ρ·(out + in), the
+parameters of a rank-ρ LoRA adapter. Every structure uses its largest configuration with at most P parameters; for
+the block-grid structures (circulant, Toeplitz, LDR) the block size is restricted to divisors of out and in
+(:func:`block_size_for`: the operators' ``options_for_budget`` may pick a padded grid, e.g. Toeplitz b = 63 on a
+64 × 64 matrix, whose cropped entries waste parameters); the exact count is recorded.
+
+Methods and how they are fitted:
+
+* ``lora``: rank r = floor(P / (out + in)) truncated SVD; by Eckart–Young the optimum, error
+  sqrt(Σ_{i>r} σ_i²) / ||T||_F.
+* ``circulant``: closed form. The block-circulant matrices of a block size are a linear space in which every
+  entry of T lies on exactly one wrapped diagonal (a − s) mod b of one block, so the orthogonal projection sets
+  each diagonal to the mean of T over its entries (entries cropped away by the padding are free).
+* ``toeplitz-f1``: one Toeplitz factor per block, closed form: the mean of T over each (unwrapped) diagonal.
+* ``toeplitz-f2``: the paper's product of two Toeplitz factors per block; Adam from the warm start
+  T(e)·T₁ with T₁ the ``toeplitz-f1`` projection and T(e) the identity (a local optimum).
+* ``kronecker``: one product L ⊗ R, closed form (Van Loan & Pitsianis 1993): with the rearrangement
+  𝓡(T)[(a₁, b₁), (a₂, b₂)] = T[a₁·o₂ + a₂, b₁·i₂ + b₂], ||T − L ⊗ R||_F = ||𝓡(T) − vec(L)·vec(R)ᵀ||_F, so the
+  best pair is the best rank-1 approximation of 𝓡(T) (for a sum of k products, its best rank k). Every exact
+  factor shape (o₁ | out, i₁ | in) is tried and the best one within the budget is kept.
+* ``ldr-r{1,2,4}``: Σ_k circ(c_k)·skew(h_k) blocks of displacement rank r; Adam from the warm start
+  circ(c₁)·skew(e₀) = the circulant projection (other terms: circ 0, skew random), so never worse than it at the
+  same block size (a local optimum).
+* ``pmss-cur`` (P = k² trainable entries of U): C·U·R with k DEIM-selected columns C and rows R of T itself and the
+  optimal core U = C⁺·T·R⁺. The skeleton is taken from the target, which PMSS cannot do in fine-tuning (there it
+  comes from the pretrained W, not from ΔW), so this is an optimistic reference, not a like-for-like method.
+
+Gradient fitting minimises ||T̃ − S||_F² / ||T̃||_F² (T̃ = T / rms(T)) through the operator's ``to_dense()`` with
+Adam (``--steps``, peak ``--lr``, 5 % linear warm-up then cosine decay to 1 % of the peak) and keeps the best
+iterate, the warm start included.
+
+Outputs in ``--out`` (default ``docs/bench``): ``approx.json`` (every point, the settings, versions, skipped
+targets and the wall time), ``approx.md`` (the table at LoRA-equivalent ranks 1, 2, 4, 8 plus per-target details)
+and ``approx.png`` (error vs parameters, one panel per target). ``--quick`` (n = 64, 60 steps, real weights
+cropped to 64 × 64) is a smoke test of a few seconds. The full default run took 494 s (about 8 minutes) on a 2-core
+CPU shared with other jobs, with one thread; the Adam fits are almost all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..operators import StructuredOperator, get_operator_class
+from ..operators.kronecker import KroneckerOperator
+
+__all__ = [
+    "METHODS",
+    "TARGETS",
+    "block_size_for",
+    "circulant_projection",
+    "fit_adam",
+    "kronecker_projection",
+    "kronecker_sum_projection",
+    "lora_projection",
+    "main",
+    "make_targets",
+    "normalise",
+    "relative_error",
+    "run",
+    "skeleton_projection",
+    "toeplitz_projection",
+]
+
+TARGETS = ("gaussian", "lowrank", "query", "ffn_out")
+REAL_TARGETS = ("query", "ffn_out")
+DEFAULT_BUDGETS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+TABLE_RANKS = (1.0, 2.0, 4.0, 8.0)
+FULL_RUN_NOTE = "about 8 minutes (494 s measured, 400 Adam steps) on a 2-core CPU shared with other jobs, one thread"
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def relative_error(target: torch.Tensor, approx: torch.Tensor) -> float:
+    """||T − S||_F / ||T||_F, computed in float64."""
+    t = target.detach().double()
+    return float(torch.linalg.matrix_norm(t - approx.detach().double()) / torch.linalg.matrix_norm(t))
+
+
+def _padded_blocks(target: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T zero-padded to (q·b) × (p·b) and cut into blocks (q, p, b, b), with the 0/1 mask of real entries."""
+    out_f, in_f = target.shape
+    b = block_size
+    q, p = math.ceil(out_f / b), math.ceil(in_f / b)
+    padded = target.new_zeros(q * b, p * b)
+    padded[:out_f, :in_f] = target
+    mask = torch.zeros_like(padded)
+    mask[:out_f, :in_f] = 1.0
+
+    def blocks(m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(q, b, p, b).permute(0, 2, 1, 3)
+
+    return blocks(padded), blocks(mask)
+
+
+def _diagonal_means(target: torch.Tensor, block_size: int, index: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Per block (i, j) and bin d, the mean of T over the entries (a, s) of the block with index[a, s] = d that lie
+    inside the (cropped) matrix; 0 for a bin with no such entry. Returns (q, p, n_bins)."""
+    blocks, mask = _padded_blocks(target, block_size)
+    q, p, b, _ = blocks.shape
+    idx = index.reshape(1, 1, b * b).expand(q, p, b * b)
+    sums = blocks.new_zeros(q, p, n_bins).scatter_add_(2, idx, blocks.reshape(q, p, b * b))
+    counts = blocks.new_zeros(q, p, n_bins).scatter_add_(2, idx, mask.reshape(q, p, b * b))
+    return torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.zeros_like(sums))
+
+
+# ----------------------------------------------------------------------------------------- closed-form fits
+def circulant_projection(target: torch.Tensor, block_size: int | None = None) -> StructuredOperator:
+    """The block-circulant matrix of block size b nearest to ``target`` in Frobenius norm, as an operator.
+
+    circ(c)[a, s] = c[(a − s) mod b]: each parameter c_ij[d] multiplies the entries of block (i, j) on the wrapped
+    diagonal d, so the orthogonal projection onto this linear space sets c_ij[d] to the mean of T over them.
+    """
+    out_f, in_f = target.shape
+    op = get_operator_class("circulant")(out_f, in_f, block_size=block_size)
+    b = op.block_size
+    index = (torch.arange(b)[:, None] - torch.arange(b)[None, :]) % b
+    with torch.no_grad():
+        op.weight.copy_(_diagonal_means(target.float(), b, index, b))
+    return op
+
+
+def toeplitz_projection(target: torch.Tensor, block_size: int | None = None) -> StructuredOperator:
+    """The block-Toeplitz matrix (one Toeplitz factor per block) nearest to ``target``: T(v)[a, s] =
+    v[a − s + b − 1], so each of the 2b − 1 diagonals of each block is set to the mean of T over it."""
+    out_f, in_f = target.shape
+    op = get_operator_class("toeplitz")(out_f, in_f, block_size=block_size, num_factors=1)
+    b = op.block_size
+    index = torch.arange(b)[:, None] - torch.arange(b)[None, :] + b - 1
+    with torch.no_grad():
+        op.weight[0].copy_(_diagonal_means(target.float(), b, index, 2 * b - 1))
+    return op
+
+
+def _rearrange(target: torch.Tensor, factor_shape: tuple[int, int]) -> torch.Tensor:
+    """Van Loan–Pitsianis rearrangement 𝓡(T) of shape (o₁·i₁) × (o₂·i₂): 𝓡(T)[(a₁, b₁), (a₂, b₂)] =
+    T[a₁·o₂ + a₂, b₁·i₂ + b₂], so that 𝓡(L ⊗ R) = vec(L)·vec(R)ᵀ."""
+    (o1, i1), (out_f, in_f) = factor_shape, target.shape
+    o2, i2 = out_f // o1, in_f // i1
+    return target.reshape(o1, o2, i1, i2).permute(0, 2, 1, 3).reshape(o1 * i1, o2 * i2)
+
+
+def _check_exact_shape(target: torch.Tensor, factor_shape: tuple[int, int]) -> tuple[int, int]:
+    o1, i1 = (int(v) for v in factor_shape)
+    out_f, in_f = target.shape
+    if o1 < 1 or i1 < 1 or out_f % o1 or in_f % i1:
+        raise ConfigError(
+            f"factor_shape={factor_shape!r} does not divide the target shape {tuple(target.shape)}: the closed-form "
+            "Kronecker projection needs o1 | out and i1 | in"
+        )
+    return o1, i1
+
+
+def kronecker_sum_projection(
+    target: torch.Tensor, factor_shape: tuple[int, int], terms: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best Σ_{k<terms} L_k ⊗ R_k (L_k o₁ × i₁, R_k o₂ × i₂) in Frobenius norm, by the truncated SVD of 𝓡(T).
+
+    Returns ``(dense, lefts, rights)`` with ``lefts`` (terms, o₁, i₁) and ``rights`` (terms, o₂, i₂); the singular
+    value is split evenly, L_k = sqrt(σ_k)·u_k, R_k = sqrt(σ_k)·v_k. Needs o₁ | out and i₁ | in.
+    """
+    o1, i1 = _check_exact_shape(target, factor_shape)
+    out_f, in_f = target.shape
+    o2, i2 = out_f // o1, in_f // i1
+    u, s, vh = torch.linalg.svd(_rearrange(target, (o1, i1)), full_matrices=False)
+    k = min(terms, s.numel())
+    root = s[:k].sqrt()
+    lefts = (u[:, :k] * root).T.reshape(k, o1, i1)
+    rights = (vh[:k] * root[:, None]).reshape(k, o2, i2)
+    dense = torch.einsum("kac,kbd->abcd", lefts, rights).reshape(out_f, in_f)
+    return dense, lefts, rights
+
+
+def kronecker_projection(target: torch.Tensor, factor_shape: tuple[int, int]) -> StructuredOperator:
+    """The single Kronecker product L ⊗ R of the given factor shape nearest to ``target`` (best rank 1 of 𝓡(T))."""
+    _, lefts, rights = kronecker_sum_projection(target.float(), factor_shape, 1)
+    op = get_operator_class("kronecker")(target.shape[0], target.shape[1], factor_shape=tuple(factor_shape))
+    with torch.no_grad():
+        op.left.copy_(lefts[0])
+        op.right.copy_(rights[0])
+    return op
+
+
+def exact_kronecker_shapes(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    """Factor shapes (o₁, i₁) with o₁ | out and i₁ | in (no padding), excluding the trivial L = 1 × 1 and R = 1 × 1."""
+    shapes = [
+        (o1, i1)
+        for o1 in range(1, out_features + 1)
+        if out_features % o1 == 0
+        for i1 in range(1, in_features + 1)
+        if in_features % i1 == 0
+    ]
+    return [s for s in shapes if s != (1, 1) and s != (out_features, in_features)]
+
+
+def kronecker_shape_errors(target: torch.Tensor) -> dict[tuple[int, int], tuple[int, float]]:
+    """For every exact factor shape: (parameters o₁·i₁ + o₂·i₂, squared residual ||T||² − σ₁(𝓡(T))²)."""
+    t = target.double()
+    total = float((t * t).sum())
+    result = {}
+    for shape in exact_kronecker_shapes(*target.shape):
+        r = _rearrange(t, shape)
+        gram = r @ r.T if r.shape[0] <= r.shape[1] else r.T @ r
+        sigma1_sq = float(torch.linalg.eigvalsh(gram)[-1])
+        o1, i1 = shape
+        params = o1 * i1 + (target.shape[0] // o1) * (target.shape[1] // i1)
+        result[shape] = (params, max(total - sigma1_sq, 0.0))
+    return result
+
+
+def lora_projection(target: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation (Eckart–Young): U_r·diag(σ_r)·V_rᵀ, the optimum of LoRA B·A of that rank."""
+    u, s, vh = torch.linalg.svd(target.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def skeleton_projection(target: torch.Tensor, k: int, strategy: str = "deim") -> torch.Tensor:
+    """C·U·R with k columns C = T[:, I] and rows R = T[J, :] selected by ``strategy`` (DEIM) and the optimal core
+    U = C⁺·T·R⁺ (the least-squares core for fixed C and R)."""
+    from ..selection import select_skeleton
+
+    cols, rows = select_skeleton(target.float(), k, k, strategy)
+    t = target.double()
+    c, r = t[:, cols], t[rows, :]
+    core = torch.linalg.pinv(c) @ t @ torch.linalg.pinv(r)
+    return c @ core @ r
+
+
+# ------------------------------------------------------------------------------------------- gradient fits
+@dataclass
+class FitResult:
+    """A gradient fit: the best dense approximation found and its history."""
+
+    dense: torch.Tensor
+    init_error: float
+    best_error: float
+    best_step: int
+    seconds: float
+
+
+def fit_adam(
+    op: StructuredOperator,
+    target: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    progress: bool = False,
+    desc: str = "",
+) -> FitResult:
+    """Fit ``op``'s parameters (initialised by the caller) to ``target`` by Adam on ||T − S||_F² / ||T||_F².
+
+    Schedule: linear warm-up over the first 5 % of the steps, then cosine decay from ``lr`` to ``lr / 100``. The best
+    iterate (the initial one included) is returned: this is a local optimum of a non-convex problem, not a certified
+    best approximation. The learning rate assumes entries of unit scale (see :func:`normalise`).
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    goal = target.float()
+    denom = float(goal.pow(2).sum()) or 1.0
+    params = [p for p in op.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    warm = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, steps - warm)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    best_dense: torch.Tensor | None = None
+    init_error = best_error = math.inf
+    best_step = 0
+    bar = tqdm(range(steps + 1), desc=desc, leave=False, disable=not progress, file=sys.stderr)
+    for step in bar:
+        dense = op.to_dense().float()
+        loss = (dense - goal).pow(2).sum() / denom
+        err = math.sqrt(max(loss.item(), 0.0))  # error of the current iterate (step 0: the initialisation)
+        if step == 0:
+            init_error = err
+        if err < best_error:
+            best_error, best_step, best_dense = err, step, dense.detach().clone()
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress and step % 50 == 0:
+            bar.set_postfix(err=f"{err:.4f}")
+    assert best_dense is not None
+    return FitResult(best_dense, init_error, relative_error(goal, best_dense), best_step, time.perf_counter() - start)
+
+
+def normalise(target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(T / rms(T), rms(T)): relative errors do not depend on the scale, and unit-scale entries let one learning
+    rate serve every target."""
+    scale = float(target.float().pow(2).mean().sqrt()) or 1.0
+    return target.float() / scale, scale
+
+
+def toeplitz2_warm_start(target: torch.Tensor, block_size: int | None) -> StructuredOperator:
+    """A two-factor Toeplitz operator equal to the one-factor projection: T₂·T₁ with T₁ = I, T₂ = projection."""
+    single = toeplitz_projection(target, block_size)
+    op = get_operator_class("toeplitz")(target.shape[0], target.shape[1], block_size=single.block_size, num_factors=2)
+    b = op.block_size
+    with torch.no_grad():
+        op.weight.zero_()
+        op.weight[0, ..., b - 1] = 1.0  # factor 0 (applied first) = identity
+        op.weight[1].copy_(single.weight[0])
+    return op
+
+
+def ldr_warm_start(
+    target: torch.Tensor, block_size: int | None, rank: int, generator: torch.Generator
+) -> StructuredOperator:
+    """An LDR operator equal to the circulant projection at its block size: term 0 = circ(c)·skew(e₀) with skew(e₀)
+    = I; terms 1.. have circ = 0 (so they add nothing) and random skew ~ N(0, 1/b) (so their circ gets gradient)."""
+    op = get_operator_class("ldr")(target.shape[0], target.shape[1], block_size=block_size, displacement_rank=rank)
+    circ = circulant_projection(target, op.block_size)
+    b = op.block_size
+    with torch.no_grad():
+        op.circ.zero_()
+        op.skew.zero_()
+        op.circ[0].copy_(circ.weight)
+        op.skew[0, ..., 0] = 1.0
+        if rank > 1:
+            op.skew[1:].copy_(torch.randn(op.skew[1:].shape, generator=generator) * b**-0.5)
+    return op
+
+
+# ------------------------------------------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """A target matrix (``matrix`` None when skipped, with the reason in ``note``)."""
+
+    name: str
+    description: str
+    matrix: torch.Tensor | None
+    note: str = ""
+
+
+def _load_real_weights(model: str, layer: int) -> dict[str, torch.Tensor]:
+    """The layer's attention query and FFN output.dense weights from a local BERT-style checkpoint."""
+    from ..models import resolve_model
+
+    directory = resolve_model(model)
+    names = {
+        "query": f"encoder.layer.{layer}.attention.self.query.weight",
+        "ffn_out": f"encoder.layer.{layer}.output.dense.weight",
+    }
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    found: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors import safe_open
+
+        for fname in files:
+            with safe_open(os.path.join(directory, fname), framework="pt") as fh:
+                keys = set(fh.keys())
+                for key, name in names.items():
+                    for candidate in (name, "bert." + name):
+                        if candidate in keys and key not in found:
+                            found[key] = fh.get_tensor(candidate).float()
+    else:
+        state = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        for key, name in names.items():
+            for candidate in (name, "bert." + name):
+                if candidate in state and key not in found:
+                    found[key] = state[candidate].float()
+    missing = [names[k] for k in names if k not in found]
+    if missing:
+        raise ConfigError(f"model {model!r} has no weights {', '.join(missing)} (expected a BERT encoder)")
+    return found
+
+
+def make_targets(
+    names: Sequence[str],
+    *,
+    n: int,
+    rank: int,
+    noise: float,
+    seed: int,
+    model: str = "minilm",
+    layer: int = 0,
+    real_rows: int | None = None,
+    ffn_cols: int | None = 384,
+) -> list[Target]:
+    """Build the requested targets (see the module docstring). ``real_rows`` crops the real weights to their first
+    rows and columns (None: full 384 rows); ``ffn_cols`` keeps that many columns of ``ffn_out`` (None: all 1536)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets: list[Target] = []
+    real: dict[str, torch.Tensor] | None = None
+    real_note = ""
+    if any(name in REAL_TARGETS for name in names):
+        try:
+            real = _load_real_weights(model, layer)
+        except Exception as exc:  # a missing optional model must not fail the benchmark
+            real_note = f"skipped: real weights of model {model!r} unavailable ({type(exc).__name__}: {exc})"
+            print(f"note: {real_note}", file=sys.stderr)
+    for name in names:
+        if name == "gaussian":
+            mat = torch.randn(n, n, generator=gen) / math.sqrt(n)
+            targets.append(Target(name, f"i.i.d. N(0, 1/n), {n}x{n}", mat))
+        elif name == "lowrank":
+            a = torch.randn(n, rank, generator=gen)
+            b = torch.randn(rank, n, generator=gen)
+            low = a @ b
+            low = low / torch.linalg.matrix_norm(low)
+            eps = torch.randn(n, n, generator=gen)
+            mat = low + noise * eps / torch.linalg.matrix_norm(eps)
+            targets.append(Target(name, f"rank {rank} + {noise:g} relative Gaussian noise, {n}x{n}", mat))
+        elif name in REAL_TARGETS:
+            if real is None:
+                targets.append(Target(name, f"{model} layer {layer} {name}", None, real_note))
+                continue
+            mat = real[name]
+            rows = mat.shape[0] if real_rows is None else min(real_rows, mat.shape[0])
+            if name == "query":
+                cols = rows if real_rows is not None else mat.shape[1]
+            else:
+                cols = mat.shape[1] if ffn_cols is None else min(ffn_cols, mat.shape[1])
+                if real_rows is not None:
+                    cols = min(cols, real_rows)
+            mat = mat[:rows, :cols].contiguous()
+            what = "attention.self.query" if name == "query" else "output.dense (FFN out)"
+            full = tuple(real[name].shape)
+            crop = "" if tuple(mat.shape) == full else f" [:{rows}, :{cols}] of {full[0]}x{full[1]}"
+            targets.append(Target(name, f"{model} layer {layer} {what}{crop}, {rows}x{cols}", mat))
+        else:  # pragma: no cover - argparse restricts the names
+            raise ConfigError(f"unknown target {name!r}; valid targets: {', '.join(TARGETS)}")
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------- methods
+@dataclass
+class Settings:
+    """What one run fits (see :func:`run`)."""
+
+    steps: int = 400
+    lr: float = 0.03
+    seed: int = 0
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Point:
+    """One fitted (target, method, budget) point."""
+
+    params: int
+    dense: torch.Tensor
+    fit: str
+    options: dict[str, Any]
+    init_error: float | None = None
+    best_step: int | None = None
+
+
+Fitter = Callable[[torch.Tensor, int, Settings, str], Point]
+
+
+def block_size_for(structure: str, shape: tuple[int, int], budget: int, **fixed: Any) -> int:
+    """The block size of a block-grid structure for an approximation budget: the largest parameter count within
+    ``budget`` among block sizes b that divide both out and in (no zero padding: in a padded grid some parameters
+    only touch cropped entries). Falls back to the operator's ``options_for_budget`` when no divisor fits."""
+    cls = get_operator_class(structure)
+    out_f, in_f = shape
+    best_b, best_n = None, -1
+    for b in range(1, max(out_f, in_f) + 1):
+        if out_f % b or in_f % b:
+            continue
+        n = cls.num_parameters(out_f, in_f, block_size=b, **fixed)
+        if best_n < n <= budget:
+            best_b, best_n = b, n
+    if best_b is None:
+        return int(cls.options_for_budget(out_f, in_f, budget, **fixed)["block_size"])
+    return best_b
+
+
+def _lora(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:
+    out_f, in_f = target.shape
+    rank = min(budget // (out_f + in_f), min(out_f, in_f))
+    if rank < 1:
+        raise ConfigError(f"budget {budget} is below one LoRA rank ({out_f + in_f} parameters)")
+    return Point(rank * (out_f + in_f), lora_projection(target, rank), "closed form (truncated SVD)", {"r": rank})
+
+
+def _pmss(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:
+    from ..budget import pmss_k_for_budget
+
+    k, _ = pmss_k_for_budget(budget, *target.shape)
+    return Point(k * k, skeleton_projection(target, k), "closed form (DEIM skeleton of T, U = C+ T R+)", {"k": k})
+
+
+def _circulant(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:
+    cls = get_operator_class("circulant")
+    op = circulant_projection(target, block_size_for("circulant", target.shape, budget))
+    with torch.no_grad():
+        dense = op.to_dense()
+    return Point(cls.num_parameters(*target.shape, **op.options), dense, "closed form (diagonal means)", op.options)
+
+
+def _toeplitz1(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:
+    cls = get_operator_class("toeplitz")
+    op = toeplitz_projection(target, block_size_for("toeplitz", target.shape, budget, num_factors=1))
+    with torch.no_grad():
+        dense = op.to_dense()
+    return Point(cls.num_parameters(*target.shape, **op.options), dense, "closed form (diagonal means)", op.options)
+
+
+def _toeplitz2(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:
+    cls = get_operator_class("toeplitz")
+    unit, scale = normalise(target)
+    op = toeplitz2_warm_start(unit, block_size_for("toeplitz", target.shape, budget, num_factors=2))
+    res = fit_adam(op, unit, steps=settings.steps, lr=settings.lr, progress=settings.progress, desc=desc)
+    fit = f"Adam {settings.steps} steps from the 1-factor projection (local optimum)"
+    return Point(
+        cls.num_parameters(*target.shape, **op.options),
+        res.dense * scale,
+        fit,
+        op.options,
+        res.init_error,
+        res.best_step,
+    )
+
+
+def _ldr(rank: int) -> Fitter:
+    def fitter(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:
+        cls = get_operator_class("ldr")
+        b = block_size_for("ldr", target.shape, budget, displacement_rank=rank)
+        gen = torch.Generator().manual_seed(settings.seed + 1000 * rank + b)
+        unit, scale = normalise(target)
+        op = ldr_warm_start(unit, b, rank, gen)
+        res = fit_adam(op, unit, steps=settings.steps, lr=settings.lr, progress=settings.progress, desc=desc)
+        fit = f"Adam {settings.steps} steps from the circulant projection (local optimum)"
+        return Point(
+            cls.num_parameters(*target.shape, **op.options),
+            res.dense * scale,
+            fit,
+            op.options,
+            res.init_error,
+            res.best_step,
+        )
+
+    return fitter
+
+
+def _kronecker(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:
+    cache = settings.extra.setdefault("kron_cache", {})
+    key = id(target)
+    if key not in cache or cache[key][0] is not target:  # the tensor is kept, so its id cannot be reused
+        cache[key] = (target, kronecker_shape_errors(target))
+    errors = cache[key][1]
+    within = [(err, -params, shape) for shape, (params, err) in errors.items() if params <= budget]
+    if not within:
+        smallest = min(params for params, _ in errors.values())
+        raise ConfigError(f"budget {budget} is below the smallest exact Kronecker factorisation ({smallest})")
+    _, _, shape = min(within)
+    op = kronecker_projection(target, shape)
+    with torch.no_grad():
+        dense = op.to_dense()
+    count = KroneckerOperator.num_parameters(*target.shape, factor_shape=shape)
+    return Point(count, dense, "closed form (rank 1 of the rearrangement; best exact factor shape)", op.options)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    fitter: Fitter
+    closed_form: bool
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("lora", "lora", _lora, True),
+        Method("circulant", "circulant", _circulant, True),
+        Method("toeplitz-f1", "toeplitz", _toeplitz1, True),
+        Method("toeplitz-f2", "toeplitz", _toeplitz2, False),
+        Method("kronecker", "kronecker", _kronecker, True),
+        Method("ldr-r1", "ldr", _ldr(1), False),
+        Method("ldr-r2", "ldr", _ldr(2), False),
+        Method("ldr-r4", "ldr", _ldr(4), False),
+        Method("pmss-cur", "pmss", _pmss, True),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("structpeft", "transformers", "safetensors", "matplotlib"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def run(
+    targets: Sequence[Target],
+    methods: Sequence[str],
+    budgets: Sequence[float],
+    settings: Settings,
+) -> dict[str, Any]:
+    """Fit every (target, method, budget) and return the JSON-ready results (without the settings block).
+
+    A budget ρ means P = floor(ρ·(out + in)) parameters; a method whose smallest configuration exceeds P is
+    recorded under ``"skipped_points"``.
+    """
+    from tqdm.auto import tqdm
+
+    points: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    jobs = [(t, m, b) for t in targets if t.matrix is not None for m in methods for b in budgets]
+    bar = tqdm(jobs, desc="approx", disable=not settings.progress, file=sys.stderr)
+    for target, method_name, rho in bar:
+        mat = target.matrix
+        assert mat is not None
+        method = METHODS[method_name]
+        out_f, in_f = mat.shape
+        budget = int(math.floor(rho * (out_f + in_f)))
+        desc = f"{target.name}/{method_name}/r{rho:g}"
+        bar.set_postfix_str(desc)
+        start = time.perf_counter()
+        try:
+            point = method.fitter(mat, budget, settings, desc)
+        except ConfigError as exc:
+            skipped.append(
+                {"target": target.name, "method": method_name, "lora_rank": rho, "budget": budget, "reason": str(exc)}
+            )
+            continue
+        if point.params > budget:  # pragma: no cover - a bug in a fitter
+            raise AssertionError(f"{desc}: {point.params} parameters exceed the budget {budget}")
+        entry = {
+            "target": target.name,
+            "method": method_name,
+            "family": method.family,
+            "lora_rank": rho,
+            "budget": budget,
+            "params": point.params,
+            "params_over_n": point.params / max(out_f, in_f),
+            "options": point.options,
+            "rel_error": relative_error(mat, point.dense),
+            "fit": point.fit,
+            "closed_form": method.closed_form,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        if point.init_error is not None:
+            entry["warm_start_rel_error"] = point.init_error
+            entry["best_step"] = point.best_step
+        points.append(entry)
+    return {"points": points, "skipped_points": skipped}
+
+
+# --------------------------------------------------------------------------------------------------- output
+def _cell(points: list[dict[str, Any]], target: str, method: str, rho: float) -> str:
+    for p in points:
+        if p["target"] == target and p["method"] == method and p["lora_rank"] == rho:
+            return f"{p['rel_error']:.3f}"
+    return "–"
+
+
+def table(results: dict[str, Any], ranks: Sequence[float] = TABLE_RANKS) -> str:
+    """Markdown table: rows methods, columns (target, LoRA-equivalent rank ρ), cells relative Frobenius error."""
+    points = results["points"]
+    targets = [t["name"] for t in results["targets"] if t["shape"] is not None]
+    ranks = [r for r in ranks if r in results["settings"]["budgets"]]
+    header = ["method"] + [f"{t} ρ={r:g}" for t in targets for r in ranks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in results["settings"]["methods"]:
+        cells = [_cell(points, t, method, r) for t in targets for r in ranks]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def details(results: dict[str, Any]) -> str:
+    """Per target: every method and budget with its exact parameter count and options."""
+    parts = []
+    budgets = results["settings"]["budgets"]
+    for t in results["targets"]:
+        if t["shape"] is None:
+            parts.append(f"### {t['name']}\n\n{t['note']}\n")
+            continue
+        header = ["method"] + [f"ρ={r:g} ({int(math.floor(r * sum(t['shape'])))})" for r in budgets]
+        lines = [
+            f"### {t['name']}: {t['description']}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for method in results["settings"]["methods"]:
+            cells = []
+            for r in budgets:
+                match = [
+                    p
+                    for p in results["points"]
+                    if p["target"] == t["name"] and p["method"] == method and p["lora_rank"] == r
+                ]
+                cells.append(f"{match[0]['rel_error']:.3f} ({match[0]['params']:,})" if match else "–")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    skipped = [t for t in results["targets"] if t["shape"] is None]
+    text = [
+        "# Matrix approximation: relative error ||T − S||_F / ||T||_F vs trainable parameters",
+        "",
+        "Generated by `structpeft bench approx"
+        + (" --quick" if s["quick"] else "")
+        + f"` (seed {s['seed']}, {s['steps']} Adam steps, wall time {results['wall_time_s']:.0f} s).",
+        "Columns: LoRA-equivalent budget ρ, i.e. at most ρ·(out + in) parameters (a rank-ρ LoRA); each structure "
+        "uses its largest configuration within the budget (exact counts below). Lower is better; `–`: the "
+        "structure has no configuration that small. `pmss-cur` takes its skeleton from the target itself "
+        "(optimistic; its count is the k² entries of U only). `toeplitz-f2` and `ldr-*` are Adam fits (local "
+        "optima); the others are exact optima (Kronecker: over exact factor shapes).",
+        "",
+        table(results),
+        "",
+    ]
+    if skipped:
+        text += [f"Skipped targets: {', '.join(t['name'] + ' (' + t['note'] + ')' for t in skipped)}", ""]
+    text += ["## Details: error (parameters) at every budget", "", details(results)]
+    return "\n".join(text)
+
+
+STYLES = {
+    "lora": ("black", "o", "-"),
+    "circulant": ("tab:blue", "s", "-"),
+    "toeplitz-f1": ("tab:orange", "^", "-"),
+    "toeplitz-f2": ("tab:orange", "v", "--"),
+    "kronecker": ("tab:green", "D", "-"),
+    "ldr-r1": ("tab:red", "<", "-"),
+    "ldr-r2": ("tab:red", ">", "--"),
+    "ldr-r4": ("tab:red", "P", ":"),
+    "pmss-cur": ("tab:gray", "x", "-."),
+}
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    """One panel per fitted target: relative error vs parameters (log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [t for t in results["targets"] if t["shape"] is not None]
+    cols = 2 if len(targets) > 1 else 1
+    rows = max(1, math.ceil(len(targets) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.4 * rows), squeeze=False)
+    for ax, t in zip(axes.flat, targets, strict=False):
+        for method in results["settings"]["methods"]:
+            pts = sorted(
+                (p["params"], p["rel_error"])
+                for p in results["points"]
+                if p["target"] == t["name"] and p["method"] == method
+            )
+            if not pts:
+                continue
+            color, marker, ls = STYLES.get(method, ("tab:purple", ".", "-"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=marker, ls=ls, ms=5, label=method)
+        ax.set_xscale("log")
+        ax.set_ylim(top=min(1.01, ax.get_ylim()[1]))
+        ax.set_title(f"{t['name']}: {t['description']}", fontsize=9)
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("||T − S||_F / ||T||_F")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(targets) :]:
+        ax.axis("off")
+    if targets:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9), fontsize=9, frameon=False)
+    fig.suptitle("Approximation error vs parameters (lower is better; x: log scale)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------ cli
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid budget {text!r}: expected a positive number (LoRA rank)") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"invalid budget {text!r}: expected a positive number (LoRA rank)")
+    return value
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="structpeft bench approx",
+        description="Fit every structure (and LoRA / a PMSS skeleton at equal parameters) to target matrices and "
+        "report the relative Frobenius error vs parameters. The full default run takes "
+        f"{FULL_RUN_NOTE}; --quick takes a few seconds.",
+        epilog=__doc__.split("Methods and how they are fitted:")[0].split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(TARGETS),
+        metavar="TARGET",
+        help=f"targets, of {', '.join(TARGETS)} (default: all)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods, of {', '.join(METHODS)} (default: all)",
+    )
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=_positive_float,
+        default=None,
+        metavar="RHO",
+        help="LoRA-equivalent ranks ρ: budgets of ρ·(out+in) parameters (default: 0.5 1 2 4 8 16 32)",
+    )
+    p.add_argument("--n", type=_int_at_least(4), default=None, help="size of the synthetic targets (default 384)")
+    p.add_argument("--rank", type=_int_at_least(1), default=16, help="rank of the low-rank target (default 16)")
+    p.add_argument("--noise", type=float, default=0.01, help="relative noise of the low-rank target (default 0.01)")
+    p.add_argument("--model", default="minilm", help="model with the real weights (default minilm)")
+    p.add_argument("--layer", type=_int_at_least(0), default=0, help="encoder layer of the real weights (default 0)")
+    p.add_argument(
+        "--ffn-cols",
+        type=_int_at_least(1),
+        default=384,
+        help="columns of the 384x1536 FFN output weight to keep (default 384; 1536 = all, slower)",
+    )
+    p.add_argument("--steps", type=_int_at_least(1), default=None, help="Adam steps per gradient fit (default 400)")
+    p.add_argument("--lr", type=_positive_float, default=0.03, help="peak Adam learning rate (default 0.03)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the targets and initialisations (default 0)")
+    p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch threads (default 1)")
+    p.add_argument("--out", default=os.path.join("docs", "bench"), help="output directory (default docs/bench)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: n=64, 60 steps, budgets 0.5 1 2 4 8, real weights cropped to 64x64",
+    )
+    p.add_argument("--no-plot", action="store_true", help="skip approx.png")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (see the module docstring); returns 0."""
+    import json
+
+    args = parser().parse_args(argv)
+    if args.noise < 0 or not math.isfinite(args.noise):
+        parser().error(f"argument --noise: invalid value {args.noise!r}: expected a number >= 0")
+    n = args.n if args.n is not None else (64 if args.quick else 384)
+    steps = args.steps if args.steps is not None else (60 if args.quick else 400)
+    budgets = (
+        args.budgets
+        if args.budgets is not None
+        else ([0.5, 1.0, 2.0, 4.0, 8.0] if args.quick else list(DEFAULT_BUDGETS))
+    )
+    budgets = sorted(set(budgets))
+    if args.rank >= n:
+        parser().error(f"argument --rank: {args.rank} must be smaller than n={n}")
+    methods = list(dict.fromkeys(args.methods))
+    target_names = list(dict.fromkeys(args.targets))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(args.seed)
+        targets = make_targets(
+            target_names,
+            n=n,
+            rank=args.rank,
+            noise=args.noise,
+            seed=args.seed,
+            model=args.model,
+            layer=args.layer,
+            real_rows=n if args.quick else None,
+            ffn_cols=n if args.quick else args.ffn_cols,
+        )
+        settings = Settings(steps=steps, lr=args.lr, seed=args.seed, progress=not args.no_progress)
+        results = run(targets, methods, budgets, settings)
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - start
+    results = {
+        "benchmark": "approx",
+        "settings": {
+            "quick": args.quick,
+            "n": n,
+            "lowrank_rank": args.rank,
+            "lowrank_noise": args.noise,
+            "model": args.model,
+            "layer": args.layer,
+            "ffn_cols": n if args.quick else args.ffn_cols,
+            "budgets": budgets,
+            "budget_rule": "at most floor(rho * (out + in)) parameters, the count of a rank-rho LoRA adapter",
+            "methods": methods,
+            "steps": steps,
+            "lr": args.lr,
+            "lr_schedule": "linear warm-up 5% of the steps, cosine decay to 1% of the peak; best iterate kept",
+            "seed": args.seed,
+            "threads": args.threads,
+        },
+        "targets": [
+            {
+                "name": t.name,
+                "description": t.description,
+                "shape": list(t.matrix.shape) if t.matrix is not None else None,
+                "frobenius_norm": float(torch.linalg.matrix_norm(t.matrix.double())) if t.matrix is not None else None,
+                "note": t.note,
+            }
+            for t in targets
+        ],
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "wall_time_s": round(wall, 1),
+        **results,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "approx.json"), "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1, ensure_ascii=False)
+        fh.write("\n")
+    with open(os.path.join(args.out, "approx.md"), "w", encoding="utf-8") as fh:
+        fh.write(markdown(results))
+    if not args.no_plot:
+        plot(results, os.path.join(args.out, "approx.png"))
+    for t in targets:
+        if t.matrix is None:
+            print(f"note: target {t.name} {t.note}")
+    print(table(results))
+    print(f"wall time {wall:.1f} s; wrote approx.json, approx.md{'' if args.no_plot else ', approx.png'} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
