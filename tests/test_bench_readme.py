@@ -78,3 +78,19 @@ def test_missing_markers_are_refused(tmp_path):
     (tmp_path / "README.md").write_text("# no markers\n")
     with pytest.raises(SystemExit, match="results:begin"):
         R.main(["--root", str(tmp_path)])
+
+
+def test_approx_findings_count_wins_and_ties_against_lora():
+    def pt(method, rank, err):
+        return {"target": "t", "method": method, "lora_rank": rank, "rel_error": err}
+
+    approx = {
+        "points": [
+            *(pt("lora", 1, 0.95), pt("circulant", 1, 0.9495), pt("pmss-cur", 1, 0.1)),  # tie; pmss-cur ignored
+            *(pt("lora", 2, 0.90), pt("circulant", 2, 0.85), pt("ldr-r1", 2, 0.88)),  # a win by circulant
+            *(pt("lora", 4, 0.80), pt("kronecker", 4, 0.83)),  # a loss
+        ]
+    }
+    (line,) = R._approx_findings(approx)
+    assert "at 1 of 3 budgets (ties within 0.001: 1)" in line
+    assert "rank-4 LoRA's count) kronecker 0.830 vs LoRA 0.800" in line

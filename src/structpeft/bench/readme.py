@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+TIE = 1e-3  # relative-error difference below which two approximations count as equal
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 
@@ -63,10 +64,31 @@ def _accuracy_findings(summary: dict[str, Any]) -> list[str]:
 
 
 def _approx_findings(approx: dict[str, Any] | None) -> list[str]:
-    if not approx:
+    """Per target: at how many budgets the best SURM structure beats LoRA's truncated SVD (lower error)."""
+    if not approx or not approx.get("points"):
         return []
-    findings = approx.get("findings")
-    return list(findings) if isinstance(findings, list) else []
+    best: dict[tuple[str, float], dict[str, Any]] = {}
+    lora: dict[tuple[str, float], float] = {}
+    for p in approx["points"]:
+        key = (p["target"], p["lora_rank"])
+        if p["method"] == "lora":
+            lora[key] = p["rel_error"]
+        elif p["method"] != "pmss-cur" and (key not in best or p["rel_error"] < best[key]["rel_error"]):
+            best[key] = p
+    out = []
+    for target in dict.fromkeys(k[0] for k in lora):
+        keys = [k for k in lora if k[0] == target and k in best]
+        wins = [k for k in keys if best[k]["rel_error"] < lora[k] - TIE]
+        ties = [k for k in keys if abs(best[k]["rel_error"] - lora[k]) <= TIE]
+        largest = max(keys, key=lambda k: k[1])
+        b = best[largest]
+        out.append(
+            f"**{target}**: the best SURM structure has a lower error than LoRA at equal parameters at "
+            f"{len(wins)} of {len(keys)} budgets (ties within {TIE:g}: {len(ties)}); "
+            f"at the largest (rank-{largest[1]:g} LoRA's count) "
+            f"{b['method']} {b['rel_error']:.3f} vs LoRA {lora[largest]:.3f}."
+        )
+    return out
 
 
 def render(root: Path) -> str:
@@ -102,10 +124,17 @@ def render(root: Path) -> str:
     if approx_md is not None:
         approx = json.loads(_read(docs / "approx.json") or "{}")
         parts += ["### Matrix approximation (the SURM paper's experiment)", ""]
-        cmd = approx.get("command") or "structpeft bench approx"
-        parts += [f"Command: `{cmd}`.", ""]
+        where = ""
+        if approx.get("wall_time_s"):
+            cores = (approx.get("machine") or {}).get("cpu_count")
+            where = f" ({approx['wall_time_s']:.0f} s" + (f" on {cores} CPU cores)" if cores else ")")
+        parts += [f"Command: `{approx.get('command') or 'structpeft bench approx'}`{where}.", ""]
         parts += [f"- {f}" for f in _approx_findings(approx)]
-        parts += ["", approx_md.strip(), "", "![approximation error vs parameters](docs/bench/approx.png)", ""]
+        main_table = approx_md.split("\n## ", 1)[0].strip()
+        main_table = "\n".join(ln for ln in main_table.splitlines() if not ln.startswith("# "))
+        parts += ["", main_table.strip(), "", "Every budget, with exact parameter counts: "]
+        parts[-1] += "[docs/bench/approx.md](docs/bench/approx.md)."
+        parts += ["", "![approximation error vs parameters](docs/bench/approx.png)", ""]
     else:
         parts += ["### Matrix approximation", "", "Not run yet: `structpeft bench approx`.", ""]
 
