@@ -2,20 +2,35 @@
 
 All models are built first, then timed with interleaved repetitions (rep 1 of every method, rep 2 of every
 method, ...) so that machine noise hits every method alike; the median of ``reps`` timings after ``warmup``
-untimed ones is reported, as a ratio to the frozen base model and to PEFT LoRA r=8. Peak memory is measured per
-method in a fresh subprocess (CPU: peak RSS growth of one train step; CUDA: max allocated).
+untimed ones is reported, as a ratio to the frozen base model and to PEFT LoRA r=8, and as the adapter
+*overhead* (t − t_base) / t_base relative to LoRA r=8's overhead (the meaningful number for "as cheap as LoRA" and
+"2× faster than C3A": the frozen model's own cost is the same for every method). Peak memory of one train step is
+measured per method in a fresh subprocess (CPU: peak RSS above the RSS before the step; CUDA: max allocated).
 
-The model is a BERT encoder with MiniLM-L6's shape (6 layers, hidden 384, 12 heads, FFN 1536) and random
-weights — speed does not depend on the weight values, so no checkpoint is needed — targeting query and value
-(``--targets`` to change). Methods and their sizes:
+Models (random weights: speed does not depend on the values, so no checkpoint is needed):
+
+* ``--model minilm`` (default): a BERT encoder of MiniLM-L6's shape (6 layers, hidden 384, 12 heads, FFN 1536),
+  query and value adapted; cases ``train`` (fwd + bwd + AdamW) and ``infer`` (forward in inference mode), batch
+  32 × 128 tokens.
+* ``--model smollm2``: a LLaMA decoder of SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, FFN
+  1536, vocabulary 49,152; ``LlamaModel``, without the LM head), q_proj and v_proj adapted; cases ``train``
+  (batch 4 × 128), ``long`` (inference, 1 × 1024 tokens) and ``decode`` (inference, batch 1, one new token after
+  a 128-token KV cache).
+
+Methods and their sizes (MiniLM; SmolLM2 analogous, see ``method_configs``):
 
 * ``base`` (frozen, no adapter), ``lora-r8`` (PEFT LoRA r=8: 6,144 parameters per 384 × 384 layer);
-* ``surm-<structure>`` at ``budget="lora-8"`` (circulant b=24, Toeplitz b=171, Kronecker 78×78 ⊗ 5×5, LDR b=48);
+* ``surm-<structure>`` at ``budget="lora-8"`` (circulant b=24, Toeplitz b=171, Kronecker 78×78 ⊗ 5×5, LDR b=48),
+  ``compute="auto"`` (the measured per-layer rule of :mod:`structpeft.operators.dispatch`);
 * ``pmss`` at ``budget="lora-8"`` (k = 78);
-* ``c3a-b24`` (PEFT C3A, block 24: 6,144 parameters, the same count as ``surm-circulant``);
-* ``lokr-r16`` (PEFT LoKr w1 16×16, w2 24×24: 832 parameters) against ``surm-kronecker-16x16`` (the same
-  factor shapes, so the same 832 parameters);
-* ``surm-circulant-merged``: circulant after ``merge_and_unload`` (must run at the base model's speed).
+* ``c3a-b24`` (PEFT C3A, block 24: 6,144 parameters, the same count as ``surm-circulant``; SmolLM2: ``c3a-b32``
+  against ``surm-circulant-b32``, C3A's block must divide both 576 and 192);
+* ``lokr-r16`` (PEFT LoKr r=16: w1 16×16, w2 24×24, 832 parameters) against ``surm-kronecker-16x16`` (the same
+  factor shapes; SmolLM2: ``surm-kronecker-24x24``);
+* ``surm-circulant-merged``: a random (non-zero) circulant adapter after ``merge_and_unload``; its outputs are
+  checked against the unmerged model (``merged_max_abs_diff``);
+* ``surm-circulant-compiled``: ``torch.compile`` (inductor) of the ``surm-circulant`` model (compile time is
+  spent in the warm-up, not timed; ``--no-compile`` leaves it out).
 """
 
 from __future__ import annotations
@@ -24,20 +39,73 @@ import argparse
 import copy
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 
 
-def method_configs(targets: list[str]) -> dict[str, Callable[[], Any]]:
+@dataclass(frozen=True)
+class Case:
+    """One timed workload: ``kind`` "train" (fwd + bwd + AdamW), "infer" (a forward) or "decode" (one token with a
+    ``seq``-token KV cache), on ``batch`` × ``seq`` tokens."""
+
+    kind: str
+    batch: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    description: str
+    targets: list[str]
+    cases: dict[str, Case]
+    circulant_vs_c3a: tuple[str, str]
+    kronecker_vs_lokr: tuple[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "minilm": ModelSpec(
+        description="BERT encoder of MiniLM-L6's shape (6 layers, hidden 384, FFN 1536, 12 heads), random weights",
+        targets=["query", "value"],
+        cases={"train": Case("train", 32, 128), "infer": Case("infer", 32, 128)},
+        circulant_vs_c3a=("surm-circulant", "c3a-b24"),
+        kronecker_vs_lokr=("surm-kronecker-16x16", "lokr-r16"),
+    ),
+    "smollm2": ModelSpec(
+        description="LLaMA decoder of SmolLM2-135M's shape (30 layers, hidden 576, FFN 1536, 9 heads / 3 KV heads, "
+        "vocabulary 49,152; LlamaModel without the LM head), random weights",
+        targets=["q_proj", "v_proj"],
+        cases={"train": Case("train", 4, 128), "long": Case("infer", 1, 1024), "decode": Case("decode", 1, 128)},
+        circulant_vs_c3a=("surm-circulant-b32", "c3a-b32"),
+        kronecker_vs_lokr=("surm-kronecker-24x24", "lokr-r16"),
+    ),
+}
+
+
+def method_configs(model: str, targets: list[str]) -> dict[str, Callable[[], Any]]:
     """method name -> a factory of its PEFT config (None for the frozen base)."""
     import peft
 
@@ -46,7 +114,7 @@ def method_configs(targets: list[str]) -> dict[str, Callable[[], Any]]:
     def surm(structure: str, **kw: Any) -> Callable[[], Any]:
         return lambda: structpeft.SurmConfig(structure=structure, target_modules=targets, **kw)
 
-    return {
+    methods: dict[str, Callable[[], Any]] = {
         "base": lambda: None,
         "lora-r8": lambda: peft.LoraConfig(r=8, lora_alpha=8, target_modules=targets),
         "surm-circulant": surm("circulant", budget="lora-8"),
@@ -54,68 +122,116 @@ def method_configs(targets: list[str]) -> dict[str, Callable[[], Any]]:
         "surm-kronecker": surm("kronecker", budget="lora-8"),
         "surm-ldr": surm("ldr", budget="lora-8"),
         "pmss": lambda: structpeft.PmssConfig(target_modules=targets, budget="lora-8"),
-        "c3a-b24": lambda: peft.C3AConfig(block_size=24, target_modules=targets),
-        "lokr-r16": lambda: peft.LoKrConfig(r=16, target_modules=targets),
-        "surm-kronecker-16x16": surm("kronecker", factor_shape=[16, 16]),
-        "surm-circulant-merged": surm("circulant", budget="lora-8"),
     }
+    if model == "smollm2":
+        methods["c3a-b32"] = lambda: peft.C3AConfig(block_size=32, target_modules=targets)
+        methods["surm-circulant-b32"] = surm("circulant", block_size=32)
+        methods["lokr-r16"] = lambda: peft.LoKrConfig(r=16, target_modules=targets)
+        methods["surm-kronecker-24x24"] = surm("kronecker", factor_shape=[24, 24])
+    else:
+        methods["c3a-b24"] = lambda: peft.C3AConfig(block_size=24, target_modules=targets)
+        methods["lokr-r16"] = lambda: peft.LoKrConfig(r=16, target_modules=targets)
+        methods["surm-kronecker-16x16"] = surm("kronecker", factor_shape=[16, 16])
+    methods["surm-circulant-merged"] = surm("circulant", budget="lora-8", init_weights=False)
+    methods["surm-circulant-compiled"] = methods["surm-circulant"]
+    return methods
 
 
-def build_base(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_base(model: str = "minilm", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    if model == "smollm2":
+        from transformers import LlamaConfig, LlamaModel
+
+        return LlamaModel(LlamaConfig(**SMOLLM2_SHAPE)).to(dtype).eval()
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(seed)
     cfg = BertConfig(**MINILM_SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertModel(cfg).to(dtype).eval()
 
 
-def build(method: str, base: nn.Module, targets: list[str]) -> nn.Module:
-    """A model for ``method`` on a deep copy of ``base`` (its base weights frozen, adapter trainable)."""
+def build(method: str, base: nn.Module, model: str, targets: list[str], info: dict | None = None) -> nn.Module:
+    """A model for ``method`` on a deep copy of ``base`` (its base weights frozen, adapter trainable).
+
+    For ``*-merged`` the merged model's output is compared with the unmerged one's on a small batch and the
+    largest absolute difference is written to ``info["merged_max_abs_diff"]``.
+    """
     from peft import get_peft_model
 
-    factory = method_configs(targets)[method]
-    model = copy.deepcopy(base)
+    factory = method_configs(model, targets)[method]
+    net = copy.deepcopy(base)
     cfg = factory()
     if cfg is None:
-        model.requires_grad_(False)
-        return model
-    model = get_peft_model(model, cfg)
+        net.requires_grad_(False)
+        return net
+    net = get_peft_model(net, cfg)
+    chosen = {c for rec in getattr(cfg, "layer_options", {}).values() for c in rec.get("compute", {}).values()}
+    if chosen and info is not None:
+        info["compute"] = sorted(chosen)  # the per-layer fast / dense choices of compute="auto"
     if method.endswith("-merged"):
-        model = model.merge_and_unload()
-        model.requires_grad_(False)
-    return model
+        probe = torch.randint(0, 1000, (2, 16))
+        with torch.inference_mode():
+            before = net(input_ids=probe).last_hidden_state
+        net = net.merge_and_unload()
+        net.requires_grad_(False)
+        with torch.inference_mode():
+            after = net(input_ids=probe).last_hidden_state
+        if info is not None:
+            info["merged_max_abs_diff"] = float((after - before).abs().max())
+            info["merged_output_scale"] = float(before.abs().max())
+    if method.endswith("-compiled"):
+        net = torch.compile(net)
+    return net
 
 
 def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).last_hidden_state.float().pow(2).mean()
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "_orig_mod", model)
+    return inner.get_input_embeddings()
 
 
-def make_step(model: nn.Module, ids: torch.Tensor, mode: str) -> Callable[[], None]:
-    """A closure doing one train step (fwd + bwd + AdamW) or one inference forward."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+def make_step(model: nn.Module, case: Case, device: torch.device) -> Callable[[], None]:
+    """A closure doing one train step (fwd + bwd + AdamW), one inference forward or one decode step."""
+    ids = torch.randint(0, 1000, (case.batch, case.seq), device=device)
+    if case.kind == "train":
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
-    def train() -> None:
-        if opt is None:  # frozen model: the backward to the input embeddings costs the full backward
-            emb = model.get_input_embeddings().weight
-            emb.requires_grad_(True)
-            _loss(model, ids).backward()
-            emb.grad = None
-            emb.requires_grad_(False)
-            return
-        _loss(model, ids).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def loss() -> torch.Tensor:
+            return model(input_ids=ids).last_hidden_state.float().pow(2).mean()
 
-    def infer() -> None:
+        def train() -> None:
+            if opt is None:  # frozen model: the backward to the input embeddings costs the full backward
+                emb = _input_embeddings(model).weight
+                emb.requires_grad_(True)
+                loss().backward()
+                emb.grad = None
+                emb.requires_grad_(False)
+                return
+            loss().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return train
+    if case.kind == "infer":
+
+        def infer() -> None:
+            with torch.inference_mode():
+                model(input_ids=ids)
+
+        return infer
+    with torch.inference_mode():  # decode: one new token after a seq-token KV cache (cropped back every step)
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    token = torch.randint(0, 1000, (case.batch, 1), device=device)
+
+    def decode() -> None:
         with torch.inference_mode():
-            model(input_ids=ids)
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache.crop(case.seq)
 
-    return train if mode == "train" else infer
+    return decode
 
 
 def time_interleaved(
@@ -137,21 +253,24 @@ def time_interleaved(
     return times
 
 
-def peak_memory_mb(method: str, args: argparse.Namespace) -> float:
-    """Peak memory of one train step of ``method`` in a fresh subprocess (RSS growth on CPU)."""
+def peak_memory_mb(method: str, case_name: str, args: argparse.Namespace) -> float:
+    """Peak memory of one step of ``case_name`` for ``method`` in a fresh subprocess."""
     cmd = [
-        sys.executable, "-m", "structpeft.bench.speed", "--_memory-probe", method,
-        "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device,
-        "--targets", *args.targets,
+        sys.executable, "-m", "structpeft.bench.speed", "--_memory-probe", method, "--model", args.model,
+        "--cases", case_name, "--device", args.device, "--threads", str(args.threads), "--targets", *args.targets,
     ]  # fmt: skip
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
-    )
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    if args.seq:
+        cmd += ["--seq", str(args.seq)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _memory_probe(method: str, args: argparse.Namespace) -> None:
@@ -159,105 +278,272 @@ def _memory_probe(method: str, args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build(method, build_base(), args.targets).to(device)
-    ids = torch.randint(0, 1000, (args.batch, args.seq), device=device)
-    step = make_step(model, ids, "train")
+    cases = resolve_cases(args)
+    case = next(iter(cases.values()))
+    model = build(method, build_base(args.model), args.model, args.targets).to(device)
+    step = make_step(model, case, device)
+    if method.endswith("-compiled"):
+        step()  # compile outside the measurement
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         step()
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _rss_mb()
         step()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+
+
+def resolve_cases(args: argparse.Namespace) -> dict[str, Case]:
+    spec = MODELS[args.model]
+    names = args.cases or list(spec.cases)
+    cases = {}
+    for name in names:
+        c = spec.cases[name]
+        if c.kind != "decode":  # --batch / --seq override the batched cases
+            c = Case(c.kind, args.batch or c.batch, args.seq or c.seq)
+        cases[name] = c
+    return cases
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    base = build_base()
-    methods = args.methods or list(method_configs(args.targets))
-    models = {m: build(m, base, args.targets).to(device) for m in methods}
-    ids = torch.randint(0, 1000, (args.batch, args.seq), device=device)
-    # outputs of the merged model equal the unmerged one's
+    spec = MODELS[args.model]
+    cases = resolve_cases(args)
+    base = build_base(args.model)
+    methods = args.methods or default_methods(args)
+    info: dict[str, dict] = {m: {} for m in methods}
+    models = {m: build(m, base, args.model, args.targets, info[m]).to(device) for m in methods}
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     results: dict[str, Any] = {
         "setting": {
-            "batch": args.batch, "seq": args.seq, "threads": args.threads, "device": str(device),
-            "reps": args.reps, "warmup": args.warmup, "torch": torch.__version__, "targets": args.targets,
+            "model": args.model, "model_description": spec.description, "targets": args.targets,
+            "cases": {name: vars(c) for name, c in cases.items()}, "threads": args.threads, "device": str(device),
+            "hardware": hardware, "cpu_count": os.cpu_count(), "reps": args.reps, "warmup": args.warmup,
+            "torch": torch.__version__,
         },
-        "methods": {},
+        "methods": {m: {"trainable": trainable(models[m]), **info[m]} for m in methods},
     }  # fmt: skip
-    for mode in args.modes:
-        steps = {m: make_step(model, ids, mode) for m, model in models.items()}
+    for name, case in cases.items():
+        steps = {m: make_step(model, case, device) for m, model in models.items()}
         times = time_interleaved(steps, args.reps, args.warmup, sync)
         for m in methods:
-            entry = results["methods"].setdefault(m, {"trainable": trainable(models[m])})
-            entry[f"{mode}_ms"] = 1000 * statistics.median(times[m])
+            results["methods"][m][f"{name}_ms"] = 1000 * statistics.median(times[m])
     if args.memory:
+        train = [n for n, c in cases.items() if c.kind == "train"]
         for m in methods:
-            results["methods"][m]["train_peak_mb"] = peak_memory_mb(m, args)
+            for n in train:
+                results["methods"][m][f"{n}_peak_mb"] = peak_memory_mb(m, n, args)
+    results["targets"] = check_targets(results, spec)
     return results
+
+
+def default_methods(args: argparse.Namespace) -> list[str]:
+    methods = list(method_configs(args.model, args.targets))
+    if not args.compile:
+        methods.remove("surm-circulant-compiled")
+    return methods
+
+
+# ------------------------------------------------------------------------------------------------- report
+def overhead(results: dict[str, Any], method: str, case: str) -> float | None:
+    """(t_method − t_base) / t_base for ``case``, or None if a time is missing."""
+    methods = results["methods"]
+    t, base = methods.get(method, {}).get(f"{case}_ms"), methods.get("base", {}).get(f"{case}_ms")
+    return None if t is None or not base else (t - base) / base
+
+
+def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured number and met / missed (only those the run measured)."""
+    methods = results["methods"]
+    cases = results["setting"]["cases"]
+    train = next((n for n, c in cases.items() if c["kind"] == "train"), None)
+    infer = next((n for n, c in cases.items() if c["kind"] != "train"), None)
+    out: list[dict[str, Any]] = []
+    lora_ov = overhead(results, "lora-r8", train) if train else None
+    ours = [m for m in methods if (m.startswith("surm-") or m == "pmss") and "merged" not in m]
+    if train and lora_ov:
+        for m in ours:
+            ov = overhead(results, m, train)
+            out.append(
+                {
+                    "target": f"{m}: {train} overhead <= LoRA r8's",
+                    "value": f"{ov / lora_ov:.2f}x LoRA's overhead ({100 * ov:+.1f}% vs LoRA {100 * lora_ov:+.1f}%)",
+                    "met": ov <= lora_ov,
+                }
+            )
+    for ours_m, theirs in (spec.circulant_vs_c3a, spec.kronecker_vs_lokr):
+        if train and ours_m in methods and theirs in methods:
+            a, b = overhead(results, ours_m, train), overhead(results, theirs, train)
+            step = methods[theirs][f"{train}_ms"] / methods[ours_m][f"{train}_ms"]
+            ratio = b / a if a > 0 else float("inf")
+            out.append(
+                {
+                    "target": f"{ours_m} >= 2x faster than {theirs} (overhead over base, {train})",
+                    "value": f"{ratio:.2f}x less overhead ({100 * a:+.1f}% vs {100 * b:+.1f}%); whole step {step:.2f}x",
+                    "met": ratio >= 2.0,
+                }
+            )
+    key = f"{train}_peak_mb" if train else None
+    if key and key in methods.get("lora-r8", {}):
+        lora_mb = methods["lora-r8"][key]
+        for m in ours:
+            if key in methods[m]:
+                mb = methods[m][key]
+                out.append(
+                    {
+                        "target": f"{m}: peak memory <= LoRA r8's",
+                        "value": f"{mb:.0f} MB vs {lora_mb:.0f} MB",
+                        "met": mb <= lora_mb * 1.02,  # 2 %: RSS granularity and allocator noise
+                    }
+                )
+    merged = "surm-circulant-merged"
+    if merged in methods and "base" in methods:
+        for case in [c for c in (infer, train) if c]:
+            r = methods[merged][f"{case}_ms"] / methods["base"][f"{case}_ms"]
+            out.append({"target": f"merged {case} ratio 1.00 (+-0.03)", "value": f"{r:.2f}", "met": abs(r - 1) <= 0.03})
+        if "merged_max_abs_diff" in methods[merged]:
+            d, s = methods[merged]["merged_max_abs_diff"], methods[merged]["merged_output_scale"]
+            out.append(
+                {
+                    "target": "merged outputs equal the unmerged model's (float32 rounding)",
+                    "value": f"max |diff| {d:.1e} (outputs up to {s:.1f})",
+                    "met": d <= 1e-4 * max(s, 1.0),
+                }
+            )
+    return out
 
 
 def table(results: dict[str, Any]) -> str:
     methods = results["methods"]
-    modes = [k[: -len("_ms")] for k in next(iter(methods.values())) if k.endswith("_ms")]
+    cases = list(results["setting"]["cases"])
     head = ["method", "trainable"]
-    for mode in modes:
-        head += [f"{mode} ms", f"{mode} / base", f"{mode} / LoRA r8"]
-    if any("train_peak_mb" in e for e in methods.values()):
-        head.append("train peak MB")
+    for case in cases:
+        head += [f"{case} ms", f"{case} / base", f"{case} / LoRA r8", f"{case} overhead / LoRA's"]
+    peaks = [k for k in next(iter(methods.values())) if k.endswith("_peak_mb")]
+    head += [f"{k[: -len('_peak_mb')]} peak MB" for k in peaks]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in methods.items():
         row = [name, f"{e['trainable']:,}"]
-        for mode in modes:
-            t = e[f"{mode}_ms"]
-            base = methods.get("base", {}).get(f"{mode}_ms")
-            lora = methods.get("lora-r8", {}).get(f"{mode}_ms")
-            row += [f"{t:.1f}", f"{t / base:.2f}" if base else "-", f"{t / lora:.2f}" if lora else "-"]
-        if "train_peak_mb" in e:
-            row.append(f"{e['train_peak_mb']:.0f}")
+        for case in cases:
+            t = e[f"{case}_ms"]
+            base = methods.get("base", {}).get(f"{case}_ms")
+            lora = methods.get("lora-r8", {}).get(f"{case}_ms")
+            ov, lora_ov = overhead(results, name, case), overhead(results, "lora-r8", case)
+            rel = f"{ov / lora_ov:.2f}" if ov is not None and lora_ov and name != "base" else "-"
+            row += [f"{t:.1f}", f"{t / base:.3f}" if base else "-", f"{t / lora:.3f}" if lora else "-", rel]
+        row += [f"{e[k]:.0f}" for k in peaks]
         rows.append("| " + " | ".join(row) + " |")
     return "\n".join(rows)
 
 
+def targets_text(results: dict[str, Any]) -> str:
+    return "\n".join(
+        f"* {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['value']}" for t in results.get("targets", [])
+    )
+
+
+def plot(results: dict[str, Any], path: str) -> bool:
+    """A bar chart of every case's time / base per method (PNG); False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    methods = results["methods"]
+    cases = list(results["setting"]["cases"])
+    names = list(methods)
+    width = 0.8 / len(cases)
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(names)), 4.5))
+    for i, case in enumerate(cases):
+        base = methods["base"][f"{case}_ms"] if "base" in methods else 1.0
+        vals = [methods[m][f"{case}_ms"] / base for m in names]
+        ax.bar([j + (i - (len(cases) - 1) / 2) * width for j in range(len(names))], vals, width, label=case)
+        if "lora-r8" in methods:
+            ax.axhline(methods["lora-r8"][f"{case}_ms"] / base, color=f"C{i}", ls=":", lw=1)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("time / frozen base model")
+    s = results["setting"]
+    ax.set_title(f"{s['model']}: {s['hardware']}, {s['threads']} threads (dotted: LoRA r8)", fontsize=9)
+    lo = min(methods[m][f"{c}_ms"] / methods["base"][f"{c}_ms"] for m in names for c in cases)
+    ax.set_ylim(max(0.0, lo - 0.1), None)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="structpeft bench speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--model", default="minilm", choices=sorted(MODELS))
+    p.add_argument("--cases", nargs="+", default=None, help="subset of the model's cases (default: all)")
+    p.add_argument("--batch", type=int, default=None, help="batch of the batched cases (default: the model's)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence of the batched cases")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per method (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (stated in the results)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
-    p.add_argument("--targets", nargs="+", default=["query", "value"])
-    p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess per method)")
+    p.add_argument("--targets", nargs="+", default=None, help="target modules (default: the model's)")
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="peak memory of the train step, one subprocess per method (default: on, off with --quick)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include surm-circulant-compiled (torch.compile; default: on, off with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke: batch 2 x 16 tokens, 2 reps")
-    p.add_argument("--out", default=None, help="write results JSON and Markdown table into this folder")
+    p.add_argument("--out", default=None, help="write speed.json, speed.md and speed.png into this folder")
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    spec = MODELS[args.model]
+    args.targets = args.targets or spec.targets
     if args.memory_probe:
         _memory_probe(args.memory_probe, args)
         return 0
     if args.quick:
-        args.batch, args.seq, args.reps, args.warmup = 2, 16, 2, 1
+        args.batch, args.seq, args.reps, args.warmup = 2, 16, min(args.reps, 2), 1
+    args.memory = (not args.quick) if args.memory is None else args.memory
+    args.compile = (not args.quick) if args.compile is None else args.compile
     results = run(args)
-    text = table(results)
+    text = table(results) + "\n\n" + targets_text(results)
     print(f"setting: {json.dumps(results['setting'])}")
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "speed.json"), "w") as f:
+        stem = "speed" if args.model == "minilm" else f"speed-{args.model}"
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
             json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "speed.md"), "w") as f:
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
             f.write(text + "\n")
+        plot(results, os.path.join(args.out, f"{stem}.png"))
     return 0
 
 

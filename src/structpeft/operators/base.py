@@ -4,9 +4,11 @@ An operator is a ``torch.nn.Module`` that *is* a structured matrix ΔW of shape 
 
 * ``op(x)`` computes ``x @ ΔW.T`` for ``x`` of shape (..., in_features) with the fast algorithm (FFT, reshape),
   never by forming ΔW (``op.fast_forward``), unless ``op.compute_mode = "dense"`` asks for a materialised ΔW
-  (faster for grids of small blocks; chosen per layer by :mod:`structpeft.operators.dispatch`);
+  (faster for grids of small blocks; chosen per layer by :mod:`structpeft.operators.dispatch`; inside a wrapped
+  layer a dense ΔW is folded into the base weight, one matmul, see :mod:`structpeft.operators.fused`);
 * ``op.to_dense()`` returns ΔW itself (out_features × in_features), by an independent construction that the tests
-  use as the reference;
+  use as the reference; ``op.delta_weight()`` is ΔW in the compute dtype (≥ float32, autocast off), cached while
+  the parameters cannot change (no grad recorded, unchanged parameter versions);
 * ``cls.num_parameters(out, in, **options)`` is the parameter count, a closed formula stated in the docstring;
 * ``op.reset_parameters(init=True)`` gives ΔW = 0 (the adapter starts as the identity), ``init=False`` a random
   non-zero ΔW (for tests and ablations);
@@ -25,6 +27,7 @@ clamped to max(out, in) (the resolved value is reported by ``op.options``).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -32,12 +35,39 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeError
 
+# per-operator memo of :meth:`StructuredOperator.cached`, outside the module so that it is never copied, pickled or
+# saved with it, and dropped with the operator
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an int >= ``minimum``; raise :class:`ConfigError` naming it otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
     return value
+
+
+def toeplitz_dense(v: torch.Tensor) -> torch.Tensor:
+    """(..., 2b − 1) diagonals -> (..., b, b) Toeplitz matrices T[r, s] = v[r − s + b − 1].
+
+    Built as sliding windows (``unfold``) of the reversed vector: with u = flip(v), unfold(u)[m, n] = u[m + n] and
+    T[r, s] = u[b − 1 − r + s], i.e. the windows with the row order reversed. Its backward is a strided sum (no
+    scatter), much cheaper than indexing with a (b, b) index matrix.
+    """
+    b = (v.shape[-1] + 1) // 2
+    return v.flip(-1).unfold(-1, b, 1).flip(-2)
+
+
+def circulant_dense(c: torch.Tensor) -> torch.Tensor:
+    """(..., b) first columns -> (..., b, b) circulant matrices circ(c)[r, s] = c[(r − s) mod b]: the Toeplitz
+    matrix with diagonals (c[1:], c) (index r − s + b − 1 of that vector is c[(r − s) mod b])."""
+    return toeplitz_dense(torch.cat([c[..., 1:], c], dim=-1))
+
+
+def skew_circulant_dense(h: torch.Tensor) -> torch.Tensor:
+    """(..., b) -> (..., b, b) skew-circulant skew(h)[a, s] = h[a − s] (a >= s), −h[a − s + b] (a < s): the
+    Toeplitz matrix with diagonals (−h[1:], h)."""
+    return toeplitz_dense(torch.cat([-h[..., 1:], h], dim=-1))
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -84,10 +114,47 @@ class StructuredOperator(nn.Module):
         """x @ ΔW.T by the structured product (``compute_mode="fast"``) or a materialised ΔW (``"dense"``)."""
         if self.compute_mode == "dense":
             self._check_input(x)
-            w = self.to_dense()
+            w = self.delta_weight()
             dtype = compute_dtype(x.dtype, w.dtype)  # float32 at least, like the fast path
             return torch.nn.functional.linear(x.to(dtype), w.to(dtype))
         return self.fast_forward(x)
+
+    def delta_weight(self, cache: bool = True) -> torch.Tensor:
+        """ΔW (out × in) in the compute dtype (float32 at least; float64 for float64 parameters), built with
+        autocast disabled (a bf16 autocast would round the block products). With ``cache`` the result is kept
+        while the parameters cannot change: see :meth:`cached`."""
+        dtype = compute_dtype(*(p.dtype for p in self.parameters()))
+
+        def build() -> torch.Tensor:
+            with torch.autocast(self._device_type(), enabled=False):
+                return self.to_dense().to(dtype)
+
+        return self.cached("delta_weight", build) if cache else build()
+
+    def cached(self, name: str, build) -> torch.Tensor:
+        """``build()``, memoised under ``name`` while the operator's parameters are frozen for this call.
+
+        A value is reused only if no autograd graph is being recorded through the parameters (grad disabled, or
+        no parameter requires grad), outside ``torch.compile`` tracing, and if every parameter still has the
+        same storage, dtype and version counter (in-place updates such as an optimiser step bump the version).
+        This caches the dense ΔW and the weight spectra (rfft of the frozen weights) for inference.
+        """
+        params = list(self.parameters())
+        recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if recording or _compiling():
+            return build()
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p.dtype, p._version) for p in params))
+        store = _CACHES.setdefault(self, {})
+        hit = store.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        store[name] = (key, value)
+        return value
+
+    def _device_type(self) -> str:
+        p = next(self.parameters(), None)
+        return p.device.type if p is not None else "cpu"
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -135,6 +202,11 @@ class BlockGridOperator(StructuredOperator):
         q, p, b, _ = blocks.shape
         full = blocks.permute(0, 2, 1, 3).reshape(q * b, p * b)
         return full[: self.out_features, : self.in_features]
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
 
 
 def resolve_block_size(out_features: int, in_features: int, block_size: int | None) -> int:

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BlockGridOperator, compute_dtype, grid_shape, largest_block_size_within, resolve_block_size
+from .base import (
+    BlockGridOperator,
+    circulant_dense,
+    compute_dtype,
+    grid_shape,
+    largest_block_size_within,
+    resolve_block_size,
+)
 
 
 class CirculantOperator(BlockGridOperator):
@@ -62,7 +69,7 @@ class CirculantOperator(BlockGridOperator):
         dtype = compute_dtype(x.dtype, self.weight.dtype)
         b = self.block_size
         xf = torch.fft.rfft(self._split_input(x.to(dtype)), dim=-1)  # (..., p, f)
-        wf = torch.fft.rfft(self.weight.to(dtype), dim=-1)  # (q, p, f)
+        wf = self.cached(f"spectrum-{dtype}", lambda: torch.fft.rfft(self.weight.to(dtype), dim=-1))  # (q, p, f)
         if self.grid == (1, 1):
             yf = xf * wf[0]  # (..., 1, f)
         else:
@@ -71,7 +78,4 @@ class CirculantOperator(BlockGridOperator):
         return self._merge_output(y)
 
     def to_dense(self) -> torch.Tensor:
-        b = self.block_size
-        idx = (torch.arange(b)[:, None] - torch.arange(b)[None, :]) % b
-        blocks = self.weight[:, :, idx.to(self.weight.device)]  # (q, p, b, b)
-        return self._assemble(blocks)
+        return self._assemble(circulant_dense(self.weight))  # (q, p, b, b) blocks

@@ -25,10 +25,12 @@ from torch import nn
 from .base import (
     BlockGridOperator,
     check_positive_int,
+    circulant_dense,
     compute_dtype,
     grid_shape,
     largest_block_size_within,
     resolve_block_size,
+    skew_circulant_dense,
 )
 
 
@@ -85,19 +87,17 @@ class LDROperator(BlockGridOperator):
         dtype = compute_dtype(x.dtype, self.circ.dtype)
         b = self.block_size
         xf = torch.fft.rfft(self._split_input(x.to(dtype)), n=2 * b, dim=-1)  # (..., p, f2)
-        hf = torch.fft.rfft(self.skew.to(dtype), n=2 * b, dim=-1)  # (r, q, p, f2)
+        hf = self.cached(f"skew-spectrum-{dtype}", lambda: torch.fft.rfft(self.skew.to(dtype), n=2 * b, dim=-1))
         conv = torch.fft.irfft(xf[..., None, None, :, :] * hf, n=2 * b, dim=-1)  # (..., r, q, p, 2b)
         z = conv[..., :b] - conv[..., b:]  # negacyclic fold: skew(h) x
-        cf = torch.fft.rfft(self.circ.to(dtype), dim=-1)  # (r, q, p, f)
+        cf = self.cached(f"circ-spectrum-{dtype}", lambda: torch.fft.rfft(self.circ.to(dtype), dim=-1))
         yf = (torch.fft.rfft(z, dim=-1) * cf).sum(dim=(-4, -2))  # sum over r and input blocks -> (..., q, f)
         return self._merge_output(torch.fft.irfft(yf, n=b, dim=-1))
 
     def to_dense(self) -> torch.Tensor:
-        b = self.block_size
-        diff = torch.arange(b)[:, None] - torch.arange(b)[None, :]
-        idx = (diff % b).to(self.circ.device)
-        sign = torch.where(diff >= 0, 1.0, -1.0).to(self.skew)
         dtype = compute_dtype(self.circ.dtype)  # products of half-precision factors lose accuracy
-        circ = self.circ[..., idx].to(dtype)  # (r, q, p, b, b)
-        skew = self.skew[..., idx].to(dtype) * sign.to(dtype)
+        circ = circulant_dense(self.circ.to(dtype))  # (r, q, p, b, b)
+        skew = skew_circulant_dense(self.skew.to(dtype))
+        if self.displacement_rank == 1:
+            return self._assemble(circ[0] @ skew[0])
         return self._assemble((circ @ skew).sum(dim=0))

@@ -29,6 +29,7 @@ from .base import (
     grid_shape,
     largest_block_size_within,
     resolve_block_size,
+    toeplitz_dense,
 )
 
 
@@ -85,7 +86,9 @@ class ToeplitzOperator(BlockGridOperator):
         self._check_input(x)
         dtype = compute_dtype(x.dtype, self.weight.dtype)
         b, n_fft = self.block_size, 2 * self.block_size
-        wf = torch.fft.rfft(self.weight.to(dtype), n=n_fft, dim=-1)  # (F, q, p, f)
+        wf = self.cached(  # (F, q, p, f)
+            f"spectrum-{dtype}", lambda: torch.fft.rfft(self.weight.to(dtype), n=n_fft, dim=-1)
+        )
         xf = torch.fft.rfft(self._split_input(x.to(dtype)), n=n_fft, dim=-1)  # (..., p, f)
         if self.num_factors == 1:
             yf = torch.einsum("...pf,qpf->...qf", xf, wf[0])
@@ -100,9 +103,7 @@ class ToeplitzOperator(BlockGridOperator):
 
     def factors_dense(self) -> torch.Tensor:
         """The dense Toeplitz factors, shape (F, q, p, b, b)."""
-        b = self.block_size
-        idx = torch.arange(b)[:, None] - torch.arange(b)[None, :] + b - 1
-        return self.weight[..., idx.to(self.weight.device)]
+        return toeplitz_dense(self.weight)
 
     def to_dense(self) -> torch.Tensor:
         factors = self.factors_dense()
