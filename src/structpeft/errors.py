@@ -44,6 +44,11 @@ class MergeError(StructPeftError, ValueError):
     """A merge would produce non-finite weights, or the adapter cannot be merged at all."""
 
 
+class MixedBatchError(StructPeftError, ValueError):
+    """``adapter_names`` of a mixed-adapter batch is invalid: an unknown adapter name, a list whose length differs
+    from the batch size, merged adapters, or a model in training mode."""
+
+
 class SelectionError(ShapeError):
     """A PMSS skeleton selection cannot be made (k too large, degenerate weight)."""
 

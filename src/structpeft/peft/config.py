@@ -73,6 +73,16 @@ class StructPeftConfigMixin:
             validate_adapter_folder(folder, config)
         return config
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save ``adapter_config.json`` as PEFT does, then write / update the folder's model card (``README.md``)
+        with the method, structure, parameter count and base model (see :mod:`structpeft.peft.card`).
+
+        ``PeftModel.save_pretrained`` calls this on the main process only, after writing the weights file."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .card import write_model_card
+
+        write_model_card(str(save_directory), self)
+
     def expected_tensors(self) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
         """Per recorded layer: {parameter name under the adapter container: (shape, required)}."""
         raise NotImplementedError
@@ -154,9 +164,9 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     compute: str = field(
         default="auto",
         metadata={
-            "help": "'auto': per layer, time the structured product against a materialised dense ΔW once and "
-            "use the faster (recorded in layer_options, so a loaded adapter uses the same); 'fast' / 'dense' "
-            "force either."
+            "help": "'auto': per layer, time the structured product against a materialised dense ΔW folded into "
+            "the base weight (one matmul with W + alpha·ΔW) once and use the faster (recorded in layer_options, so "
+            "a loaded adapter uses the same); 'fast' / 'dense' force either."
         },
     )
     placement: str = field(

@@ -11,6 +11,12 @@ Active adapters are *summed* (never chained). ``get_delta_weight`` returns s·Δ
 (transposed for Conv1D, reshaped for Conv2d); merging adds it to the base weight, unmerging subtracts it.
 The operator is built by the method (``_build_operator``): SURM builds it from the layer shape, PMSS from the
 frozen weight. An operator may implement ``forward_from_base(x, base_out)`` to reuse the base layer's output.
+Operators in ``compute_mode="dense"`` (no dropout, float32 / float64 Linear or Conv1D) are folded into the base
+matmul instead: forward(x) = x·(W + Σ_a s_a·ΔW_a)ᵀ + b, one matmul (see :mod:`structpeft.operators.fused`).
+
+Mixed-adapter batches (inference): ``forward(x, adapter_names=[...])``, one name per example along dim 0, gives
+each example the base output plus *its* adapter's output (``"__base__"``: none), as PEFT's LoRA layers do; the
+tuner injects ``adapter_names`` into every structured layer (``StructuredTuner._enable_peft_forward_hooks``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..errors import MergeError, UnsupportedLayerError
+from ..errors import MergeError, MixedBatchError, UnsupportedLayerError
+from ..operators.fused import FOLDABLE_DTYPES, folded_linear
 
 try:  # transformers is optional
     from transformers.pytorch_utils import Conv1D
@@ -30,6 +37,8 @@ except ImportError:  # pragma: no cover - exercised only without transformers
     Conv1D = None
 
 SUPPORTED_LAYER_TYPES = "torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d"
+# in a mixed-adapter batch (``model(..., adapter_names=[...])``), the name of "no adapter" (PEFT's convention)
+MIXED_BATCH_BASE = "__base__"
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -277,13 +286,69 @@ class StructuredLayer(BaseTunerLayer):
             return op.forward_from_base(x, base_out) * scale
         return op(dropout(x)) * scale
 
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        """:class:`MixedBatchError` if ``adapter_names`` does not fit the batch ``x`` or adapters are merged."""
+        if len(adapter_names) != len(x):
+            raise MixedBatchError(
+                f"adapter_names has {len(adapter_names)} entries but the batch reaching "
+                f"{self.module_path or 'this layer'} has {len(x)} examples: give one adapter name per example"
+            )
+        if self.merged:
+            raise MixedBatchError(
+                f"adapter_names cannot be used while adapter(s) {self.merged_adapters} are merged into "
+                f"{self.module_path or 'this layer'}: call unmerge_adapter() first"
+            )
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each example with its own adapter: base(x) plus, for the examples named ``a``, adapter ``a``'s output on
+        that sub-batch (``MIXED_BATCH_BASE`` = no adapter; an adapter this layer does not hold adds nothing)."""
+        self._check_mixed_batch(x, adapter_names)
+        result = self.base_layer(x, *args, **kwargs)
+        base_out = result
+        groups: dict[str, list[int]] = {}
+        for index, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(index)
+        for name, indices in groups.items():
+            if name == MIXED_BATCH_BASE or name not in self.operators:
+                continue
+            idx = torch.tensor(indices, device=result.device)
+            delta = self._adapter_output(name, x[idx], base_out[idx])
+            result = result.index_add(0, idx, delta.to(result.dtype))
+        return result
+
+    def _folded_terms(self) -> list[tuple[nn.Module, float]] | None:
+        """(operator, scale) of the active adapters if all of them can be folded into the base weight: ΔW placement
+        with ``compute_mode == "dense"``, no dropout, on a float32 / float64 Linear or Conv1D; else None."""
+        base = self.get_base_layer()
+        if self.kind not in ("linear", "conv1d") or base.weight.dtype not in FOLDABLE_DTYPES:
+            return None
+        terms = []
+        for name in self.active_adapters:
+            if name not in self.operators:
+                continue
+            op = self.operators[name]
+            foldable = getattr(op, "compute_mode", "fast") == "dense" and hasattr(op, "delta_weight")
+            if not foldable or self.is_adapter_placement(name) or not isinstance(self.dropouts[name], nn.Identity):
+                return None
+            terms.append((op, self.scalings[name]))
+        return terms
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)  # injected by the tuner for a mixed-adapter batch
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        terms = None if args or kwargs else self._folded_terms()
+        if terms:  # dense ΔWs folded into the base matmul (see structpeft.operators.fused)
+            base = self.get_base_layer()
+            return folded_linear(x, weight_2d(base), base.bias, terms, owner=self)
         result = self.base_layer(x, *args, **kwargs)
         base_out = result
         for name in self.active_adapters:

@@ -9,16 +9,20 @@ A method subclass names its prefix, its layer class and how it resolves a layer'
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils.integrations import _skip_init_on_device
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..errors import BaseModelMismatchError, ConfigError, ShapeError, TargetModulesError
+from ..errors import BaseModelMismatchError, ConfigError, MixedBatchError, ShapeError, TargetModulesError
 from ..operators import get_operator_class
 from .config import SurmConfig
-from .layer import StructuredLayer, delta_shape
+from .layer import MIXED_BATCH_BASE, StructuredLayer, delta_shape
 from .surm_layer import SurmLayer, SurmWrapper
 
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -109,6 +113,61 @@ class StructuredTuner(BaseTuner):
                 f"modules ({', '.join(sorted(reserved))}); PEFT's key mapping would confuse them: choose another name"
             )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------- mixed-adapter batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """``model(..., adapter_names=[...])``: validate the names, then inject them into the forward of every
+        structured layer and ``modules_to_save`` wrapper for the duration of the call (PEFT's LoRA protocol;
+        with ``num_beams`` > 1 each name is repeated per beam, except in an encoder)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise MixedBatchError(
+                "adapter_names (a mixed-adapter batch) is for inference only, but the model is in training mode: "
+                "call model.eval() first"
+            )
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise MixedBatchError(
+                f"adapter_names={adapter_names!r} is invalid: expected a list with one adapter name (str) per example"
+            )
+        known = set()
+        for _, layer in self.structured_layers():
+            known |= set(layer.operators)
+        unknown = sorted({n for n in adapter_names if n != MIXED_BATCH_BASE} - known)
+        if unknown:
+            raise MixedBatchError(
+                f"adapter_names names adapter(s) {unknown} that this model does not hold; valid: "
+                f"{', '.join(sorted(known))} and {MIXED_BATCH_BASE!r} (no adapter)"
+            )
+        names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            names = [n for n in names for _ in range(num_beams)]
+
+        def inject(module: nn.Module, values: list[str]) -> None:
+            def hook(_module: nn.Module, hook_args: tuple, hook_kwargs: dict) -> tuple[tuple, dict]:
+                return hook_args, {**hook_kwargs, "adapter_names": values}
+
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+        handles: list[Any] = []
+        try:
+            for module in self.model.modules():
+                if isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper)):
+                    inject(module, names)
+            encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+            if len(names) != len(adapter_names) and encoder is not None and encoder is not self.model:
+                # the encoder runs once per input (not per beam): its hooks, registered last, override
+                for module in encoder.modules():
+                    if isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper)):
+                        inject(module, list(adapter_names))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # --------------------------------------------------------------------------------------- validation
     def _targets(self, config: Any, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -248,7 +307,10 @@ class SurmModel(StructuredTuner):
         from ..operators.dispatch import choose_compute
 
         device = base.weight.device if base.weight.device.type != "meta" else "cpu"
-        return choose_compute(get_operator_class(config.structure), *shape, options, device=device)
+        # the timing runs a backward on real tensors: also under torch.no_grad / inference_mode, and under PEFT's
+        # low_cpu_mem_usage (which puts new parameters on meta)
+        with _skip_init_on_device(), torch.inference_mode(False), torch.enable_grad():
+            return choose_compute(get_operator_class(config.structure), *shape, options, device=device)
 
     @staticmethod
     def _resolve_operator(config: SurmConfig, shape: tuple[int, int], n_params: int | None) -> dict[str, Any]:

@@ -28,6 +28,8 @@ class SurmLayer(StructuredLayer):
         compute = config.layer_options.get(self.module_path, {}).get("compute", {})
         for role, op in module.ops.items() if isinstance(module, AdapterBlock) else [("delta", module)]:
             op.compute_mode = compute.get(role, "fast")
+        if any(p.is_meta for p in module.parameters()):  # PEFT's low_cpu_mem_usage: filled by the state dict load
+            return module
         return module.to(base.weight.device)
 
 

@@ -1,0 +1,8 @@
+"""The distributed tests import ``dist_cases`` (shared with the torchrun worker script) from this folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

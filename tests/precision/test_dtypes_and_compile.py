@@ -1,0 +1,177 @@
+"""Dtypes, the folded dense path, inference caches and torch.compile, on whole models with adapters.
+
+Tolerances (stated in the README's Speed section): a model converted with ``.half()`` / ``.bfloat16()`` or run
+under ``torch.autocast(bfloat16)`` must match its float32 reference (same weights, same random non-zero adapter)
+within max |y − y32| / max |y32| <= 1e-2 (fp16) / 5e-2 (bf16): the base model's own rounding dominates, the
+adapters compute in float32 (FFTs) and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from structpeft import PmssConfig, SurmConfig
+from structpeft.operators import OPERATORS
+
+transformers = pytest.importorskip("transformers")
+
+STRUCTURES = ["circulant", "toeplitz", "kronecker", "ldr"]
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def tiny_bert() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=100,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def adapted(method: str, compute: str = "dense") -> nn.Module:
+    if method == "pmss":
+        cfg = PmssConfig(target_modules=["query", "value"], k_in=8, k_out=8, init_weights="random", alpha=300.0)
+    else:
+        size = {} if method == "kronecker" else {"block_size": 16}
+        cfg = SurmConfig(
+            structure=method, target_modules=["query", "value"], init_weights=False, compute=compute, **size
+        )
+    torch.manual_seed(1)
+    return get_peft_model(tiny_bert(), cfg)
+
+
+def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.detach().float() - ref).abs().max() / ref.abs().max())
+
+
+IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", [*STRUCTURES, "pmss"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_models_match_float32(method, dtype):
+    model = adapted(method)
+    with torch.no_grad():
+        ref = model(input_ids=IDS).last_hidden_state
+        half = copy.deepcopy(model).to(dtype)
+        y = half(input_ids=IDS).last_hidden_state
+    assert y.dtype == dtype
+    assert rel(y, ref) <= TOLERANCE[dtype]
+    # the adapter survives the rounding: the half model is closer to the adapted reference than the plain model is
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(input_ids=IDS).last_hidden_state
+    assert rel(plain, ref) > rel(y, ref)
+
+
+@pytest.mark.parametrize(
+    ("method", "compute"), [(s, c) for s in STRUCTURES for c in ("dense", "fast")] + [("pmss", "dense")]
+)  # PMSS has one path (the "dense" argument is ignored)
+def test_bf16_autocast_matches_float32_and_trains(method, compute):
+    model = adapted(method, compute)
+    with torch.no_grad():
+        ref = model(input_ids=IDS).last_hidden_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(input_ids=IDS).last_hidden_state
+    assert rel(y, ref) <= TOLERANCE[torch.bfloat16]
+    y.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_folded_dense_path_gives_the_fast_paths_outputs_and_gradients(structure):
+    outs, grads = {}, {}
+    for compute in ("fast", "dense"):
+        model = adapted(structure, compute).double()
+        y = model(input_ids=IDS).last_hidden_state
+        y.pow(2).mean().backward()
+        outs[compute] = y.detach()
+        grads[compute] = [p.grad for p in model.parameters() if p.requires_grad]
+    torch.testing.assert_close(outs["dense"], outs["fast"], atol=1e-10, rtol=0)
+    for a, b in zip(grads["dense"], grads["fast"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_folded_path_computes_one_matmul_with_the_folded_weight(monkeypatch):
+    model = adapted("circulant", "dense")
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    calls = []
+    real = nn.functional.linear
+
+    def spy(x, w, b=None):
+        calls.append(w.shape)
+        return real(x, w, b)
+
+    monkeypatch.setattr(nn.functional, "linear", spy)
+    x = torch.randn(3, 48)
+    y = layer(x)
+    assert calls == [(48, 48)]  # the base matmul only
+    base = layer.get_base_layer()
+    op = layer.surm_op["default"]
+    torch.testing.assert_close(y, real(x, base.weight + op.to_dense(), base.bias), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compute", ["dense", "fast"])
+def test_inference_caches_follow_in_place_parameter_updates(compute):
+    model = adapted("circulant", compute)
+    ops = [m.surm_op["default"] for m in model.modules() if hasattr(m, "surm_op")]
+    with torch.inference_mode():
+        first = model(input_ids=IDS).last_hidden_state.clone()
+        again = model(input_ids=IDS).last_hidden_state
+    assert torch.equal(first, again)  # the cached ΔW / spectra / folded weight give the same result
+    with torch.no_grad():
+        for op in ops:
+            op.weight.mul_(2.0)  # an optimiser-like in-place update bumps the version counters
+        expected = copy.deepcopy(model)(input_ids=IDS).last_hidden_state  # a fresh copy has no caches
+        got = model(input_ids=IDS).last_hidden_state
+    assert not torch.allclose(got, first)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_delta_weight_is_cached_only_outside_autograd():
+    op = OPERATORS["ldr"](24, 40, block_size=8)
+    op.reset_parameters(False)
+    with torch.no_grad():
+        assert op.delta_weight() is op.delta_weight()
+    w = op.delta_weight()
+    assert w.requires_grad and w is not op.delta_weight()
+    torch.testing.assert_close(w, op.to_dense(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["circulant", "pmss"])
+def test_compiled_model_matches_eager_without_graph_breaks(method):
+    """torch.compile (aot_eager backend: no C++ build, cheap) with fullgraph=True: the adapter path traces
+    without graph breaks, and the compiled forward and gradients equal the eager ones."""
+    torch._dynamo.reset()
+    model = adapted(method, "dense")
+    x = torch.randn(4, 6, 48)
+    layer = model.base_model.model.encoder.layer[0].attention.self.value
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    ref = layer(x)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
+    (g,) = torch.autograd.grad(y.sum(), [p for p in layer.parameters() if p.requires_grad])
+    (g_ref,) = torch.autograd.grad(ref.sum(), [p for p in layer.parameters() if p.requires_grad])
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [*STRUCTURES, "pmss"])
+@pytest.mark.parametrize("compute", ["dense", "fast"])
+def test_inductor_compiled_model_matches_eager(method, compute):
+    torch._dynamo.reset()
+    model = adapted(method, compute)
+    compiled = torch.compile(model)
+    y = compiled(input_ids=IDS).last_hidden_state
+    torch.testing.assert_close(y, model(input_ids=IDS).last_hidden_state, atol=1e-5, rtol=1e-4)
+    y.sum().backward()
