@@ -126,9 +126,19 @@ TASKS: dict[str, Task] = {
 # Quick mode (CI smoke): the real model and data, a few steps; forgetting on a small BBC probe for every task (SNLI
 # needs a one-time fetch), which exercises the measurement only — quick-mode numbers mean nothing.
 QUICK_ARGS = (
-    *("--max-train", "48", "--max-test", "48", "--max-length", "64", "--max-steps", "3", "--batch-size", "8"),
-    *("--max-new-tokens", "16"),
+    "--max-train",
+    "48",
+    "--max-test",
+    "48",
+    "--max-steps",
+    "3",
+    "--batch-size",
+    "8",
+    "--max-new-tokens",
+    "16",
 )
+# classification: short inputs; generation keeps the task's length (prompts + chains of thought need it)
+QUICK_MAX_LENGTH = {"minilm": "64"}
 QUICK_FORGETTING = {"max_train": 32, "max_test": 32, "max_length": 64}
 
 
@@ -212,6 +222,10 @@ def execution_order(runs: Sequence[Run]) -> list[Run]:
     return sorted(runs, key=lambda r: (r.seed, rank.get(r.method.name, len(rank)), index[r.id]))
 
 
+def _flag(args: Sequence[str], name: str) -> str:
+    return args[list(args).index(name) + 1]
+
+
 def plan(
     tasks: Sequence[str], seeds: Sequence[int], methods: Sequence[str] | None = None, quick: bool = False
 ) -> list[Run]:
@@ -226,7 +240,7 @@ def plan(
                     task.name,
                     task.model,
                     task.data,
-                    QUICK_ARGS,
+                    (*QUICK_ARGS, "--max-length", QUICK_MAX_LENGTH.get(task.model, _flag(task.args, "--max-length"))),
                     Forgetting(task.forgetting.kind, "bbc", **QUICK_FORGETTING),
                     seconds_per_run=30.0,
                     description=task.description + " [quick mode: 48 examples, 3 steps]",
