@@ -318,6 +318,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages (other jobs on the machine make every timing noisier); None where unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -334,7 +342,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": args.model, "model_description": spec.description, "targets": args.targets,
             "cases": {name: vars(c) for name, c in cases.items()}, "threads": args.threads, "device": str(device),
             "hardware": hardware, "cpu_count": os.cpu_count(), "reps": args.reps, "warmup": args.warmup,
-            "torch": torch.__version__,
+            "torch": torch.__version__, "load_average_start": _load_average(),
+            "command": "structpeft bench speed " + " ".join(getattr(args, "argv", []) or []),
         },
         "methods": {m: {"trainable": trainable(models[m]), **info[m]} for m in methods},
     }  # fmt: skip
@@ -523,6 +532,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     spec = MODELS[args.model]
     args.targets = args.targets or spec.targets
     if args.memory_probe:
@@ -533,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     args.memory = (not args.quick) if args.memory is None else args.memory
     args.compile = (not args.quick) if args.compile is None else args.compile
     results = run(args)
+    results["setting"]["load_average_end"] = _load_average()
     text = table(results) + "\n\n" + targets_text(results)
     print(f"setting: {json.dumps(results['setting'])}")
     print(text)

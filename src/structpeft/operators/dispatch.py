@@ -56,7 +56,7 @@ def choose_compute(
     in_features: int,
     options: dict,
     device: torch.device | str = "cpu",
-    tokens: int = 512,
+    tokens: int = 2048,
     reps: int = 5,
 ) -> str:
     """'fast' or 'dense', whichever adds less to a frozen layer's forward + backward of ``tokens`` rows (cached)."""
