@@ -91,6 +91,25 @@ def _approx_findings(approx: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _speed_header(speed: dict[str, Any]) -> list[str]:
+    st = speed.get("setting") or {}
+    if not st:
+        return []
+    cases = ", ".join(f"{n} {c['batch']} × {c['seq']}" for n, c in (st.get("cases") or {}).items())
+    command = (st.get("command") or "structpeft bench speed").strip()
+    line = (
+        f"Command: `{command}`. {st.get('model_description', st.get('model'))}; targets {st.get('targets')}; "
+        f"cases {cases}; median of {st.get('reps')} interleaved repetitions after {st.get('warmup')} warm-up; "
+        f"{st.get('cpu_count')} CPU cores ({st.get('hardware')}), {st.get('threads')} threads, "
+        f"torch {st.get('torch')}, device {st.get('device')}."
+    )
+    load = st.get("load_average_start"), st.get("load_average_end")
+    if all(load):
+        line += f" Load average (1 min) at start / end: {load[0][0]} / {load[1][0]}"
+        line += " — other jobs were running, timings are noisy." if max(load[0][0], load[1][0]) > 2.5 else "."
+    return [line]
+
+
 def render(root: Path) -> str:
     docs = root / "docs" / "bench"
     parts: list[str] = [
@@ -138,8 +157,13 @@ def render(root: Path) -> str:
     else:
         parts += ["### Matrix approximation", "", "Not run yet: `structpeft bench approx`.", ""]
 
-    if (docs / "speed.md").is_file():
-        parts += ["### Speed", "", "See [Speed](#speed) (`docs/bench/speed.md`, `structpeft bench speed`).", ""]
+    speed_md = _read(docs / "speed.md")
+    if speed_md is not None:
+        parts += ["### Speed (measured)", ""] + _speed_header(json.loads(_read(docs / "speed.json") or "{}")) + [""]
+        parts += [speed_md.strip(), "", "![speed](docs/bench/speed.png)", ""]
+        parts += ["How the fast paths work and what was tried: [Speed](#speed).", ""]
+    else:
+        parts += ["### Speed (measured)", "", "Not run yet: `structpeft bench speed --out docs/bench`.", ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
