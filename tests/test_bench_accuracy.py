@@ -146,3 +146,16 @@ def test_bench_accuracy_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope" in err and "lora-r8" in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_committed_report_restores_finished_runs_on_another_machine(tmp_path):
+    runs = A.plan(["bbc"], [0], ["lora-r8", "head-only"])
+    root, report = tmp_path / "runs", tmp_path / "docs"
+    report.mkdir()
+    same = {"id": runs[0].id, "accuracy": 0.9, "argv": A.finetune_argv(runs[0], A.run_dir(root, runs[0]))}
+    other = {"id": runs[1].id, "accuracy": 0.5, "argv": ["finetune", "--max-train", "1"]}  # other settings
+    (report / "runs.json").write_text(json.dumps([same, other]))
+    assert A.restore_from_report(root, runs, report) == 1
+    assert set(A.load_finished(root, runs)) == {runs[0].id}
+    assert A.load_finished(root, runs)[runs[0].id]["accuracy"] == 0.9
+    assert A.restore_from_report(root, runs, report) == 0  # already there: nothing overwritten

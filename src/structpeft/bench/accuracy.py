@@ -20,7 +20,9 @@ the decoder (SmolLM2) the mean token loss on held-back general text (BBC News ar
 their forgetting is exactly 0 (a check of the measurement).
 
 A run is finished when its folder holds ``bench.json``; a killed sweep continues where it stopped (the
-fine-tune itself is written atomically). Runs are ordered seed-major, so a partial sweep covers every method.
+fine-tune itself is written atomically). Runs recorded in the committed report (``runs.json`` of ``--out``) with
+the same fine-tune command count as finished too, so a sweep also continues on another machine. Runs are ordered
+seed-major, with the runs the targets compare first, so a partial sweep answers the targets early.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import statistics
@@ -459,6 +462,29 @@ def _hms(seconds: float) -> str:
     return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
 
 
+def restore_from_report(runs_root: Path, runs: Sequence[Run], report: Path) -> int:
+    """Re-create ``bench.json`` of runs recorded in a committed ``runs.json`` (another machine's sweep) whose
+    fine-tune command is the one planned now, so a sweep continues across machines. Returns how many."""
+    path = report / "runs.json"
+    if not path.is_file():
+        return 0
+    try:
+        recorded = {r["id"]: r for r in json.loads(path.read_text()) if isinstance(r, dict) and "id" in r}
+    except (ValueError, TypeError):
+        return 0
+    restored = 0
+    for run in runs:
+        d = run_dir(runs_root, run)
+        r = recorded.get(run.id)
+        if r is None or (d / BENCH_FILE).is_file():
+            continue
+        if r.get("argv") != finetune_argv(run, d):  # other settings (or another runs folder): not this run
+            continue
+        _write_json_atomic(d / BENCH_FILE, {**r, "restored_from": str(path)})
+        restored += 1
+    return restored
+
+
 def load_finished(runs_root: Path, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     done = {}
     for run in runs:
@@ -615,6 +641,14 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
+def _best_against(candidates: Sequence[Cell], reference: Cell) -> tuple[Cell | None, float]:
+    """The most accurate candidate and its accuracy minus the reference's, in points."""
+    if not candidates:
+        return None, math.nan
+    best = max(candidates, key=lambda c: c.accuracy)
+    return best, 100 * (best.accuracy - reference.accuracy)
+
+
 def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """The issue's targets, each met / missed (or not measured) with its numbers."""
     out = []
@@ -627,10 +661,10 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             continue
         if task in ("snli", "bbc"):
             quarter = lora.adapter_params / 4
-            cands = [c for c in cs.values() if c.family.startswith("SURM") and c.adapter_params <= quarter]
-            if cands:
-                best = max(cands, key=lambda c: c.accuracy)
-                gap = 100 * (best.accuracy - lora.accuracy)
+            best, gap = _best_against(
+                [c for c in cs.values() if c.family.startswith("SURM") and c.adapter_params <= quarter], lora
+            )
+            if best is not None:
                 out.append(
                     {
                         "task": task,
@@ -643,10 +677,10 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                     }
                 )
         if task == "gsm":
-            cands = [c for c in cs.values() if c.family == "PMSS" and c.adapter_params <= lora.adapter_params]
-            if cands:
-                best = max(cands, key=lambda c: c.accuracy)
-                gap = 100 * (best.accuracy - lora.accuracy)
+            best, gap = _best_against(
+                [c for c in cs.values() if c.family == "PMSS" and c.adapter_params <= lora.adapter_params], lora
+            )
+            if best is not None:
                 out.append(
                     {
                         "task": task,
@@ -854,6 +888,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "structpeft bench accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     failed: dict[str, Any] = {}
+    restored = restore_from_report(runs_root, runs, out)
+    if restored:
+        print(f"{restored} finished runs restored from {out / 'runs.json'}")
     if not args.report_only:
         failed = sweep(runs, runs_root, args.retry_failed, show_progress=not args.no_progress)["failed"]
     else:
