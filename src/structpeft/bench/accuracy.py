@@ -153,6 +153,8 @@ def minilm_methods() -> list[Method]:
     """The MiniLM sweep (query / value targets; 384 × 384 layers, LoRA r=8 = 6,144 parameters per layer)."""
     ms = [_m("head-only", "head-only", "--method", "head-only"), _m("full", "full", "--method", "full")]
     ms += [_m(f"lora-r{r}", "LoRA", "--method", "lora", "--r", str(r)) for r in (1, 2, 4, 8, 16)]
+    # control: LoRA r=8 at the structured methods' default learning rate (2e-3 instead of LoRA's 1e-3)
+    ms.append(_m("lora-r8-lr2e-3", "LoRA lr 2e-3", "--method", "lora", "--r", "8", "--lr", "2e-3"))
     surm = ("--method", "surm", "--structure")
     ms += [
         _m("surm-circulant-b384", "SURM circulant", *surm, "circulant", "--block-size", "384"),
@@ -201,6 +203,7 @@ def methods_for(task: Task) -> list[Method]:
 # them (reports list methods in the family order of the method lists whatever the execution order).
 PRIORITY = (
     "lora-r8",
+    "lora-r8-lr2e-3",
     "surm-circulant-lora2",
     "surm-kronecker-lora2",
     "surm-toeplitz-lora2",
@@ -728,12 +731,19 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
             vs = f"{100 * (c.accuracy - lora.accuracy):+.2f}" if lora is not None else "—"
             step = f"{c.step_time_s:.3f}" if c.step_time_s else "—"
             mem = f"{c.peak_rss_mb:,.0f}" if c.peak_rss_mb else "—"
+            acc = f"{100 * c.accuracy:.2f}" + (f" ± {100 * c.accuracy_std:.2f}" if c.n > 1 else "")
+            fgt = f"{c.forgetting:+.3f}" + (f" ± {c.forgetting_std:.3f}" if c.n > 1 else "")
             lines.append(
-                f"| {c.method} | {c.adapter_params:,} | {c.trainable_percent:.3f} | {100 * c.accuracy:.2f} ± "
-                f"{100 * c.accuracy_std:.2f} | {vs} | {step} | {mem} | {_size(c.saved_bytes)} | "
-                f"{c.forgetting:+.3f} ± {c.forgetting_std:.3f} | {c.n} |"
+                f"| {c.method} | {c.adapter_params:,} | {c.trainable_percent:.3f} | {acc} | {vs} | {step} | {mem} | "
+                f"{_size(c.saved_bytes)} | {fgt} | {c.n} |"
             )
         lines.append("")
+    lines += [
+        "Accuracy: mean ± sample std over the seeds in the last column (one seed: no std). Step time (median "
+        "per run) and peak RSS (per run process) were measured while other jobs may have shared the machine: "
+        "use `structpeft bench speed` for controlled timings. Forgetting: see `structpeft bench accuracy --help`.",
+        "",
+    ]
     if targets:
         lines += ["### Targets", ""]
         for t in targets:
@@ -886,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:
             print(r.id, " ".join(r.method.args))
         return 0
-    command = "structpeft bench accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    # the command that (re)produces the runs: without the report-only / display flags
+    command = "structpeft bench accuracy " + " ".join(a for a in given if a not in ("--report-only", "--no-progress"))
     failed: dict[str, Any] = {}
     restored = restore_from_report(runs_root, runs, out)
     if restored:
