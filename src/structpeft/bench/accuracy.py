@@ -447,7 +447,7 @@ def worker(spec: dict[str, Any]) -> int:
 
 
 def _estimate(runs: Sequence[Run], done: dict[str, dict[str, Any]]) -> float:
-    """Seconds left: per task the mean measured time of finished runs, else the task's sizing constant."""
+    """Seconds left: per task the median measured time of finished runs, else the task's sizing constant."""
     per_task: dict[str, list[float]] = {}
     for r in done.values():
         if r.get("wall_s"):
@@ -456,7 +456,7 @@ def _estimate(runs: Sequence[Run], done: dict[str, dict[str, Any]]) -> float:
     for run in runs:
         if run.id not in done:
             measured = per_task.get(run.task.name)
-            left += statistics.mean(measured) if measured else run.task.seconds_per_run
+            left += statistics.median(measured) if measured else run.task.seconds_per_run
     return left
 
 
