@@ -36,27 +36,28 @@ def _accuracy_findings(summary: dict[str, Any]) -> list[str]:
     cells = summary.get("cells", [])
     for task in dict.fromkeys(c["task"] for c in cells):
         cs = {c["method"]: c for c in cells if c["task"] == task}
-        lora = cs.get("lora-r8")
-        if lora is None:
+        loras = [cs[m] for m in ("lora-r8", "lora-r8-lr2e-3") if m in cs]
+        if not loras:
             continue
+        lora = max(loras, key=lambda c: c["accuracy"])
         peft_ranked = sorted(cs.values(), key=lambda c: -c["accuracy"])
         best = peft_ranked[0]
         small = [c for c in cs.values() if c["family"].startswith(("SURM", "PMSS")) and c["adapter_params"] > 0]
         beat = [c for c in small if c["adapter_params"] <= lora["adapter_params"] and c["accuracy"] > lora["accuracy"]]
         lost = [c for c in small if c["accuracy"] < lora["accuracy"] - 0.005]
-        line = (
-            f"**{task}**: best overall {best['method']} ({100 * best['accuracy']:.2f}); LoRA r=8 "
-            f"{100 * lora['accuracy']:.2f}. "
-        )
+        line = f"**{task}**: best overall {best['method']} ({100 * best['accuracy']:.2f}); "
+        line += "; ".join(f"{c['method']} {100 * c['accuracy']:.2f}" for c in loras) + ". "
+        if len(loras) > 1 and abs(loras[0]["accuracy"] - loras[1]["accuracy"]) > 0.01:
+            line += "LoRA r=8's accuracy depends on its learning rate; the comparisons below use the better one. "
         if beat:
             names = ", ".join(
                 f"{c['method']} ({100 * c['accuracy']:.2f}, {c['adapter_params']:,} params)" for c in beat
             )
-            line += f"Structured adapters at <= LoRA r=8's parameters that beat it: {names}. "
+            line += f"Structured adapters at <= LoRA r=8's parameters that beat {lora['method']}: {names}. "
         else:
-            line += "No structured adapter at <= LoRA r=8's parameters beat it. "
+            line += f"No structured adapter at <= LoRA r=8's parameters beat {lora['method']}. "
         if lost:
-            line += f"{len(lost)} of {len(small)} structured settings were more than 0.5 points below LoRA r=8."
+            line += f"{len(lost)} of {len(small)} structured settings were more than 0.5 points below {lora['method']}."
         n = sorted({c["n"] for c in cs.values()})
         line += f" (Seeds per setting: {', '.join(map(str, n))}.)"
         out.append(line)
