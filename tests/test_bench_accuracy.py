@@ -160,3 +160,14 @@ def test_a_committed_report_restores_finished_runs_on_another_machine(tmp_path):
     assert set(A.load_finished(root, runs)) == {runs[0].id}
     assert A.load_finished(root, runs)[runs[0].id]["accuracy"] == 0.9
     assert A.restore_from_report(root, runs, report) == 0  # already there: nothing overwritten
+
+
+def test_targets_compare_with_the_better_lora_r8_learning_rate():
+    rs = [
+        _result("bbc", "lora-r8", "LoRA", 0, 0.70, 73728),  # undertrained at its default lr
+        _result("bbc", "lora-r8-lr2e-3", "LoRA lr 2e-3", 0, 0.93, 73728),
+        _result("bbc", "surm-circulant-lora2", "SURM circulant", 0, 0.92, 18432),
+    ]
+    cells = A.summarise(rs, A.plan(["bbc"], [0]))
+    quarter = next(t for t in A.check_targets(cells) if "1/4" in t["target"])
+    assert not quarter["met"] and "vs lora-r8-lr2e-3 93.00" in quarter["detail"] and "-1.00 points" in quarter["detail"]
