@@ -10,7 +10,6 @@ reference of ``dist_cases.reference_run`` computed here.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,23 +19,13 @@ import torch
 from dist_cases import CASES, reference_run
 from safetensors.torch import load_file
 
+from child_process import subprocess_env
+
 HERE = Path(__file__).resolve().parent
 WORLD = 2
 MODES = ("ddp", "fsdp2")
 PARAMS = [pytest.param(c, m, id=f"{c.id}-{m}") for c in CASES for m in MODES]
 _REFERENCES: dict[str, tuple[dict, Path]] = {}
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment of a child Python: one thread per process, structpeft importable from this checkout."""
-    import structpeft
-
-    env = dict(os.environ)
-    src = str(Path(structpeft.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ exactly those of the uninterrupted run (dropout is on, so the RNG state must be 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,23 +19,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from child_process import subprocess_env
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPTS = {"trainer": EXAMPLES / "train_trainer.py", "accelerate": EXAMPLES / "train_accelerate.py"}
 TINY = ["--tiny", "--max-steps", "6", "--save-steps", "3", "--batch-size", "8", "--lr", "2e-2"]
 FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 _RUNS: dict[str, Path] = {}
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment of a child Python: one thread, structpeft importable from this checkout."""
-    import structpeft
-
-    env = dict(os.environ)
-    src = str(Path(structpeft.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
 
 
 def free_port() -> int:
