@@ -746,7 +746,10 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
     lines += [
         "Accuracy: mean ± sample std over the seeds in the last column (one seed: no std). Step time (median "
         "per run) and peak RSS (per run process) were measured while other jobs may have shared the machine: "
-        "use `structpeft bench speed` for controlled timings. Forgetting: see `structpeft bench accuracy --help`.",
+        "use `structpeft bench speed` for controlled timings. Forgetting (positive = forgotten): MiniLM, the "
+        "base minus the fine-tuned encoder's accuracy, in points, of a logistic-regression probe on mean-pooled "
+        "embeddings for the other task (BBC for SNLI runs, SNLI for BBC runs); SmolLM2, the increase of the mean "
+        "token loss on BBC News text.",
         "",
     ]
     if targets:
