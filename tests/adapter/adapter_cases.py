@@ -16,24 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from testkit import TinyConvNet, ids_input, tiny_gpt2
+
 STRUCTURES: tuple[str, ...] = ("circulant", "toeplitz", "kronecker", "ldr", "dense")
 FORMS: tuple[str, ...] = ("square", "bottleneck")
 ACTIVATIONS: tuple[str, ...] = ("identity", "gelu", "relu", "silu", "tanh")
 BOTTLENECK = 4  # < every targeted width (the smallest is conv0's 6 channels)
-
-
-class TinyConvNet(nn.Module):
-    """Conv2d(3, 6, 3) -> ReLU -> Conv2d(6, 8, 3, padding=1, groups=2) -> ReLU -> mean -> Linear(8, 5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(3, 6, 3)
-        self.conv1 = nn.Conv2d(6, 8, 3, padding=1, groups=2)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv1(torch.relu(self.conv0(x))))
-        return self.head(h.mean(dim=(-2, -1)))
 
 
 def bert_like(hidden: int = 24, intermediate: int = 36, layers: int = 2) -> nn.Module:
@@ -49,13 +37,6 @@ def bert_like(hidden: int = 24, intermediate: int = 36, layers: int = 2) -> nn.M
     return BertModel(cfg)
 
 
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2Model
-
-    cfg = GPT2Config(n_embd=24, n_layer=2, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return GPT2Model(cfg)
-
-
 def tiny_llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaModel
 
@@ -68,10 +49,6 @@ def tiny_llama() -> nn.Module:
         vocab_size=64,
     )
     return LlamaModel(cfg)
-
-
-def _ids(vocab: int, shape: tuple[int, ...]) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
-    return lambda g: {"input_ids": torch.randint(0, vocab, shape, generator=g)}
 
 
 @dataclass(frozen=True)
@@ -116,7 +93,7 @@ LAYER_CASES: list[AdapterLayerCase] = [
     AdapterLayerCase(
         id="bert-like",
         factory=bert_like,
-        input_factory=_ids(64, (2, 7)),
+        input_factory=ids_input(64, (2, 7)),
         output=lambda out: out.last_hidden_state,
         target_modules=("attention.output.dense", "output.dense"),
         kind="linear",
@@ -125,7 +102,7 @@ LAYER_CASES: list[AdapterLayerCase] = [
     AdapterLayerCase(
         id="gpt2-conv1d",
         factory=tiny_gpt2,
-        input_factory=_ids(50, (2, 9)),
+        input_factory=ids_input(50, (2, 9)),
         output=lambda out: out.last_hidden_state,
         target_modules=("c_proj",),
         kind="conv1d",
@@ -134,7 +111,7 @@ LAYER_CASES: list[AdapterLayerCase] = [
     AdapterLayerCase(
         id="llama-like",
         factory=tiny_llama,
-        input_factory=_ids(64, (2, 8)),
+        input_factory=ids_input(64, (2, 8)),
         output=lambda out: out.last_hidden_state,
         target_modules=("o_proj", "down_proj"),
         kind="linear",

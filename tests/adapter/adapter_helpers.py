@@ -3,10 +3,8 @@ base model), snapshots, fresh-process runs."""
 
 from __future__ import annotations
 
+import functools
 import os
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
 
 import torch
@@ -16,9 +14,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import testkit
 from structpeft.peft.surm_layer import SurmLayer
+from testkit import assert_same_snapshot as assert_same_snapshot
+from testkit import snapshot as snapshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# child interpreters with this folder (and tests/) on sys.path
+run_python = functools.partial(testkit.run_python, path=HERE)
 PEFT_PREFIX = "base_model.model."
 ATOL64 = 1e-10
 
@@ -135,27 +138,3 @@ def assert_original_types(case: AdapterLayerCase, model: nn.Module) -> None:
     assert targets
     for m in targets:
         assert type(m) is expected, type(m)
-
-
-def snapshot(model: nn.Module):
-    modules = [(k, type(m).__qualname__) for k, m in model.named_modules()]
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return modules, state
-
-
-def assert_same_snapshot(before, after) -> None:
-    assert before[0] == after[0], "module tree changed"
-    assert before[1].keys() == after[1].keys(), "state dict keys changed"
-    for k, v in before[1].items():
-        assert torch.equal(v, after[1][k]), f"{k} changed"
-
-
-def run_python(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh interpreter with tests/adapter on sys.path; fail with its output if it fails."""
-    code = f"import sys\nsys.path.insert(0, {HERE!r})\n" + textwrap.dedent(script)
-    env = dict(
-        os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc

@@ -19,7 +19,7 @@ import torch
 from dist_cases import CASES, reference_run
 from safetensors.torch import load_file
 
-from child_process import subprocess_env
+from testkit import subprocess_env
 
 HERE = Path(__file__).resolve().parent
 WORLD = 2

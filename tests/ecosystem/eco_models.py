@@ -62,26 +62,6 @@ def gpt2_lm() -> nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def bert_config(**kwargs: Any):
-    from transformers import BertConfig
-
-    return BertConfig(
-        vocab_size=64,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=36,
-        num_labels=3,
-        **kwargs,
-    )
-
-
-def bert_cls() -> nn.Module:
-    from transformers import BertForSequenceClassification
-
-    return BertForSequenceClassification(bert_config())
-
-
 def surm_lora(structure: str, targets: list[str], **kwargs: Any):
     from structpeft import SurmConfig
 

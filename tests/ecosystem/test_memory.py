@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eco_models import ADAPTER_KINDS, MLP, bert_cls, bert_config, seeded
+from eco_models import ADAPTER_KINDS, MLP, seeded
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from structpeft.errors import SelectionError
+from testkit import tiny_bert_cls, tiny_bert_config
 
 KINDS = list(ADAPTER_KINDS)
 BERT_TARGETS = {
@@ -42,7 +43,7 @@ def _meta_tensors(model: torch.nn.Module) -> list[str]:
 
 def _saved_adapter(kind: str, folder) -> torch.Tensor:
     """Save a non-zero adapter of ``kind`` (with the SEQ_CLS head) for the seeded tiny BERT; return its logits."""
-    model = get_peft_model(seeded(bert_cls), ADAPTER_KINDS[kind](BERT_TARGETS[kind], task_type="SEQ_CLS"))
+    model = get_peft_model(seeded(tiny_bert_cls), ADAPTER_KINDS[kind](BERT_TARGETS[kind], task_type="SEQ_CLS"))
     model.eval()
     model.save_pretrained(folder)
     with torch.no_grad():
@@ -54,14 +55,14 @@ def test_from_pretrained_low_cpu_mem_usage_equals_normal_loading(kind, tmp_path)
     expected = _saved_adapter(kind, tmp_path)
     outs = {}
     for low_cpu in (False, True):
-        model = PeftModel.from_pretrained(seeded(bert_cls), str(tmp_path), low_cpu_mem_usage=low_cpu)
+        model = PeftModel.from_pretrained(seeded(tiny_bert_cls), str(tmp_path), low_cpu_mem_usage=low_cpu)
         assert _meta_tensors(model) == []
         with torch.no_grad():
             outs[low_cpu] = model(input_ids=_ids()).logits
     assert torch.equal(outs[True], outs[False])
     torch.testing.assert_close(outs[True], expected, atol=0, rtol=0)
     with torch.no_grad():
-        assert not torch.equal(expected, seeded(bert_cls)(input_ids=_ids()).logits)  # the adapter is not a no-op
+        assert not torch.equal(expected, seeded(tiny_bert_cls)(input_ids=_ids()).logits)  # the adapter is not a no-op
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -70,7 +71,7 @@ def test_get_peft_model_low_cpu_mem_usage_then_load_the_weights(kind, tmp_path):
     ``set_peft_model_state_dict(..., low_cpu_mem_usage=True)`` assigns the saved ones."""
     expected = _saved_adapter(kind, tmp_path)
     config = ADAPTER_KINDS[kind](BERT_TARGETS[kind], task_type="SEQ_CLS")
-    model = get_peft_model(seeded(bert_cls), config, low_cpu_mem_usage=True)
+    model = get_peft_model(seeded(tiny_bert_cls), config, low_cpu_mem_usage=True)
     meta = _meta_tensors(model)
     assert meta and all(_prefix(kind) in n for n in meta), meta
     assert any(".weight" in n or ".core" in n or ".left" in n for n in meta)
@@ -115,9 +116,9 @@ def test_transformers_from_pretrained_base_then_adapter(kind, tmp_path):
     with PEFT's ``low_cpu_mem_usage`` too, and gives the in-memory model's outputs."""
     from transformers import BertForSequenceClassification
 
-    seeded(bert_cls).save_pretrained(tmp_path / "base")
+    seeded(tiny_bert_cls).save_pretrained(tmp_path / "base")
     expected = _saved_adapter(kind, tmp_path / "adapter")
-    base = BertForSequenceClassification.from_pretrained(tmp_path / "base", config=bert_config())
+    base = BertForSequenceClassification.from_pretrained(tmp_path / "base", config=tiny_bert_config())
     model = PeftModel.from_pretrained(base.eval(), str(tmp_path / "adapter"), low_cpu_mem_usage=True)
     assert _meta_tensors(model) == []
     with torch.no_grad():
@@ -130,12 +131,12 @@ def test_inference_mode_loading_freezes_everything(kind, tmp_path):
     trainable, adapter and classification head included; ``is_trainable=True`` makes exactly the adapter and the
     head trainable."""
     _saved_adapter(kind, tmp_path)
-    model = PeftModel.from_pretrained(seeded(bert_cls), str(tmp_path))
+    model = PeftModel.from_pretrained(seeded(tiny_bert_cls), str(tmp_path))
     assert model.peft_config["default"].inference_mode is True
     params = dict(model.named_parameters())
     assert any(_prefix(kind) in n for n in params)
     assert [n for n, p in params.items() if p.requires_grad] == []
-    trainable = PeftModel.from_pretrained(seeded(bert_cls), str(tmp_path), is_trainable=True)
+    trainable = PeftModel.from_pretrained(seeded(tiny_bert_cls), str(tmp_path), is_trainable=True)
     names = {n for n, p in trainable.named_parameters() if p.requires_grad}
     assert names and all(_prefix(kind) in n or "modules_to_save" in n for n in names), names
     assert any(_prefix(kind) in n for n in names) and any("modules_to_save" in n for n in names)
@@ -152,7 +153,7 @@ def test_gradient_checkpointing_gives_identical_gradients(kind):
     grads, calls = [], []
     for checkpointing in (False, True):
         torch.manual_seed(3)
-        model = get_peft_model(seeded(bert_cls), ADAPTER_KINDS[kind](BERT_TARGETS[kind]))
+        model = get_peft_model(seeded(tiny_bert_cls), ADAPTER_KINDS[kind](BERT_TARGETS[kind]))
         if checkpointing:
             # transformers 5 renamed it activation_checkpointing_enable (the old name warns); keep 4.x working
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()

@@ -13,10 +13,11 @@ import itertools
 
 import pytest
 import torch
-from eco_models import MLP, ConvNet, bert_cls, gpt2_lm, pmss, seeded, surm_adapter, surm_lora
+from eco_models import MLP, ConvNet, gpt2_lm, pmss, seeded, surm_adapter, surm_lora
 from peft import get_peft_model
 
 from structpeft import MixedBatchError
+from testkit import tiny_bert_cls
 
 BASE = "__base__"
 
@@ -110,7 +111,7 @@ def test_mixed_batch_uses_each_adapters_own_classification_head():
     from structpeft import SurmConfig
 
     model = get_peft_model(
-        seeded(bert_cls),
+        seeded(tiny_bert_cls),
         SurmConfig(structure="circulant", task_type="SEQ_CLS", init_weights=False, target_modules=["query"]),
         adapter_name="a",
     )

@@ -4,11 +4,12 @@ trainable parameter count and base model name, in PEFT's card (metadata and text
 from __future__ import annotations
 
 import pytest
-from eco_models import ADAPTER_KINDS, bert_cls, seeded
+from eco_models import ADAPTER_KINDS, seeded
 from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
 
 from structpeft.peft.card import SECTION_START
+from testkit import tiny_bert_cls
 
 TARGETS = {"surm-adapter": ["output.dense"]}
 
@@ -19,7 +20,7 @@ def named_base(tmp_path_factory):
     from transformers import BertForSequenceClassification
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    seeded(bert_cls).save_pretrained(folder)
+    seeded(tiny_bert_cls).save_pretrained(folder)
     return folder, lambda: BertForSequenceClassification.from_pretrained(folder)
 
 
@@ -69,7 +70,7 @@ def test_card_section_is_replaced_not_repeated_and_other_adapters_get_their_own(
 
 
 def test_card_of_an_unnamed_base_model_says_so(tmp_path):
-    model = get_peft_model(seeded(bert_cls), ADAPTER_KINDS["surm-circulant"](["query"]))
+    model = get_peft_model(seeded(tiny_bert_cls), ADAPTER_KINDS["surm-circulant"](["query"]))
     model.save_pretrained(tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "| Base model | not recorded" in text
@@ -81,7 +82,7 @@ def test_card_counts_what_the_weights_file_holds(tmp_path):
     """The count comes from the saved file: equal to the adapter's parameters, not to the whole model's."""
     from safetensors.torch import load_file
 
-    model = get_peft_model(seeded(bert_cls), ADAPTER_KINDS["pmss"](["query", "value"], k_in=2, k_out=5))
+    model = get_peft_model(seeded(tiny_bert_cls), ADAPTER_KINDS["pmss"](["query", "value"], k_in=2, k_out=5))
     model.save_pretrained(tmp_path)
     stored = sum(t.numel() for t in load_file(tmp_path / "adapter_model.safetensors").values())
     assert stored == 4 * 2 * 5

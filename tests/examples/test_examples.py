@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from child_process import subprocess_env
+from testkit import subprocess_env
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPTS = {"trainer": EXAMPLES / "train_trainer.py", "accelerate": EXAMPLES / "train_accelerate.py"}

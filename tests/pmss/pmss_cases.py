@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from testkit import TinyConvNet, ids_input, tiny_bert_cls, tiny_gpt2
+
 SELECTIONS: tuple[str, ...] = ("deim", "qdeim", "leverage", "norm", "random")
 
 
@@ -33,45 +35,6 @@ class PmssMLP(nn.Module):
         h = torch.tanh(self.lin0(x))
         h = torch.tanh(self.lin1(h))
         return self.head(torch.tanh(self.lin2(h)))
-
-
-class TinyConvNet(nn.Module):
-    """Conv2d(3, 6, 3) -> ReLU -> Conv2d(6, 8, 3, padding=1, groups=2) -> ReLU -> mean -> Linear(8, 5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(3, 6, 3)
-        self.conv1 = nn.Conv2d(6, 8, 3, padding=1, groups=2)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv1(torch.relu(self.conv0(x))))
-        return self.head(h.mean(dim=(-2, -1)))
-
-
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2Model
-
-    cfg = GPT2Config(n_embd=24, n_layer=2, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
-    return GPT2Model(cfg)
-
-
-def tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=36,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg)
-
-
-def _ids(vocab: int, shape: tuple[int, ...]) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
-    return lambda g: {"input_ids": torch.randint(0, vocab, shape, generator=g)}
 
 
 @dataclass(frozen=True)
@@ -124,7 +87,7 @@ LAYER_CASES: list[PmssLayerCase] = [
     PmssLayerCase(
         id="conv1d-gpt2",
         factory=tiny_gpt2,
-        input_factory=_ids(50, (2, 9)),
+        input_factory=ids_input(50, (2, 9)),
         output=lambda out: out.last_hidden_state,
         target_modules=("c_attn", "c_proj"),
         kind="conv1d",
@@ -139,8 +102,8 @@ LAYER_CASES: list[PmssLayerCase] = [
     ),
     PmssLayerCase(
         id="linear-bert",
-        factory=tiny_bert,
-        input_factory=_ids(64, (2, 7)),
+        factory=tiny_bert_cls,
+        input_factory=ids_input(64, (2, 7)),
         output=lambda out: out.logits,
         target_modules=("query", "value", "intermediate.dense"),
         kind="linear",

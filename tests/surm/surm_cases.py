@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from testkit import TinyConvNet, ids_input, tiny_bert_cls, tiny_gpt2
+
 # --------------------------------------------------------------------------------------------- structures
 
 
@@ -130,54 +132,6 @@ def mlp_functional(params: dict[str, tuple[torch.Tensor, torch.Tensor]], x: torc
     return lin("lin3", torch.tanh(torch.cat([h, g], dim=-1)))
 
 
-class TinyConvNet(nn.Module):
-    """Conv2d(3, 6, 3) -> ReLU -> Conv2d(6, c, 3, padding=1, groups=2) -> ReLU -> spatial mean -> Linear."""
-
-    def __init__(self, conv1_out: int = 4) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(3, 6, 3)
-        self.conv1 = nn.Conv2d(6, conv1_out, 3, padding=1, groups=2)
-        self.head = nn.Linear(conv1_out, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv1(torch.relu(self.conv0(x))))
-        return self.head(h.mean(dim=(-2, -1)))
-
-
-def _gpt2(n_inner: int | None = None) -> nn.Module:
-    from transformers import GPT2Config, GPT2Model
-
-    cfg = GPT2Config(
-        n_embd=24,
-        n_layer=2,
-        n_head=2,
-        vocab_size=50,
-        n_positions=32,
-        n_inner=n_inner,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2Model(cfg)
-
-
-def _bert(intermediate_size: int = 36, num_hidden_layers: int = 2) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=24,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=2,
-        intermediate_size=intermediate_size,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg)
-
-
-def _int_inputs(vocab: int, shape: tuple[int, ...]) -> Callable[[torch.Generator], dict[str, torch.Tensor]]:
-    return lambda g: {"input_ids": torch.randint(0, vocab, shape, generator=g)}
-
-
 @dataclass(frozen=True)
 class LayerCase:
     """A layer type: a tiny seeded model holding such layers, its inputs and its targets."""
@@ -229,16 +183,16 @@ LAYER_CASES: list[LayerCase] = [
     ),
     LayerCase(
         id="conv1d-gpt2",
-        factory=_gpt2,
-        mismatched_factory=lambda: _gpt2(n_inner=64),  # c_fc 24 -> 64 instead of 24 -> 96
-        input_factory=_int_inputs(50, (2, 9)),
+        factory=tiny_gpt2,
+        mismatched_factory=lambda: tiny_gpt2(n_inner=64),  # c_fc 24 -> 64 instead of 24 -> 96
+        input_factory=ids_input(50, (2, 9)),
         output=lambda out: out.last_hidden_state,
         target_modules=("c_attn", "c_fc"),
         base_layer_type="conv1d",
     ),
     LayerCase(
         id="conv2d-convnet",
-        factory=TinyConvNet,
+        factory=lambda: TinyConvNet(conv1_out=4),
         mismatched_factory=lambda: TinyConvNet(conv1_out=6),
         input_factory=lambda g: {"x": torch.randn(2, 3, 8, 8, generator=g)},
         output=lambda out: out,
@@ -247,9 +201,9 @@ LAYER_CASES: list[LayerCase] = [
     ),
     LayerCase(
         id="linear-bert",
-        factory=_bert,
-        mismatched_factory=lambda: _bert(intermediate_size=40),  # query / value still fit, intermediate not
-        input_factory=_int_inputs(64, (2, 7)),
+        factory=tiny_bert_cls,
+        mismatched_factory=lambda: tiny_bert_cls(intermediate_size=40),  # query / value still fit, intermediate not
+        input_factory=ids_input(64, (2, 7)),
         output=lambda out: out.logits,
         target_modules=("query", "value", "intermediate.dense"),
         base_layer_type="linear",

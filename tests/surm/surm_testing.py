@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterable
 
 import torch
@@ -14,9 +12,14 @@ from surm_cases import LayerCase
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import testkit
 from structpeft.peft.surm_layer import SurmLayer
+from testkit import assert_same_snapshot as assert_same_snapshot
+from testkit import snapshot as snapshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# child interpreters with this folder (and tests/) on sys.path
+run_python = functools.partial(testkit.run_python, path=HERE, timeout=180)
 PEFT_PREFIX = "base_model.model."
 ATOL64 = 1e-10
 REL32 = 1e-5
@@ -117,21 +120,6 @@ def assert_original_types(case: LayerCase, model: nn.Module) -> None:
         assert type(m) is expected, type(m)
 
 
-# ---------------------------------------------------------------------------------------------- snapshots
-def snapshot(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, torch.Tensor]]:
-    """(module names and types, a cloned state dict): everything a failed call must leave unchanged."""
-    modules = [(k, type(m).__qualname__) for k, m in model.named_modules()]
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return modules, state
-
-
-def assert_same_snapshot(before, after) -> None:
-    assert before[0] == after[0], "module tree changed"
-    assert before[1].keys() == after[1].keys(), "state dict keys changed"
-    for k, v in before[1].items():
-        assert torch.equal(v, after[1][k]), f"{k} changed"
-
-
 def assert_state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     for k, v in a.items():
@@ -140,16 +128,6 @@ def assert_state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tens
 
 def params_by_name(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters() if names is None or k in names}
-
-
-# --------------------------------------------------------------------------------------------- subprocess
-def run_python(script: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh interpreter with tests/surm on sys.path; fail with its output if it fails."""
-    code = f"import sys\nsys.path.insert(0, {HERE!r})\n" + textwrap.dedent(script)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 FRESH_PROCESS_SCRIPT = """

@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from surm_cases import BAD_OPTIONS, LAYERS_BY_ID, ONE_PER_STRUCTURE, STRUCTURE_CASES, _bert
+from surm_cases import BAD_OPTIONS, LAYERS_BY_ID, ONE_PER_STRUCTURE, STRUCTURE_CASES
 from surm_testing import assert_same_snapshot, snapshot
 from torch import nn
 
@@ -27,6 +27,7 @@ from structpeft import (
     UnknownStructureError,
     UnsupportedLayerError,
 )
+from testkit import tiny_bert_cls
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -144,7 +145,7 @@ def test_load_onto_base_model_lacking_recorded_layers(tmp_path):
     case = LAYERS_BY_ID["linear-bert"]
     folder = _saved_adapter(ONE_PER_STRUCTURE[0], case, tmp_path / "adapter")  # the same for every structure
     torch.manual_seed(case.seed)
-    smaller = _bert(num_hidden_layers=1).eval()
+    smaller = tiny_bert_cls(num_hidden_layers=1).eval()
     _fails_without_change(
         smaller, lambda: PeftModel.from_pretrained(smaller, folder), BaseModelMismatchError, "layer.1"
     )
@@ -156,7 +157,7 @@ def test_load_onto_base_model_with_extra_target_layers(tmp_path):
     case = LAYERS_BY_ID["linear-bert"]
     folder = _saved_adapter(ONE_PER_STRUCTURE[0], case, tmp_path / "adapter")  # the same for every structure
     torch.manual_seed(case.seed)
-    larger = _bert(num_hidden_layers=3).eval()
+    larger = tiny_bert_cls(num_hidden_layers=3).eval()
     warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
     _fails_without_change(larger, lambda: PeftModel.from_pretrained(larger, folder), BaseModelMismatchError, "layer.2")
 
