@@ -293,6 +293,11 @@ def _make_nan_callback(step_losses: list[float]):
     return NanLossStop()
 
 
+def _in_head(name: str, head: list[str]) -> bool:
+    """Whether parameter ``name`` belongs to a head module (also inside PEFT's ``modules_to_save`` wrappers)."""
+    return any(f".{h}." in f".{name}." for h in head)
+
+
 def _optimizer(model: Any, head: list[str], lr: float, head_lr: float) -> Any:
     import torch
 
@@ -300,8 +305,7 @@ def _optimizer(model: Any, head: list[str], lr: float, head_lr: float) -> Any:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_head = any(f".{h}." in f".{name}." for h in head) if head else False
-        (head_params if is_head else other).append(p)
+        (head_params if _in_head(name, head) else other).append(p)
     groups = [g for g in ({"params": other, "lr": lr}, {"params": head_params, "lr": head_lr}) if g["params"]]
     if not groups:
         raise C.CliError("the chosen method leaves no trainable parameters")
@@ -404,11 +408,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     transformers.set_seed(args.seed)
     model = apply_method(model, hp, task, head, targets)
     trainable, total = C.count_parameters(model)
-    head_params = sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if p.requires_grad and head and any(f".{h}." in f".{name}." for h in head)
-    )
+    head_params = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and _in_head(name, head))
     print(
         f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
         f"lr {hp['lr']:g}"
