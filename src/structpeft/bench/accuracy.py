@@ -32,7 +32,6 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -813,17 +812,12 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads"
+    from .speed import cpu_model
+
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()} CPU cores ({cpu_model()}), torch {torch.__version__} with {threads} threads"
 
 
 def write_reports(

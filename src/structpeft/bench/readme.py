@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .accuracy import LORA_R8
+
 TIE = 1e-3  # relative-error difference below which two approximations count as equal
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -36,7 +38,7 @@ def _accuracy_findings(summary: dict[str, Any]) -> list[str]:
     cells = summary.get("cells", [])
     for task in dict.fromkeys(c["task"] for c in cells):
         cs = {c["method"]: c for c in cells if c["task"] == task}
-        loras = [cs[m] for m in ("lora-r8", "lora-r8-lr2e-3") if m in cs]
+        loras = [cs[m] for m in LORA_R8 if m in cs]
         if not loras:
             continue
         lora = max(loras, key=lambda c: c["accuracy"])
