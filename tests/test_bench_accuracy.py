@@ -140,6 +140,29 @@ def test_quick_sweep_resumes_without_redoing_finished_runs(quick_sweep, capsys):
     assert (redo / A.BENCH_FILE).is_file() and (redo / "metrics.json").stat().st_mtime_ns == metrics_mtime
 
 
+def test_runs_of_an_older_plan_are_not_taken_for_finished_runs(quick_sweep, capsys):
+    """A run folder made by another fine-tune command (e.g. before the plan changed) is redone, not reused."""
+    from structpeft.cli import main
+
+    root, argv = quick_sweep
+    stale = root / "bbc" / "surm-circulant-lora2" / "seed0"
+    for name in (A.BENCH_FILE, "run_config.json"):
+        record = json.loads((stale / name).read_text())
+        record["argv"] = [*record["argv"], "--lr", "9e-9"]  # what an older plan would have recorded
+        (stale / name).write_text(json.dumps(record))
+    metrics_mtime = (stale / "metrics.json").stat().st_mtime_ns
+    (root / "runs.json").unlink()
+    runs = A.plan(["bbc"], [0], ["head-only", "surm-circulant-lora2"], quick=True)
+    assert set(A.load_finished(root, runs)) == {runs[0].id}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "2 runs planned, 1 already finished, 1 to run" in capsys.readouterr().out
+    assert (stale / "metrics.json").stat().st_mtime_ns != metrics_mtime  # fine-tuned again
+    run = runs[1]
+    assert json.loads((stale / "run_config.json").read_text())["argv"] == A.finetune_argv(run, stale)
+    assert set(A.load_finished(root, runs)) == {r.id for r in runs}
+
+
 def test_bench_accuracy_cli_errors(tmp_path, capsys):
     from structpeft.cli import main
 

@@ -515,3 +515,23 @@ def test_surm_adapter_placement_targets_the_houlsby_positions(tmp_path, tiny_ber
         capsys, [*_base_args(tiny_bert, keyword_csv, tmp_path / "x", "--method", "lora"), "--placement", "adapter"]
     )
     _assert_one_line_error(code, err, "--placement", "surm")
+
+
+@pytest.mark.parametrize(
+    ("argv", "lr", "head_lr"),
+    [
+        (["--method", "lora"], 1e-3, 5e-3),  # the head's rate does not follow the adapter's
+        (["--method", "surm"], 2e-3, 5e-3),
+        (["--method", "surm", "--structure", "kronecker"], 1e-2, 5e-3),  # L = 0, R ~ 1/sqrt(fan-in): ~5x lr
+        (["--method", "lokr"], 1e-2, 5e-3),
+        (["--method", "full"], 5e-5, 5e-3),
+        (["--method", "surm", "--structure", "kronecker", "--lr", "3e-4", "--head-lr", "1e-4"], 3e-4, 1e-4),
+    ],
+)
+def test_default_learning_rates(argv, lr, head_lr):
+    from structpeft.cli import build_parser
+    from structpeft.cli.methods import resolve_hparams
+
+    args = build_parser().parse_args(["finetune", "--model", "m", "--data", "d", *argv])
+    hp = resolve_hparams(args, "classification")
+    assert (hp["lr"], hp["head_lr"]) == (lr, head_lr)

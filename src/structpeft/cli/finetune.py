@@ -144,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--head-lr",
         type=float,
         default=None,
-        help="learning rate of the classification head (default: min(lr, 5e-3))",
+        help="learning rate of the newly initialised classification head (default: 5e-3 for every method)",
     )
     g.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 16; generation 8)")
     g.add_argument(

@@ -20,29 +20,36 @@ STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 # Default learning rates. Structured / core-only methods train few, "large-effect" parameters from ΔW = 0 and
 # need a larger step than LoRA; C3A divides its output by in_features and needs ~1e-1 (PEFT's documentation);
 # VeRA trains only scaling vectors. Generation (causal LMs) uses smaller values.
+# Kronecker (SURM and LoKr) starts from L = 0 with R Kaiming-uniform (entries ~ 1/sqrt(fan-in)), so an Adam step
+# of size lr on L moves ΔW = L ⊗ R by only about lr·|R|: it needs ~5x the lr of the other structures (measured
+# on MiniLM + BBC: 84.5 % at 2e-3, 93.3 % at 1e-2).
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "classification": {
         "surm": 2e-3,
+        "surm kronecker": 1e-2,
         "pmss": 2e-3,
         "lora": 1e-3,
         "c3a": 1e-1,
-        "lokr": 2e-3,
+        "lokr": 1e-2,
         "vera": 1e-2,
         "head-only": 5e-3,
         "full": 5e-5,
     },
     "generation": {
         "surm": 1e-3,
+        "surm kronecker": 5e-3,
         "pmss": 1e-3,
         "lora": 3e-4,
         "c3a": 5e-2,
-        "lokr": 1e-3,
+        "lokr": 5e-3,
         "vera": 5e-3,
         "head-only": 5e-3,
         "full": 2e-5,
     },
 }
-HEAD_LR_CAP = 5e-3
+# The classification head is newly initialised for every method, so its learning rate does not follow the
+# method's: tying it to a small adapter lr (1e-3 for LoRA) left the head under-trained in short runs.
+HEAD_LR = 5e-3
 DEFAULT_R = {"lora": 8, "lokr": 8, "vera": 256}
 DEFAULT_BUDGET = "lora-8"
 
@@ -108,9 +115,11 @@ def resolve_hparams(args: Any, task: str) -> dict[str, Any]:
     """The method's resolved hyper-parameters (recorded in run_config.json)."""
     m = args.method
     hp: dict[str, Any] = {"method": m}
-    lr = args.lr if args.lr is not None else DEFAULT_LR[task][m]
+    per_structure = f"surm {getattr(args, 'structure', None)}"
+    key = per_structure if m == "surm" and per_structure in DEFAULT_LR[task] else m
+    lr = args.lr if args.lr is not None else DEFAULT_LR[task][key]
     hp["lr"] = lr
-    hp["head_lr"] = args.head_lr if args.head_lr is not None else min(lr, HEAD_LR_CAP)
+    hp["head_lr"] = args.head_lr if args.head_lr is not None else HEAD_LR
     if m == "surm":
         hp["structure"] = args.structure or "circulant"
         hp["placement"] = getattr(args, "placement", None) or "lora"
