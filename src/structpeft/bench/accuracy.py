@@ -730,6 +730,17 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return out
 
 
+def _learning_rates_note() -> str:
+    from ..cli.methods import DEFAULT_LR, HEAD_LR
+
+    rates = ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR["classification"].items())
+    return (
+        f"Learning rates: each method's `structpeft finetune` default (classification: {rates}; no per-run "
+        f"tuning), the newly initialised classification head at {HEAD_LR:g} for every method; lora-r8-lr2e-3 "
+        "repeats LoRA r=8 at the structured methods' rate as a control, and the targets use the better of the two."
+    )
+
+
 def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = []
     for task in dict.fromkeys(c.task for c in cells):
@@ -760,6 +771,8 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
         "base minus the fine-tuned encoder's accuracy, in points, of a logistic-regression probe on mean-pooled "
         "embeddings for the other task (BBC for SNLI runs, SNLI for BBC runs); SmolLM2, the increase of the mean "
         "token loss on BBC News text.",
+        "",
+        _learning_rates_note(),
         "",
     ]
     if targets:
