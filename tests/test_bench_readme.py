@@ -35,6 +35,7 @@ def _fake_sweep(root, accs: dict[str, list[float]]):
             "saved_bytes": 4 * params[run.method.name],
             "forgetting_kind": "probe",
             "forgetting": 0.5,
+            "argv": A.finetune_argv(run, d),  # the fine-tune command of this plan, as the worker records it
         }
         (d / A.BENCH_FILE).write_text(json.dumps(result))
     A.write_reports(runs, runs_root, root / "docs" / "bench" / "accuracy", "structpeft bench accuracy --tasks snli", {})
