@@ -37,6 +37,35 @@ def test_bench_speed_quick_reports_ratios_for_the_chosen_methods(tmp_path, capsy
     assert ("MET: " in table) or ("MISSED: " in table)
     assert (tmp_path / "speed.png").stat().st_size > 0
     assert "| pmss |" in capsys.readouterr().out
+    # every method's first adapted layer was also timed alone, with its per-repetition times kept
+    for entry in results["methods"].values():
+        assert entry["layer_train_ms"] > 0 and len(entry["layer_train_reps_ms"]) == results["setting"]["layer"]["reps"]
+        assert len(entry["train_reps_ms"]) == 1
+    assert results["setting"]["layer"]["target"] == "query"
+    assert "One adapted layer alone" in table and "surm-circulant: train overhead <= LoRA r8's (one layer)" in targets
+
+
+def _results(reps: dict[str, list[float]]) -> dict:
+    methods = {m: {"trainable": 1, "train_ms": sorted(r)[len(r) // 2], "train_reps_ms": r} for m, r in reps.items()}
+    return {"methods": methods, "setting": {"cases": {"train": {"kind": "train", "batch": 1, "seq": 1}}}}
+
+
+def test_overhead_is_paired_per_repetition_and_its_ratio_has_an_interval():
+    base = [100.0, 140.0, 90.0, 120.0, 95.0, 130.0]  # a noisy machine: the base itself varies by 50 %
+    results = _results({"base": base, "lora-r8": [b + 10 for b in base], "pmss": [b + 5 for b in base]})
+    median_base = results["methods"]["base"]["train_ms"]
+    assert speed.overhead(results, "pmss", "train") == pytest.approx(5 / median_base)
+    assert speed.overhead_ratio_interval(results, "pmss", "lora-r8", "train") == pytest.approx((0.5, 0.5))
+    (target,) = [t for t in speed.check_targets(results, speed.MODELS["minilm"]) if t["target"].startswith("pmss")]
+    assert target["met"] and "0.50x lora-r8's overhead" in target["value"] and "interval 0.50-0.50" in target["value"]
+
+
+def test_overhead_without_repetitions_uses_the_medians():
+    results = _results({"base": [100.0], "lora-r8": [110.0]})
+    for entry in results["methods"].values():
+        del entry["train_reps_ms"]
+    assert speed.overhead(results, "lora-r8", "train") == pytest.approx(0.1)
+    assert speed.overhead_ratio_interval(results, "lora-r8", "lora-r8", "train") is None
 
 
 def test_bench_speed_setting_states_hardware_and_threads(tmp_path):

@@ -7,6 +7,14 @@ untimed ones is reported, as a ratio to the frozen base model and to PEFT LoRA r
 "2× faster than C3A": the frozen model's own cost is the same for every method). Peak memory of one train step is
 measured per method in a fresh subprocess (CPU: peak RSS above the RSS before the step; CUDA: max allocated).
 
+Noise. An adapter adds a few per cent to a whole-model step, the size of a busy machine's jitter, so two more
+numbers come with every overhead: a *paired* estimate (the median over repetitions of t_method,i − t_base,i, the
+two timed back to back in repetition i) with a bootstrap 90 % interval of its ratio to LoRA r=8's, and a
+*per-layer* measurement, which isolates the adapter: the first adapted module (e.g. ``encoder.layer.0.attention.
+self.query``: PEFT's wrapper with the frozen layer inside) alone, forward + backward of the case's batch·seq
+tokens (``layer_train``) or a forward (``layer_infer``), against the frozen layer, ``layer_reps`` interleaved
+repetitions. A target is judged on the model step; the interval and the layer numbers say how firm that is.
+
 Models (random weights: speed does not depend on the values, so no checkpoint is needed):
 
 * ``--model minilm`` (default): a BERT encoder of MiniLM-L6's shape (6 layers, hidden 384, 12 heads, FFN 1536),
@@ -234,6 +242,48 @@ def make_step(model: nn.Module, case: Case, device: torch.device) -> Callable[[]
     return decode
 
 
+def adapted_layer(model: nn.Module, target: str) -> nn.Module:
+    """The first module whose name ends with ``target`` (PEFT's wrapper of it, or the plain layer of a base /
+    merged model); :class:`ValueError` naming the target if there is none."""
+    inner = getattr(model, "_orig_mod", model)
+    for name, module in inner.named_modules():
+        if name == target or name.endswith("." + target):
+            return module
+    raise ValueError(f"no module named like {target!r} in the model")
+
+
+def make_layer_step(layer: nn.Module, case: Case, device: torch.device) -> Callable[[], None]:
+    """One adapted layer alone on the case's batch·seq tokens: forward + backward (train) or a forward (infer)."""
+    base = getattr(layer, "base_layer", layer)
+    while hasattr(base, "base_layer"):
+        base = base.base_layer
+    n_in = base.in_features if isinstance(base, nn.Linear) else base.weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(case.batch * case.seq, n_in, generator=gen).to(device)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if case.kind == "train":
+        x.requires_grad_(True)
+        cotangent = None
+
+        def train() -> None:
+            nonlocal cotangent
+            y = layer(x)
+            if cotangent is None:
+                cotangent = torch.randn(y.shape, generator=gen).to(y)
+            y.backward(cotangent)
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+        return train
+
+    def infer() -> None:
+        with torch.inference_mode():
+            layer(x)
+
+    return infer
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], None]], reps: int, warmup: int, sync: Callable[[], None]
 ) -> dict[str, list[float]]:
@@ -352,6 +402,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         times = time_interleaved(steps, args.reps, args.warmup, sync)
         for m in methods:
             results["methods"][m][f"{name}_ms"] = 1000 * statistics.median(times[m])
+            results["methods"][m][f"{name}_reps_ms"] = [round(1000 * t, 3) for t in times[m]]
+    if args.layer_reps:
+        # the first adapted layer alone (compiled models are left out: their layer is the eager one)
+        layer_methods = [m for m in methods if not m.endswith("-compiled")]
+        target = args.targets[0]
+        for name, case in cases.items():
+            if case.kind == "decode":
+                continue
+            steps = {m: make_layer_step(adapted_layer(models[m], target), case, device) for m in layer_methods}
+            times = time_interleaved(steps, args.layer_reps, max(args.warmup, 1), sync)
+            for m in layer_methods:
+                results["methods"][m][f"layer_{name}_ms"] = 1000 * statistics.median(times[m])
+                results["methods"][m][f"layer_{name}_reps_ms"] = [round(1000 * t, 4) for t in times[m]]
+        results["setting"]["layer"] = {"target": target, "reps": args.layer_reps}
     if args.memory:
         train = [n for n, c in cases.items() if c.kind == "train"]
         for m in methods:
@@ -370,39 +434,91 @@ def default_methods(args: argparse.Namespace) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- report
 def overhead(results: dict[str, Any], method: str, case: str) -> float | None:
-    """(t_method − t_base) / t_base for ``case``, or None if a time is missing."""
+    """The relative overhead (t_method − t_base) / t_base for ``case``: paired, the median over repetitions of
+    t_method,i − t_base,i (timed back to back) over the base's median, where per-repetition times were kept;
+    else from the two medians; None if a time is missing."""
     methods = results["methods"]
-    t, base = methods.get(method, {}).get(f"{case}_ms"), methods.get("base", {}).get(f"{case}_ms")
-    return None if t is None or not base else (t - base) / base
+    m, b = methods.get(method, {}), methods.get("base", {})
+    t, base = m.get(f"{case}_ms"), b.get(f"{case}_ms")
+    if t is None or not base:
+        return None
+    reps_m, reps_b = m.get(f"{case}_reps_ms"), b.get(f"{case}_reps_ms")
+    if reps_m and reps_b and len(reps_m) == len(reps_b):
+        return statistics.median(x - y for x, y in zip(reps_m, reps_b, strict=True)) / base
+    return (t - base) / base
+
+
+def overhead_ratio_interval(
+    results: dict[str, Any], method: str, reference: str, case: str, level: float = 0.9, draws: int = 2000
+) -> tuple[float, float] | None:
+    """Bootstrap interval (``level``) of overhead(method) / overhead(reference): repetitions are resampled
+    together (method, reference and base of one repetition stay paired); None without per-repetition times."""
+    import random
+
+    methods = results["methods"]
+    reps = [methods.get(n, {}).get(f"{case}_reps_ms") for n in (method, reference, "base")]
+    if not all(reps) or len({len(r) for r in reps}) != 1 or len(reps[0]) < 3:
+        return None
+    rm, rr, rb = reps
+    n = len(rb)
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        a = statistics.median(rm[i] - rb[i] for i in idx)
+        b = statistics.median(rr[i] - rb[i] for i in idx)
+        if b > 0:
+            ratios.append(a / b)
+    if len(ratios) < draws // 2:
+        return None  # the reference's overhead is not distinguishable from zero
+    ratios.sort()
+    lo = ratios[int((1 - level) / 2 * len(ratios))]
+    hi = ratios[min(len(ratios) - 1, int((1 + level) / 2 * len(ratios)))]
+    return lo, hi
+
+
+def _ratio_text(results: dict[str, Any], method: str, reference: str, case: str) -> str:
+    ov, ref = overhead(results, method, case), overhead(results, reference, case)
+    text = f"{ov / ref:.2f}x {reference}'s overhead ({100 * ov:+.1f}% vs {100 * ref:+.1f}%"
+    ci = overhead_ratio_interval(results, method, reference, case)
+    return text + (f"; 90% interval {ci[0]:.2f}-{ci[1]:.2f})" if ci else ")")
 
 
 def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, Any]]:
-    """The issue's targets, each with its measured number and met / missed (only those the run measured)."""
+    """The issue's targets, each with its measured number and met / missed (only those the run measured):
+    judged on the model step; the same comparisons for the adapted layer alone follow, marked "(one layer)"."""
     methods = results["methods"]
     cases = results["setting"]["cases"]
     train = next((n for n, c in cases.items() if c["kind"] == "train"), None)
     infer = next((n for n, c in cases.items() if c["kind"] != "train"), None)
     out: list[dict[str, Any]] = []
-    lora_ov = overhead(results, "lora-r8", train) if train else None
     ours = [m for m in methods if (m.startswith("surm-") or m == "pmss") and "merged" not in m]
-    if train and lora_ov:
+    levels = [(train, "")] if train else []
+    if train and f"layer_{train}_ms" in methods.get("base", {}):
+        levels.append((f"layer_{train}", " (one layer)"))
+    for case, label in levels:
+        lora_ov = overhead(results, "lora-r8", case)
+        if not lora_ov or lora_ov <= 0:
+            continue
         for m in ours:
-            ov = overhead(results, m, train)
-            out.append(
-                {
-                    "target": f"{m}: {train} overhead <= LoRA r8's",
-                    "value": f"{ov / lora_ov:.2f}x LoRA's overhead ({100 * ov:+.1f}% vs LoRA {100 * lora_ov:+.1f}%)",
-                    "met": ov <= lora_ov,
-                }
-            )
-    for ours_m, theirs in (spec.circulant_vs_c3a, spec.kronecker_vs_lokr):
-        if train and ours_m in methods and theirs in methods:
-            a, b = overhead(results, ours_m, train), overhead(results, theirs, train)
-            step = methods[theirs][f"{train}_ms"] / methods[ours_m][f"{train}_ms"]
+            if f"{case}_ms" in methods[m]:
+                out.append(
+                    {
+                        "target": f"{m}: {train} overhead <= LoRA r8's{label}",
+                        "value": _ratio_text(results, m, "lora-r8", case),
+                        "met": overhead(results, m, case) <= lora_ov,
+                    }
+                )
+    for case, label in levels:
+        for ours_m, theirs in (spec.circulant_vs_c3a, spec.kronecker_vs_lokr):
+            if not (f"{case}_ms" in methods.get(ours_m, {}) and f"{case}_ms" in methods.get(theirs, {})):
+                continue
+            a, b = overhead(results, ours_m, case), overhead(results, theirs, case)
+            step = methods[theirs][f"{case}_ms"] / methods[ours_m][f"{case}_ms"]
             ratio = b / a if a > 0 else float("inf")
             out.append(
                 {
-                    "target": f"{ours_m} >= 2x faster than {theirs} (overhead over base, {train})",
+                    "target": f"{ours_m} >= 2x faster than {theirs} (overhead over base, {train}){label}",
                     "value": f"{ratio:.2f}x less overhead ({100 * a:+.1f}% vs {100 * b:+.1f}%); whole step {step:.2f}x",
                     "met": ratio >= 2.0,
                 }
@@ -423,7 +539,7 @@ def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, An
     merged = "surm-circulant-merged"
     if merged in methods and "base" in methods:
         for case in [c for c in (infer, train) if c]:
-            r = methods[merged][f"{case}_ms"] / methods["base"][f"{case}_ms"]
+            r = 1 + overhead(results, merged, case)
             out.append({"target": f"merged {case} ratio 1.00 (+-0.03)", "value": f"{r:.2f}", "met": abs(r - 1) <= 0.03})
         if "merged_max_abs_diff" in methods[merged]:
             d, s = methods[merged]["merged_max_abs_diff"], methods[merged]["merged_output_scale"]
@@ -438,25 +554,48 @@ def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, An
 
 
 def table(results: dict[str, Any]) -> str:
+    """The model-step table (every case: ms, ratios to the base and to LoRA r8, overhead / LoRA's, peak memory),
+    then the one-layer table where it was measured."""
     methods = results["methods"]
     cases = list(results["setting"]["cases"])
-    head = ["method", "trainable"]
-    for case in cases:
-        head += [f"{case} ms", f"{case} / base", f"{case} / LoRA r8", f"{case} overhead / LoRA's"]
+
+    def block(keys: list[str], heads: list[str], peaks: list[str]) -> list[str]:
+        head = ["method", "trainable"]
+        for h in heads:
+            head += [f"{h} ms", f"{h} / base", f"{h} / LoRA r8", f"{h} overhead / LoRA's"]
+        head += [f"{k[: -len('_peak_mb')]} peak MB" for k in peaks]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, e in methods.items():
+            if not any(f"{k}_ms" in e for k in keys):
+                continue
+            row = [name, f"{e['trainable']:,}"]
+            for k in keys:
+                t = e.get(f"{k}_ms")
+                base = methods.get("base", {}).get(f"{k}_ms")
+                lora = methods.get("lora-r8", {}).get(f"{k}_ms")
+                if t is None:
+                    row += ["-"] * 4
+                    continue
+                ov, lora_ov = overhead(results, name, k), overhead(results, "lora-r8", k)
+                rel = f"{ov / lora_ov:.2f}" if ov is not None and lora_ov and name != "base" else "-"
+                digits = 2 if k.startswith("layer_") else 1
+                row += [f"{t:.{digits}f}", f"{t / base:.3f}" if base else "-", f"{t / lora:.3f}" if lora else "-", rel]
+            row += [f"{e[k]:.0f}" if k in e else "-" for k in peaks]
+            rows.append("| " + " | ".join(row) + " |")
+        return rows
+
     peaks = [k for k in next(iter(methods.values())) if k.endswith("_peak_mb")]
-    head += [f"{k[: -len('_peak_mb')]} peak MB" for k in peaks]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, e in methods.items():
-        row = [name, f"{e['trainable']:,}"]
-        for case in cases:
-            t = e[f"{case}_ms"]
-            base = methods.get("base", {}).get(f"{case}_ms")
-            lora = methods.get("lora-r8", {}).get(f"{case}_ms")
-            ov, lora_ov = overhead(results, name, case), overhead(results, "lora-r8", case)
-            rel = f"{ov / lora_ov:.2f}" if ov is not None and lora_ov and name != "base" else "-"
-            row += [f"{t:.1f}", f"{t / base:.3f}" if base else "-", f"{t / lora:.3f}" if lora else "-", rel]
-        row += [f"{e[k]:.0f}" for k in peaks]
-        rows.append("| " + " | ".join(row) + " |")
+    rows = block(cases, cases, peaks)
+    layer_cases = [c for c in cases if f"layer_{c}_ms" in methods.get("base", {})]
+    if layer_cases:
+        layer = results["setting"].get("layer", {})
+        rows += [
+            "",
+            f"One adapted layer alone (`{layer.get('target', '?')}` of the first block, its frozen layer inside; "
+            f"the case's batch x seq tokens; median of {layer.get('reps', '?')} interleaved repetitions):",
+            "",
+        ]
+        rows += block([f"layer_{c}" for c in layer_cases], [f"layer {c}" for c in layer_cases], [])
     return "\n".join(rows)
 
 
@@ -467,7 +606,8 @@ def targets_text(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> bool:
-    """A bar chart of every case's time / base per method (PNG); False if matplotlib is missing."""
+    """Bar charts (PNG) of every case's time / base per method, and, where measured, of the one-layer times /
+    the frozen layer's; dotted lines: LoRA r8. False if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -477,23 +617,30 @@ def plot(results: dict[str, Any], path: str) -> bool:
         return False
     methods = results["methods"]
     cases = list(results["setting"]["cases"])
+    panels = [("model step", cases, "time / frozen base model")]
+    layer_cases = [f"layer_{c}" for c in cases if f"layer_{c}_ms" in methods.get("base", {})]
+    if layer_cases:
+        panels.append(("one adapted layer", layer_cases, "time / frozen layer"))
     names = list(methods)
-    width = 0.8 / len(cases)
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(names)), 4.5))
-    for i, case in enumerate(cases):
-        base = methods["base"][f"{case}_ms"] if "base" in methods else 1.0
-        vals = [methods[m][f"{case}_ms"] / base for m in names]
-        ax.bar([j + (i - (len(cases) - 1) / 2) * width for j in range(len(names))], vals, width, label=case)
-        if "lora-r8" in methods:
-            ax.axhline(methods["lora-r8"][f"{case}_ms"] / base, color=f"C{i}", ls=":", lw=1)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("time / frozen base model")
-    s = results["setting"]
-    ax.set_title(f"{s['model']}: {s['hardware']}, {s['threads']} threads (dotted: LoRA r8)", fontsize=9)
-    lo = min(methods[m][f"{c}_ms"] / methods["base"][f"{c}_ms"] for m in names for c in cases)
-    ax.set_ylim(max(0.0, lo - 0.1), None)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.7 * len(names)), 4.2 * len(panels)), squeeze=False)
+    for ax, (title, keys, ylabel) in zip(axes[:, 0], panels, strict=True):
+        width = 0.8 / len(keys)
+        lo = 1.0
+        for i, key in enumerate(keys):
+            base = methods["base"][f"{key}_ms"] if "base" in methods else 1.0
+            vals = [methods[m][f"{key}_ms"] / base if f"{key}_ms" in methods[m] else 0.0 for m in names]
+            lo = min([lo, *(v for v in vals if v > 0)])
+            xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(names))]
+            ax.bar(xs, vals, width, label=key.removeprefix("layer_"))
+            if "lora-r8" in methods:
+                ax.axhline(methods["lora-r8"][f"{key}_ms"] / base, color=f"C{i}", ls=":", lw=1)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        s = results["setting"]
+        ax.set_title(f"{s['model']}, {title}: {s['hardware']}, {s['threads']} threads (dotted: LoRA r8)", fontsize=9)
+        ax.set_ylim(max(0.0, lo - 0.1), None)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -508,6 +655,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence of the batched cases")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per method (median reported)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--layer-reps",
+        type=int,
+        default=30,
+        help="repetitions of the one-adapted-layer timing (0: leave it out; default 30, quick: 2)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (stated in the results)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
@@ -540,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.batch, args.seq, args.reps, args.warmup = 2, 16, min(args.reps, 2), 1
+        args.layer_reps = min(args.layer_reps, 2)
     args.memory = (not args.quick) if args.memory is None else args.memory
     args.compile = (not args.quick) if args.compile is None else args.compile
     results = run(args)
