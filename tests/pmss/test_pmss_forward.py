@@ -62,18 +62,23 @@ def test_non_zero_init_changes_the_output(init):
 
 
 # ------------------------------------------------------------------------------------------ dense reference
-@pytest.mark.parametrize("path", ["fast", "direct"])
+@pytest.mark.parametrize("path", ["gather", "fold", "direct"])
 def test_forward_matches_dense_reference_float64(selection, layer_case, path):
     """Model output == base model with W_t + alpha·W_t[:, I]·U·W_t[J, :] (indices from the config), 1e-10.
 
-    fast: dropout=0, the layer reads W[J, :]x from the base output; direct: dropout>0 in eval mode (the
-    dropout is the identity, but the layer takes the path that computes W[J, :]x itself)."""
+    gather (compute="fast"): dropout=0, the layer reads W[J, :]x from the base output; fold (compute="dense"):
+    ΔW folded into the base weight (Conv2d layers apply ΔW as a convolution either way); direct: dropout>0 in
+    eval mode (the dropout is the identity, but the layer takes the path that computes W[J, :]x itself)."""
     dtype = torch.float64
-    dropout = 0.0 if path == "fast" else 0.25
-    cfg = layer_case.config(selection=selection, init_weights=False, alpha=ALPHA, dropout=dropout)
+    dropout = 0.25 if path == "direct" else 0.0
+    compute = "dense" if path == "fold" else "fast"
+    cfg = layer_case.config(selection=selection, init_weights=False, alpha=ALPHA, dropout=dropout, compute=compute)
     model = get_peft_model(layer_case.model(dtype), cfg).eval()
     for layer in pmss_layers(model).values():
-        assert isinstance(layer.pmss_dropout["default"], nn.Identity if path == "fast" else nn.Dropout)
+        assert isinstance(layer.pmss_dropout["default"], nn.Dropout if path == "direct" else nn.Identity)
+        assert layer.pmss_op["default"].compute_mode == compute
+        folds = layer._folded_terms() is not None
+        assert folds == (path == "fold" and layer_case.kind != "conv2d")
     inputs = layer_case.inputs(dtype)
     actual = _run(layer_case, model, inputs)
     deltas = reference_deltas(layer_case, model, {"default": ALPHA}, dtype)

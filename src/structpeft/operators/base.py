@@ -79,7 +79,53 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-class StructuredOperator(nn.Module):
+class DenseDeltaMixin:
+    """``delta_weight()`` (ΔW in the compute dtype, cached for inference) for a module with ``to_dense()``.
+
+    Shared by the structured operators and PMSS's skeleton operator: whatever ΔW is made of, folding it into the
+    base weight (:mod:`structpeft.operators.fused`) needs it materialised, cheaply, and only once while the
+    parameters cannot change.
+    """
+
+    def delta_weight(self, cache: bool = True) -> torch.Tensor:
+        """ΔW (out × in) in the compute dtype (float32 at least; float64 for float64 parameters), built with
+        autocast disabled (a bf16 autocast would round the block products). With ``cache`` the result is kept
+        while the parameters cannot change: see :meth:`cached`."""
+        dtype = compute_dtype(*(p.dtype for p in self.parameters()))
+
+        def build() -> torch.Tensor:
+            with torch.autocast(self._device_type(), enabled=False):
+                return self.to_dense().to(dtype)
+
+        return self.cached("delta_weight", build) if cache else build()
+
+    def cached(self, name: str, build) -> torch.Tensor:
+        """``build()``, memoised under ``name`` while the operator's parameters are frozen for this call.
+
+        A value is reused only if no autograd graph is being recorded through the parameters (grad disabled, or
+        no parameter requires grad), outside ``torch.compile`` tracing, and if every parameter still has the
+        same storage, dtype and version counter (in-place updates such as an optimiser step bump the version).
+        This caches the dense ΔW and the weight spectra (rfft of the frozen weights) for inference.
+        """
+        params = list(self.parameters())
+        recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if recording or _compiling():
+            return build()
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p.dtype, p._version) for p in params))
+        store = _CACHES.setdefault(self, {})
+        hit = store.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        store[name] = (key, value)
+        return value
+
+    def _device_type(self) -> str:
+        p = next(self.parameters(), None)
+        return p.device.type if p is not None else "cpu"
+
+
+class StructuredOperator(DenseDeltaMixin, nn.Module):
     """Base class: a structured ΔW (out_features × in_features) as a module; see the module docstring."""
 
     structure: ClassVar[str] = ""
@@ -118,43 +164,6 @@ class StructuredOperator(nn.Module):
             dtype = compute_dtype(x.dtype, w.dtype)  # float32 at least, like the fast path
             return torch.nn.functional.linear(x.to(dtype), w.to(dtype))
         return self.fast_forward(x)
-
-    def delta_weight(self, cache: bool = True) -> torch.Tensor:
-        """ΔW (out × in) in the compute dtype (float32 at least; float64 for float64 parameters), built with
-        autocast disabled (a bf16 autocast would round the block products). With ``cache`` the result is kept
-        while the parameters cannot change: see :meth:`cached`."""
-        dtype = compute_dtype(*(p.dtype for p in self.parameters()))
-
-        def build() -> torch.Tensor:
-            with torch.autocast(self._device_type(), enabled=False):
-                return self.to_dense().to(dtype)
-
-        return self.cached("delta_weight", build) if cache else build()
-
-    def cached(self, name: str, build) -> torch.Tensor:
-        """``build()``, memoised under ``name`` while the operator's parameters are frozen for this call.
-
-        A value is reused only if no autograd graph is being recorded through the parameters (grad disabled, or
-        no parameter requires grad), outside ``torch.compile`` tracing, and if every parameter still has the
-        same storage, dtype and version counter (in-place updates such as an optimiser step bump the version).
-        This caches the dense ΔW and the weight spectra (rfft of the frozen weights) for inference.
-        """
-        params = list(self.parameters())
-        recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if recording or _compiling():
-            return build()
-        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p.dtype, p._version) for p in params))
-        store = _CACHES.setdefault(self, {})
-        hit = store.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = build()
-        store[name] = (key, value)
-        return value
-
-    def _device_type(self) -> str:
-        p = next(self.parameters(), None)
-        return p.device.type if p is not None else "cpu"
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

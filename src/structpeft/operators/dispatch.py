@@ -18,7 +18,8 @@ cheaper. On this project's 2-core CPU, at LoRA r=8's budget on 384 × 384 layers
 structure (one 384 × 4096 × 384 weight-gradient matmul against many small batched FFTs). The answer is cached
 per process by (structure, shape, options, device) and recorded in the adapter's config
 (``layer_options[module]["compute"]``), so a loaded adapter uses the same path. ``SurmConfig(compute="fast" |
-"dense")`` forces either.
+"dense")`` forces either. PMSS's skeleton operator is timed the same way (``choose_compute_for``: its fast path
+reads W[J, :]x from the base output; the timing depends on the shape and k_in, k_out, not on the weights).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import StructuredOperator
 from .fused import folded_linear
@@ -62,38 +64,58 @@ def choose_compute(
     """'fast' or 'dense', whichever adds less to a frozen layer's forward + backward of ``tokens`` rows (cached)."""
     if cls.structure == "dense":
         return "fast"
+
+    def make() -> nn.Module:
+        op = cls(out_features, in_features, **options)
+        op.reset_parameters(False)
+        return op
+
+    key = (cls.structure, out_features, in_features, json.dumps(options, sort_keys=True))
+    return choose_compute_for(key, make, out_features, in_features, device, tokens, reps)
+
+
+def choose_compute_for(
+    key: tuple,
+    make_op: Callable[[], nn.Module],
+    out_features: int,
+    in_features: int,
+    device: torch.device | str = "cpu",
+    tokens: int = 2048,
+    reps: int = 5,
+) -> str:
+    """:func:`choose_compute` for any operator with ``delta_weight``: ``make_op()`` builds one (on the CPU, with
+    non-zero parameters); the answer is cached under ``key`` and the device."""
     device = torch.device(device)
-    key = (cls.structure, out_features, in_features, json.dumps(options, sort_keys=True), str(device))
+    key = (*key, str(device))
     if key not in _CACHE:
         # the timing draws random tensors: keep the caller's RNG streams untouched, so that adapter initialisation
         # after get_peft_model is the same whether or not this shape was timed before in the process
         cuda_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):
-            _CACHE[key] = _time_paths(cls, out_features, in_features, options, device, tokens, reps)
+            _CACHE[key] = _time_paths(make_op().to(device), out_features, in_features, device, tokens, reps)
     return _CACHE[key]
 
 
 def _time_paths(
-    cls: type[StructuredOperator],
+    op: nn.Module,
     out_features: int,
     in_features: int,
-    options: dict,
     device: torch.device,
     tokens: int,
     reps: int,
 ) -> str:
     """Time a frozen layer alone, with the structured product added, and with ΔW folded in: the cheaper path."""
-    op = cls(out_features, in_features, **options).to(device)
-    op.reset_parameters(False)
     w = torch.randn(out_features, in_features, device=device) * in_features**-0.5
     x = torch.randn(tokens, in_features, device=device, requires_grad=True)
     op.compute_mode = "fast"
+    from_base = getattr(op, "forward_from_base", None)
 
     def base() -> None:
         F.linear(x, w).sum().backward()
 
     def fast() -> None:
-        (F.linear(x, w) + op(x)).sum().backward()
+        y = F.linear(x, w)
+        (y + (from_base(x, y) if from_base is not None else op(x))).sum().backward()
 
     def dense() -> None:
         folded_linear(x, w, None, [(op, 1.0)]).sum().backward()

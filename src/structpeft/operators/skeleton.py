@@ -12,6 +12,9 @@ unmerged, only without dropout on the adapter input), so the adapter costs k_out
 per token — about k·(k + d) — instead of out·in. ``forward`` (with dropout) computes x Rᵀ directly: k_out·in.
 C and R are frozen buffers gathered when the operator is built; they are not saved (the adapter file holds U,
 and the config holds I, J and a checksum of the gathered factors).
+``compute_mode="dense"`` (chosen per layer by measurement, see :mod:`structpeft.operators.dispatch`): the layer
+folds ΔW = C·U·R (out·k_in·k_out + out·k_out·in multiply-adds, once per step) into the base weight instead, so
+the forward and input gradient cost the frozen layer's, and inference with a cached W + s·ΔW costs nothing extra.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .base import DenseDeltaMixin
 
 SKELETON_SCALINGS = ("none", "unit")
 SKELETON_INITS = ("zero", "gaussian", "random")
 
 
-class SkeletonOperator(nn.Module):
+class SkeletonOperator(DenseDeltaMixin, nn.Module):
     """ΔW = C·U·R (see the module docstring); built from the frozen (out × in) weight and the indices I, J."""
 
     structure = "skeleton"
@@ -64,6 +68,8 @@ class SkeletonOperator(nn.Module):
         b = None if bias is None else bias.detach()[row_idx].to(dtype)
         self.register_buffer("row_bias", b, persistent=False)  # b[J], to subtract from the base output
         self.core = nn.Parameter(torch.zeros(cols.shape[1], rows.shape[0], device=w.device, dtype=dtype))
+        # "fast": W[J, :]x read from the base output; "dense": ΔW folded into the base weight by the layer
+        self.compute_mode = "fast"
 
     @property
     def options(self) -> dict:

@@ -50,6 +50,20 @@ def _check_target_modules(value: Any, name: str = "target_modules") -> None:
     raise ConfigError(f"{name}={value!r} is invalid: expected a list of module names, a regex string, or None")
 
 
+COMPUTE_HELP = (
+    "'auto': per layer, time the structured product (PMSS: W[J, :]x read from the base output) against a "
+    "materialised dense ΔW folded into the base weight (one matmul with W + alpha·ΔW) once and use the faster "
+    "(recorded in layer_options, so a loaded adapter uses the same); 'fast' / 'dense' force either."
+)
+
+
+def _check_compute(value: Any) -> None:
+    from ..operators.dispatch import COMPUTE_MODES
+
+    if value not in COMPUTE_MODES:
+        raise ConfigError(f"compute={value!r} is invalid; valid: {', '.join(COMPUTE_MODES)}")
+
+
 class StructPeftConfigMixin:
     """Shared behaviour of structpeft configs: adapter-file validation on ``from_pretrained``."""
 
@@ -161,14 +175,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
             "Exclusive with block_size / factor_shape."
         },
     )
-    compute: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto': per layer, time the structured product against a materialised dense ΔW folded into "
-            "the base weight (one matmul with W + alpha·ΔW) once and use the faster (recorded in layer_options, so "
-            "a loaded adapter uses the same); 'fast' / 'dense' force either."
-        },
-    )
+    compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
     placement: str = field(
         default="lora",
         metadata={
@@ -221,10 +228,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} is invalid: expected True or False")
         self._check_placement()
-        from ..operators.dispatch import COMPUTE_MODES
-
-        if self.compute not in COMPUTE_MODES:
-            raise ConfigError(f"compute={self.compute!r} is invalid; valid: {', '.join(COMPUTE_MODES)}")
+        _check_compute(self.compute)
         used = SURM_STRUCTURE_FIELDS[self.structure]
         for name in ("block_size", "num_factors", "displacement_rank", "factor_shape"):
             if getattr(self, name) is not None and name not in used:

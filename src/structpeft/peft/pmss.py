@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import BaseModelMismatchError, ConfigError
 from ..operators.skeleton import SKELETON_INITS, SKELETON_SCALINGS, SkeletonOperator
 from ..selection import SELECTION_STRATEGIES, select_skeleton, skeleton_checksum
-from .config import StructPeftConfigMixin, _check_number, _check_target_modules
+from .config import COMPUTE_HELP, StructPeftConfigMixin, _check_compute, _check_number, _check_target_modules
 from .layer import StructuredLayer, delta_shape, weight_2d
 from .model import StructuredTuner
 
@@ -65,8 +65,9 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
     alpha: float = field(default=1.0, metadata={"help": "Scale s in W + s·ΔW."})
     dropout: float = field(
         default=0.0,
-        metadata={"help": "Dropout on the adapter input; 0 keeps the fast path that reuses the base output."},
+        metadata={"help": "Dropout on the adapter input; 0 keeps the fast paths (base output reuse, folding)."},
     )
+    compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
     init_weights: bool | str = field(
         default=True,
         metadata={
@@ -106,6 +107,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        _check_compute(self.compute)
         if (self.k_in is None) != (self.k_out is None):
             raise ConfigError(f"k_in={self.k_in!r}, k_out={self.k_out!r}: give both or neither")
         for name in ("k_in", "k_out"):
@@ -166,6 +168,7 @@ class PmssLayer(StructuredLayer):
             weight_2d(base), options["col_idx"], options["row_idx"], config.skeleton_scaling, bias=bias
         )
         op.reset_parameters(config.init_weights)
+        op.compute_mode = config.layer_options.get(self.module_path, {}).get("compute", {}).get("delta", "fast")
         return op
 
     def unmerge(self) -> None:
@@ -253,5 +256,28 @@ class PmssModel(StructuredTuner):
             }
             self._selection_cache[key] = cached
         if record:
-            config.layer_options[key] = {"shape": list(shape), "options": cached}
+            compute = {"delta": self._choose_compute(config, shape, cached, base)}
+            config.layer_options[key] = {"shape": list(shape), "options": cached, "compute": compute}
         return cached
+
+    @staticmethod
+    def _choose_compute(config: PmssConfig, shape: tuple[int, int], options: dict[str, Any], base: nn.Module) -> str:
+        """The configured compute mode, or for 'auto' the measured one (see :mod:`structpeft.operators.dispatch`;
+        timed on a random weight of the layer's shape with the layer's k_in, k_out, cached per shape)."""
+        if config.compute != "auto" or base.weight.device.type == "meta":
+            return "fast" if config.compute == "auto" else config.compute
+        from ..operators.dispatch import choose_compute_for
+
+        out_features, in_features = shape
+        k_in, k_out = options["k_in"], options["k_out"]
+
+        def make() -> SkeletonOperator:
+            w = torch.randn(out_features, in_features) * in_features**-0.5
+            op = SkeletonOperator(w, torch.arange(k_in), torch.arange(k_out))
+            op.reset_parameters(False)
+            return op
+
+        key = ("skeleton", out_features, in_features, k_in, k_out)
+        # the timing runs a backward on real tensors: also under torch.no_grad / inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            return choose_compute_for(key, make, out_features, in_features, device=base.weight.device)

@@ -1,0 +1,117 @@
+"""PMSS compute="auto" | "fast" | "dense": W[J, :]x gathered from the base output, or ΔW = C·U·R folded into the
+base weight; the same numbers either way, the choice measured once per shape and recorded for loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from pmss_cases import CASES_BY_ID
+from pmss_helpers import pmss_layers
+
+from structpeft import ConfigError, PmssConfig
+from structpeft.operators import dispatch
+from structpeft.operators.skeleton import SkeletonOperator
+
+CASE = CASES_BY_ID["linear-mlp"]
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fold_and_gather_give_the_same_outputs_and_gradients(dtype):
+    inputs = CASE.inputs(dtype)
+    outs, grads = {}, {}
+    for mode in ("fast", "dense"):
+        cfg = CASE.config(init_weights=False, alpha=0.7, compute=mode, k_in=5, k_out=4)
+        torch.manual_seed(3)
+        model = get_peft_model(CASE.model(dtype), cfg)
+        assert {layer.pmss_op["default"].compute_mode for layer in pmss_layers(model).values()} == {mode}
+        assert all(rec["compute"] == {"delta": mode} for rec in cfg.layer_options.values())
+        out = CASE.run(model, inputs)
+        out.pow(2).sum().backward()
+        outs[mode], grads[mode] = out.detach(), _grads(model)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(outs["fast"], outs["dense"], atol=tol, rtol=tol)
+    assert grads["fast"].keys() == grads["dense"].keys() and grads["fast"]
+    for name, g in grads["fast"].items():
+        torch.testing.assert_close(grads["dense"][name], g, atol=tol * max(1.0, g.abs().max().item()), rtol=tol)
+
+
+def test_dense_path_folds_and_never_reads_the_base_output(monkeypatch):
+    cfg = CASE.config(init_weights=False, compute="dense")
+    model = get_peft_model(CASE.model(torch.float64), cfg)
+    for layer in pmss_layers(model).values():
+        op = layer.pmss_op["default"]
+        monkeypatch.setattr(op, "forward_from_base", lambda *a: pytest.fail("gather path used"))
+    CASE.run(model, CASE.inputs(torch.float64))
+
+
+def test_inference_reuses_the_folded_weight_until_the_core_changes():
+    model = get_peft_model(CASE.model(), CASE.config(init_weights=False, compute="dense")).eval()
+    inputs = CASE.inputs()
+    layer = next(iter(pmss_layers(model).values()))
+    op = layer.pmss_op["default"]
+    calls = []
+    real = SkeletonOperator.to_dense
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    with torch.no_grad():
+        SkeletonOperator.to_dense = counting
+        try:
+            first = CASE.run(model, inputs)
+            n_first = len(calls)
+            assert torch.equal(CASE.run(model, inputs), first) and len(calls) == n_first  # cached
+            op.core.add_(0.1)  # an optimizer step bumps the version: rebuilt
+            assert not torch.equal(CASE.run(model, inputs), first) and len(calls) > n_first
+        finally:
+            SkeletonOperator.to_dense = real
+
+
+def test_auto_measures_once_per_shape_records_the_choice_and_loading_reuses_it(tmp_path, monkeypatch):
+    keys = []
+    real = dispatch.choose_compute_for
+
+    def spy(key, *args, **kwargs):
+        keys.append(key)
+        return real(key, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "choose_compute_for", spy)
+    cfg = CASE.config(init_weights=False, k_in=5, k_out=4)
+    model = get_peft_model(CASE.model(), cfg)
+    assert keys and all(k[0] == "skeleton" and k[3:] == (5, 4) for k in keys)
+    chosen = {k: rec["compute"]["delta"] for k, rec in cfg.layer_options.items()}
+    assert set(chosen.values()) <= {"fast", "dense"}
+    assert {k: layer.pmss_op["default"].compute_mode for k, layer in pmss_layers(model).items()} == chosen
+    model.save_pretrained(tmp_path)
+    monkeypatch.setattr(dispatch, "choose_compute_for", lambda *a, **k: pytest.fail("measured again on load"))
+    loaded = PeftModel.from_pretrained(CASE.model(), tmp_path)
+    assert {k: layer.pmss_op["default"].compute_mode for k, layer in pmss_layers(loaded).items()} == chosen
+
+
+def test_adapter_saved_without_a_compute_record_loads_on_the_gather_path(tmp_path):
+    """Adapters saved before PMSS had ``compute`` (no "compute" in layer_options) keep their old path."""
+    import json
+
+    cfg = CASE.config(init_weights=False, compute="dense")
+    model = get_peft_model(CASE.model(), cfg)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    for rec in saved["layer_options"].values():
+        del rec["compute"]
+    del saved["compute"]
+    path.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(CASE.model(), tmp_path)
+    assert {layer.pmss_op["default"].compute_mode for layer in pmss_layers(loaded).values()} == {"fast"}
+    torch.testing.assert_close(CASE.run(loaded, CASE.inputs()), CASE.run(model, CASE.inputs()))
+
+
+def test_bad_compute_value_names_the_choices():
+    with pytest.raises(ConfigError, match=r"compute='gpu'.*auto, fast, dense"):
+        PmssConfig(target_modules=["lin0"], compute="gpu")
