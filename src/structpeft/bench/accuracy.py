@@ -163,6 +163,17 @@ def minilm_methods() -> list[Method]:
     ms += [
         _m("surm-circulant-b384", "SURM circulant", *surm, "circulant", "--block-size", "384"),
         _m("surm-circulant-lora2", "SURM circulant", *surm, "circulant", "--budget", "lora-2"),
+        # control, as lora-r8-lr2e-3 is for LoRA: the same circulant adapter at 2.5x its default learning rate
+        _m(
+            "surm-circulant-lora2-lr5e-3",
+            "SURM circulant lr 5e-3",
+            *surm,
+            "circulant",
+            "--budget",
+            "lora-2",
+            "--lr",
+            "5e-3",
+        ),
         _m("surm-circulant-lora8", "SURM circulant", *surm, "circulant", "--budget", "lora-8"),
         _m("surm-toeplitz-lora2", "SURM Toeplitz", *surm, "toeplitz", "--budget", "lora-2"),
         _m("surm-kronecker-lora2", "SURM Kronecker", *surm, "kronecker", "--budget", "lora-2"),
@@ -210,6 +221,7 @@ PRIORITY = (
     "lora-r8-lr2e-3",
     "surm-circulant-lora2",
     "surm-kronecker-lora2",
+    "surm-circulant-lora2-lr5e-3",
     "surm-toeplitz-lora2",
     "surm-circulant-b384",
     "pmss-deim-lora8",
@@ -737,7 +749,9 @@ def _learning_rates_note() -> str:
     return (
         f"Learning rates: each method's `structpeft finetune` default (classification: {rates}; no per-run "
         f"tuning), the newly initialised classification head at {HEAD_LR:g} for every method; lora-r8-lr2e-3 "
-        "repeats LoRA r=8 at the structured methods' rate as a control, and the targets use the better of the two."
+        "repeats LoRA r=8 at the structured methods' rate as a control, and the targets use the better of the two; "
+        "surm-circulant-lora2-lr5e-3 is the same control for SURM circulant (2.5x its default rate), a SURM "
+        "candidate like the other SURM rows."
     )
 
 
