@@ -194,3 +194,15 @@ def test_targets_compare_with_the_better_lora_r8_learning_rate():
     cells = A.summarise(rs, A.plan(["bbc"], [0]))
     quarter = next(t for t in A.check_targets(cells) if "1/4" in t["target"])
     assert not quarter["met"] and "vs lora-r8-lr2e-3 93.00" in quarter["detail"] and "-1.00 points" in quarter["detail"]
+
+
+def test_gsm_target_states_how_coarse_the_exact_match_score_is():
+    rs = [
+        _result("gsm", "lora-r8", "LoRA", 0, 0.02, 460800),
+        _result("gsm", "pmss-deim-lora8", "PMSS", 0, 0.04, 459000),
+    ]
+    cells = A.summarise(rs, A.plan(["gsm"], [0]))
+    pmss = next(t for t in A.check_targets(cells) if "PMSS" in t["target"])
+    n = int(A._flag(A.TASKS["gsm"].args, "--max-test"))
+    assert pmss["met"] and f"{n} test problems: one problem = {100 / n:.1f} points" in pmss["detail"]
+    assert "+2.0 points" in pmss["detail"]

@@ -717,7 +717,8 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                         "target": "PMSS at <= LoRA r=8's parameters matching or beating LoRA r=8",
                         "met": gap >= 0,
                         "detail": f"{best.method}: {100 * best.accuracy:.1f} vs {lora.method} "
-                        f"{100 * lora.accuracy:.1f} ({gap:+.1f} points; {best.n} / {lora.n} seeds)",
+                        f"{100 * lora.accuracy:.1f} ({gap:+.1f} points; {best.n} / {lora.n} seeds; "
+                        f"{_resolution(task)})",
                     }
                 )
         structured = [c for c in cs.values() if c.family.startswith(("SURM", "PMSS"))]
@@ -742,13 +743,21 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     return out
 
 
+def _resolution(task: str) -> str:
+    """How coarse an exact-match score on the task's test problems is: one problem in points."""
+    args = TASKS[task].args
+    n = int(_flag(args, "--max-test"))
+    return f"{n} test problems: one problem = {100 / n:.1f} points"
+
+
 def _learning_rates_note() -> str:
     from ..cli.methods import DEFAULT_LR, HEAD_LR
 
-    rates = ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR["classification"].items())
+    rates = {t: ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR[t].items()) for t in ("classification", "generation")}
     return (
-        f"Learning rates: each method's `structpeft finetune` default (classification: {rates}; no per-run "
-        f"tuning), the newly initialised classification head at {HEAD_LR:g} for every method; lora-r8-lr2e-3 "
+        f"Learning rates: each method's `structpeft finetune` default (classification: {rates['classification']}; "
+        f"generation (gsm): {rates['generation']}; no per-run tuning), the newly initialised classification "
+        f"head at {HEAD_LR:g} for every method; lora-r8-lr2e-3 "
         "repeats LoRA r=8 at the structured methods' rate as a control, and the targets use the better of the two; "
         "surm-circulant-lora2-lr5e-3 is the same control for SURM circulant (2.5x its default rate), a SURM "
         "candidate like the other SURM rows."
