@@ -36,7 +36,7 @@ def test_plan_is_seed_major_and_covers_the_issue_grid():
     assert len(runs) == 2 * 2 * n
     assert {r.seed for r in runs[: 2 * n]} == {0}  # every method of both tasks for seed 0 first
     names = {m.name for m in A.minilm_methods()}
-    for needed in ("lora-r1", "lora-r16", "surm-ldr-r4-lora2", "surm-adapter-circulant", "pmss-random-lora8"):
+    for needed in ("lora-r1", "lora-r16", "surm-ldr-r4-lora4", "surm-adapter-circulant", "pmss-random-lora8"):
         assert needed in names
     for fam in ("LoRA", "SURM circulant", "SURM Toeplitz", "SURM Kronecker", "SURM LDR", "PMSS", "C3A", "LoKr"):
         assert any(m.family == fam for m in A.minilm_methods())
@@ -206,3 +206,19 @@ def test_gsm_target_states_how_coarse_the_exact_match_score_is():
     n = int(A._flag(A.TASKS["gsm"].args, "--max-test"))
     assert pmss["met"] and f"{n} test problems: one problem = {100 / n:.1f} points" in pmss["detail"]
     assert "+2.0 points" in pmss["detail"]
+
+
+def test_every_planned_surm_budget_fits_the_minilm_layers():
+    """A planned setting the structure cannot realise would only fail at run time, in every seed."""
+    from structpeft.budget import budget_to_parameters
+    from structpeft.operators import get_operator_class
+
+    for m in A.minilm_methods():
+        args = list(m.args)
+        if "surm" not in args or "--budget" not in args:
+            continue
+        structure = A._flag(args, "--structure")
+        fixed = {"displacement_rank": int(A._flag(args, "--displacement-rank"))} if structure == "ldr" else {}
+        n = budget_to_parameters(A._flag(args, "--budget"), 384, 384)
+        options = get_operator_class(structure).options_for_budget(384, 384, n, **fixed)
+        assert get_operator_class(structure).num_parameters(384, 384, **options) <= n, m.name

@@ -178,9 +178,11 @@ def minilm_methods() -> list[Method]:
         _m("surm-toeplitz-lora2", "SURM Toeplitz", *surm, "toeplitz", "--budget", "lora-2"),
         _m("surm-kronecker-lora2", "SURM Kronecker", *surm, "kronecker", "--budget", "lora-2"),
     ]
+    # LDR r=4 needs 2·r·384 = 3,072 parameters per 384 x 384 layer at least: LoRA r=4's budget, not r=2's
+    ldr = ((1, 2), (2, 2), (4, 4))
     ms += [
-        _m(f"surm-ldr-r{r}-lora2", "SURM LDR", *surm, "ldr", "--displacement-rank", str(r), "--budget", "lora-2")
-        for r in (1, 2, 4)
+        _m(f"surm-ldr-r{r}-lora{k}", "SURM LDR", *surm, "ldr", "--displacement-rank", str(r), "--budget", f"lora-{k}")
+        for r, k in ldr
     ]
     ms.append(_m("surm-adapter-circulant", "SURM-Adapter", *surm, "circulant", "--placement", "adapter"))
     ms += [_m(f"pmss-deim-lora{r}", "PMSS", "--method", "pmss", "--budget", f"lora-{r}") for r in (2, 8)]
