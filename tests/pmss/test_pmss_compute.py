@@ -115,3 +115,15 @@ def test_adapter_saved_without_a_compute_record_loads_on_the_gather_path(tmp_pat
 def test_bad_compute_value_names_the_choices():
     with pytest.raises(ConfigError, match=r"compute='gpu'.*auto, fast, dense"):
         PmssConfig(target_modules=["lin0"], compute="gpu")
+
+
+def test_auto_measures_under_low_cpu_mem_usage(monkeypatch):
+    """PEFT's low_cpu_mem_usage creates new parameters on meta; the timing must still run on real tensors (the
+    shape is not in the process cache, so it is really timed here)."""
+    monkeypatch.setattr(dispatch, "_CACHE", {})
+    cfg = CASE.config(k_in=5, k_out=4)
+    model = get_peft_model(CASE.model(), cfg, low_cpu_mem_usage=True)
+    assert dispatch._CACHE and {k[0] for k in dispatch._CACHE} == {"skeleton"}
+    chosen = {k: rec["compute"]["delta"] for k, rec in cfg.layer_options.items()}
+    assert chosen and set(chosen.values()) <= {"fast", "dense"}
+    assert {k: layer.pmss_op["default"].compute_mode for k, layer in pmss_layers(model).items()} == chosen

@@ -120,6 +120,11 @@ class StructuredLayer(BaseTunerLayer):
     def _build_operator(self, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module:
         raise NotImplementedError
 
+    def _recorded_compute(self, config: Any) -> dict[str, str]:
+        """The compute mode per operator role ("delta"; "down" / "up" in an adapter block) that the tuner chose
+        for this module and recorded in ``config.layer_options`` ({} for adapters saved before the record)."""
+        return config.layer_options.get(self.module_path, {}).get("compute", {})
+
     def update_layer(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         """Add (or replace) adapter ``adapter_name`` built from ``config``."""
         op = self._build_operator(adapter_name, config, **kwargs)

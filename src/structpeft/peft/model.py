@@ -9,7 +9,7 @@ A method subclass names its prefix, its layer class and how it resolves a layer'
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -65,6 +65,15 @@ def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
     names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and not list(m.children())})
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def measure_compute(base: nn.Module, choose: Callable[[torch.device | str], str]) -> str:
+    """Run a layer's compute-path timing, ``choose(device)`` (see :mod:`structpeft.operators.dispatch`), on the
+    base weight's device (the CPU for a meta base). The timing runs a backward on real tensors: also under
+    torch.no_grad / inference_mode, and under PEFT's low_cpu_mem_usage (which puts new parameters on meta)."""
+    device = base.weight.device if base.weight.device.type != "meta" else "cpu"
+    with _skip_init_on_device(), torch.inference_mode(False), torch.enable_grad():
+        return choose(device)
 
 
 class StructuredTuner(BaseTuner):
@@ -306,11 +315,8 @@ class SurmModel(StructuredTuner):
             return config.compute
         from ..operators.dispatch import choose_compute
 
-        device = base.weight.device if base.weight.device.type != "meta" else "cpu"
-        # the timing runs a backward on real tensors: also under torch.no_grad / inference_mode, and under PEFT's
-        # low_cpu_mem_usage (which puts new parameters on meta)
-        with _skip_init_on_device(), torch.inference_mode(False), torch.enable_grad():
-            return choose_compute(get_operator_class(config.structure), *shape, options, device=device)
+        cls = get_operator_class(config.structure)
+        return measure_compute(base, lambda device: choose_compute(cls, *shape, options, device=device))
 
     @staticmethod
     def _resolve_operator(config: SurmConfig, shape: tuple[int, int], n_params: int | None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ..operators.skeleton import SKELETON_INITS, SKELETON_SCALINGS, SkeletonOper
 from ..selection import SELECTION_STRATEGIES, select_skeleton, skeleton_checksum
 from .config import COMPUTE_HELP, StructPeftConfigMixin, _check_compute, _check_number, _check_target_modules
 from .layer import StructuredLayer, delta_shape, weight_2d
-from .model import StructuredTuner
+from .model import StructuredTuner, measure_compute
 
 PMSS_PEFT_TYPE = "PMSS"
 DEFAULT_BUDGET = "lora-8"
@@ -168,7 +168,7 @@ class PmssLayer(StructuredLayer):
             weight_2d(base), options["col_idx"], options["row_idx"], config.skeleton_scaling, bias=bias
         )
         op.reset_parameters(config.init_weights)
-        op.compute_mode = config.layer_options.get(self.module_path, {}).get("compute", {}).get("delta", "fast")
+        op.compute_mode = self._recorded_compute(config).get("delta", "fast")
         return op
 
     def unmerge(self) -> None:
@@ -264,8 +264,8 @@ class PmssModel(StructuredTuner):
     def _choose_compute(config: PmssConfig, shape: tuple[int, int], options: dict[str, Any], base: nn.Module) -> str:
         """The configured compute mode, or for 'auto' the measured one (see :mod:`structpeft.operators.dispatch`;
         timed on a random weight of the layer's shape with the layer's k_in, k_out, cached per shape)."""
-        if config.compute != "auto" or base.weight.device.type == "meta":
-            return "fast" if config.compute == "auto" else config.compute
+        if config.compute != "auto":
+            return config.compute
         from ..operators.dispatch import choose_compute_for
 
         out_features, in_features = shape
@@ -278,6 +278,4 @@ class PmssModel(StructuredTuner):
             return op
 
         key = ("skeleton", out_features, in_features, k_in, k_out)
-        # the timing runs a backward on real tensors: also under torch.no_grad / inference_mode
-        with torch.inference_mode(False), torch.enable_grad():
-            return choose_compute_for(key, make, out_features, in_features, device=base.weight.device)
+        return measure_compute(base, lambda device: choose_compute_for(key, make, *shape, device=device))

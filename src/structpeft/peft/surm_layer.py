@@ -25,7 +25,7 @@ class SurmLayer(StructuredLayer):
         base = self.get_base_layer()
         with_bias = getattr(base, "bias", None) is not None
         module = build_surm_module(config, options, self.out_features, self.in_features, with_bias)
-        compute = config.layer_options.get(self.module_path, {}).get("compute", {})
+        compute = self._recorded_compute(config)
         for role, op in module.ops.items() if isinstance(module, AdapterBlock) else [("delta", module)]:
             op.compute_mode = compute.get(role, "fast")
         if any(p.is_meta for p in module.parameters()):  # PEFT's low_cpu_mem_usage: filled by the state dict load
