@@ -25,6 +25,7 @@ from pmss_helpers import (
 from torch import nn
 
 from structpeft import MergeError
+from structpeft.operators.skeleton import SkeletonOperator
 
 ALPHA = 0.7
 
@@ -112,6 +113,53 @@ def test_operator_paths_match_reference(selection, layer_case, scaling):
             if layer_case.kind != "conv2d":  # Conv2d layers apply ΔW as a convolution, never via the base output
                 base_out = x @ w_t.T + module.bias.detach()
                 assert_close64(op.forward_from_base(x, base_out), expected, atol)
+                assert_close64(op.add_from_base(base_out, ALPHA), base_out + ALPHA * expected, atol)
+
+
+@pytest.mark.parametrize("scaling", ["none", "unit"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "core-grad-only"])
+def test_fused_add_from_base_gradients_match_the_dense_reference(scaling, with_bias, x_grad):
+    """``add_from_base`` (custom backward: ∂base_out = g + scatter_J(s·g C U), ∂U) against autograd through
+    base_out + s·x ΔWᵀ with ΔW = C·U·R formed densely; float64, a 3-D input, a non-uniform upstream gradient."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(9, 13, generator=g, dtype=torch.float64)
+    bias = torch.randn(9, generator=g, dtype=torch.float64) if with_bias else None
+    op = SkeletonOperator(w, [0, 5, 12, 7], [8, 1, 3], scaling, bias=bias)
+    op.reset_parameters(False)
+    x = torch.randn(2, 5, 13, generator=g, dtype=torch.float64, requires_grad=x_grad)
+    upstream = torch.randn(2, 5, 9, generator=g, dtype=torch.float64)
+    fused = op.add_from_base(nn.functional.linear(x, w, bias), ALPHA)
+    reference = nn.functional.linear(x, w, bias) + ALPHA * x @ op.to_dense().T
+    assert_close64(fused, reference, 1e-12)
+    wrt = [x, op.core] if x_grad else [op.core]
+    got = torch.autograd.grad((fused * upstream).sum(), wrt)
+    want = torch.autograd.grad((reference * upstream).sum(), wrt)
+    for a, b in zip(got, want, strict=True):
+        assert_close64(a, b, 1e-12)
+    (gx,) = torch.autograd.grad(op.add_from_base(nn.functional.linear(x, w, bias), ALPHA).sum(), [op.core])
+    (rx,) = torch.autograd.grad(
+        (nn.functional.linear(x, w, bias) + ALPHA * x @ op.to_dense().T).sum(), [op.core]
+    )  # .sum() hands backward an expanded (stride-0) gradient
+    assert_close64(gx, rx, 1e-12)
+
+
+def test_the_layer_adds_the_first_adapter_fused_and_further_ones_on_top():
+    case = CASES_BY_ID["linear-mlp"]
+    model = get_peft_model(case.model(torch.float64), case.config(init_weights=False, compute="fast"))
+    model.add_adapter("second", case.config(init_weights=False, compute="fast", k_in=3, k_out=2))
+    layer = pmss_layers(model)["lin0"]
+    layer.set_adapter(["default", "second"])
+    calls = []
+    for name in ("default", "second"):
+        op = layer.pmss_op[name]
+        real = op.add_from_base
+        op.add_from_base = lambda base_out, s, _real=real, _name=name: calls.append(_name) or _real(base_out, s)
+    x = torch.randn(4, 24, dtype=torch.float64)
+    base = layer.get_base_layer()
+    expected = base(x) + sum(layer.scalings[n] * x @ layer.pmss_op[n].to_dense().T for n in ("default", "second"))
+    assert_close64(layer(x), expected, 1e-12)
+    assert calls == ["default"]  # the second adapter is added to the running sum, not fused onto base_out
 
 
 def test_unit_scaling_is_exact_in_float64():

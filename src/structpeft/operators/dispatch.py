@@ -113,9 +113,15 @@ def _time_paths(
     def base() -> None:
         F.linear(x, w).sum().backward()
 
+    add_from_base = getattr(op, "add_from_base", None)
+
     def fast() -> None:
         y = F.linear(x, w)
-        (y + (from_base(x, y) if from_base is not None else op(x))).sum().backward()
+        if add_from_base is not None:
+            y = add_from_base(y, 1.0)
+        else:
+            y = y + (from_base(x, y) if from_base is not None else op(x))
+        y.sum().backward()
 
     def dense() -> None:
         folded_linear(x, w, None, [(op, 1.0)]).sum().backward()

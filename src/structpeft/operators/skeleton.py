@@ -10,6 +10,9 @@ rank(ΔW) <= min(k_in, k_out) and the column space of ΔW lies in span(W[:, I]).
 Forward: ``x Rᵀ`` is read from the base layer's own output, (x Wᵀ + b)[..., J] − b[J] (exact while W is
 unmerged, only without dropout on the adapter input), so the adapter costs k_out·k_in + k_in·out multiply-adds
 per token — about k·(k + d) — instead of out·in. ``forward`` (with dropout) computes x Rᵀ directly: k_out·in.
+``add_from_base(base_out, s)`` returns base_out + s·x·ΔWᵀ by two ``addmm`` (h = x Rᵀ Uᵀ with the bias term, then
+base_out + s·h Cᵀ) and a backward that writes ∂base_out = g + scatter_J(s·g C U) in one pass (autograd's gather
+backward would build a zero (tokens × out) gradient, scatter into it, then add it to g).
 C and R are frozen buffers gathered when the operator is built; they are not saved (the adapter file holds U,
 and the config holds I, J and a checksum of the gathered factors).
 ``compute_mode="dense"`` (chosen per layer by measurement, see :mod:`structpeft.operators.dispatch`): the layer
@@ -110,6 +113,52 @@ class SkeletonOperator(DenseDeltaMixin, nn.Module):
         dtype = torch.promote_types(xr.dtype, self.core.dtype)
         return self._finish(xr.to(dtype) * self.row_scale.to(dtype))
 
+    def add_from_base(self, base_out: torch.Tensor, scale: float) -> torch.Tensor:
+        """base_out + scale · x·ΔWᵀ, with x·Rᵀ read from ``base_out`` = x Wᵀ + b (see the module docstring).
+
+        Fused (:class:`_GatherAdd`) when ``base_out`` has the operator's dtype; otherwise the product is computed in
+        the promoted dtype and cast to ``base_out``'s, as ``forward_from_base`` does.
+        """
+        if base_out.dtype != self.core.dtype or base_out.shape[-1] != self.out_features:
+            return base_out + (self.forward_from_base(base_out, base_out) * scale).to(base_out.dtype)
+        return _GatherAdd.apply(
+            base_out, self.core, self.cols, self.row_idx, self.row_bias, self.row_scale, float(scale)
+        )
+
     def to_dense(self) -> torch.Tensor:
         dtype = torch.promote_types(self.cols.dtype, self.core.dtype)
         return self.cols.to(dtype) @ self.core.to(dtype) @ self.rows.to(dtype)
+
+
+class _GatherAdd(torch.autograd.Function):
+    """y = z + s·((z[:, J] − b_J)·D_r) Uᵀ Cᵀ for z = base_out (tokens × out); gradients for z and U only.
+
+    With V = U·D_r (k_in × k_out) and c = V b_J: h = z[:, J] Vᵀ − c, y = z + s·h Cᵀ. Backward, for g = ∂y:
+    ∂h = s·g C, ∂U = (∂hᵀ z[:, J] − (Σ_t ∂h_t) b_Jᵀ) D_r, ∂z = g + scatter_J(∂h V). Saved: z[:, J] (tokens × k_out).
+    """
+
+    @staticmethod
+    def forward(ctx, base_out, core, cols, row_idx, row_bias, row_scale, scale):  # type: ignore[override]
+        z = base_out.reshape(-1, base_out.shape[-1])
+        xr = z.index_select(1, row_idx)  # (tokens, k_out)
+        v = core * row_scale  # U·D_r
+        h = xr @ v.T if row_bias is None else torch.addmm(-(v @ row_bias), xr, v.T)
+        y = torch.addmm(z, h, cols.T, alpha=scale)
+        ctx.save_for_backward(xr, core, cols, row_idx, row_bias, row_scale)
+        ctx.scale = scale
+        return y.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        xr, core, cols, row_idx, row_bias, row_scale = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gh = g @ (cols * ctx.scale)  # (tokens, k_in)
+        grad_base = grad_core = None
+        if ctx.needs_input_grad[1]:
+            gv = gh.T @ xr
+            if row_bias is not None:
+                gv = gv - torch.outer(gh.sum(0), row_bias)
+            grad_core = gv * row_scale
+        if ctx.needs_input_grad[0]:
+            grad_base = g.index_add(1, row_idx, gh @ (core * row_scale)).view(grad_out.shape)
+        return grad_base, grad_core, None, None, None, None, None

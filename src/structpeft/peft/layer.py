@@ -10,7 +10,8 @@ it as ``base_layer`` and holds, per adapter name, one operator module (a structu
 Active adapters are *summed* (never chained). ``get_delta_weight`` returns s·ΔW in the base weight's layout
 (transposed for Conv1D, reshaped for Conv2d); merging adds it to the base weight, unmerging subtracts it.
 The operator is built by the method (``_build_operator``): SURM builds it from the layer shape, PMSS from the
-frozen weight. An operator may implement ``forward_from_base(x, base_out)`` to reuse the base layer's output.
+frozen weight. An operator may implement ``forward_from_base(x, base_out)`` to reuse the base layer's output, and
+``add_from_base(base_out, s)`` = base_out + s·op(x) as one fused op (used for the first active adapter).
 Operators in ``compute_mode="dense"`` (no dropout, float32 / float64 Linear or Conv1D) are folded into the base
 matmul instead: forward(x) = x·(W + Σ_a s_a·ΔW_a)ᵀ + b, one matmul (see :mod:`structpeft.operators.fused`).
 
@@ -359,6 +360,19 @@ class StructuredLayer(BaseTunerLayer):
         for name in self.active_adapters:
             if name not in self.operators:
                 continue
+            if result is base_out and self._adds_from_base(name):  # one fused op: base_out + s·op(x)
+                result = self.operators[name].add_from_base(base_out, self.scalings[name])
+                continue
             delta = self._adapter_output(name, x, base_out)
             result = result + delta.to(result.dtype)
         return result
+
+    def _adds_from_base(self, name: str) -> bool:
+        """True if adapter ``name``'s output can be added to the base output by ``op.add_from_base`` (an operator
+        that reads its input product from the base output, ΔW placement on a Linear / Conv1D, no dropout)."""
+        return (
+            self.kind in ("linear", "conv1d")
+            and hasattr(self.operators[name], "add_from_base")
+            and isinstance(self.dropouts[name], nn.Identity)
+            and not self.is_adapter_placement(name)
+        )
