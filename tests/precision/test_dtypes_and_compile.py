@@ -40,7 +40,9 @@ def tiny_bert() -> nn.Module:
 
 def adapted(method: str, compute: str = "dense") -> nn.Module:
     if method == "pmss":
-        cfg = PmssConfig(target_modules=["query", "value"], k_in=8, k_out=8, init_weights="random", alpha=300.0)
+        cfg = PmssConfig(
+            target_modules=["query", "value"], k_in=8, k_out=8, init_weights="random", alpha=300.0, compute=compute
+        )
     else:
         size = {} if method == "kronecker" else {"block_size": 16}
         cfg = SurmConfig(
@@ -73,9 +75,7 @@ def test_half_precision_models_match_float32(method, dtype):
     assert rel(plain, ref) > rel(y, ref)
 
 
-@pytest.mark.parametrize(
-    ("method", "compute"), [(s, c) for s in STRUCTURES for c in ("dense", "fast")] + [("pmss", "dense")]
-)  # PMSS has one path (the "dense" argument is ignored)
+@pytest.mark.parametrize(("method", "compute"), [(s, c) for s in [*STRUCTURES, "pmss"] for c in ("dense", "fast")])
 def test_bf16_autocast_matches_float32_and_trains(method, compute):
     model = adapted(method, compute)
     with torch.no_grad():
@@ -148,12 +148,13 @@ def test_delta_weight_is_cached_only_outside_autograd():
     torch.testing.assert_close(w, op.to_dense(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["circulant", "pmss"])
-def test_compiled_model_matches_eager_without_graph_breaks(method):
+@pytest.mark.parametrize(("method", "compute"), [("circulant", "dense"), ("pmss", "dense"), ("pmss", "fast")])
+def test_compiled_model_matches_eager_without_graph_breaks(method, compute):
     """torch.compile (aot_eager backend: no C++ build, cheap) with fullgraph=True: the adapter path traces
-    without graph breaks, and the compiled forward and gradients equal the eager ones."""
+    without graph breaks (PMSS "fast": through its fused autograd function), and the compiled forward and
+    gradients equal the eager ones."""
     torch._dynamo.reset()
-    model = adapted(method, "dense")
+    model = adapted(method, compute)
     x = torch.randn(4, 6, 48)
     layer = model.base_model.model.encoder.layer[0].attention.self.value
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
