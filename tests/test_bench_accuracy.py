@@ -206,6 +206,30 @@ def test_gsm_target_states_how_coarse_the_exact_match_score_is():
     n = int(A._flag(A.TASKS["gsm"].args, "--max-test"))
     assert pmss["met"] and f"{n} test problems: one problem = {100 / n:.1f} points" in pmss["detail"]
     assert "+2.0 points" in pmss["detail"]
+    assert "answer" not in pmss["detail"]  # runs without the answer loss (older sweeps): nothing claimed
+
+
+def test_gsm_reports_the_teacher_forced_answer_loss_next_to_exact_match():
+    rs = [
+        {**_result("gsm", "lora-r8", "LoRA", 0, 0.02, 460800), "test_answer_loss": 0.80},
+        {**_result("gsm", "lora-r8", "LoRA", 1, 0.02, 460800), "test_answer_loss": 0.84},
+        {**_result("gsm", "pmss-deim-lora8", "PMSS", 0, 0.02, 459000), "test_answer_loss": 0.75},
+        _result("gsm", "pmss-deim-lora8", "PMSS", 1, 0.02, 459000),  # no loss recorded: the mean is of one
+    ]
+    cells = {c.method: c for c in A.summarise(rs, A.plan(["gsm"], [0, 1]))}
+    assert cells["lora-r8"].answer_loss == pytest.approx(0.82)
+    assert cells["lora-r8"].answer_loss_std == pytest.approx(0.0282842712, rel=1e-6)
+    assert cells["pmss-deim-lora8"].answer_loss == pytest.approx(0.75)
+    assert cells["pmss-deim-lora8"].answer_loss_std is None  # one of two seeds: no std claimed
+    pmss = next(t for t in A.check_targets(list(cells.values())) if "PMSS" in t["target"])
+    assert "0.7500 vs 0.8200 nats per token" in pmss["detail"]
+    meta = {"tasks": {"gsm": {"description": "gsm"}}, "finished": 4, "planned": 4, "failed": 0}
+    md = A.markdown(list(cells.values()), [], {**meta, "hardware": "h", "command": "c"})
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert header.endswith("| test answer loss (nats / token) |")
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["lora-r8"].endswith("| 0.8200 ± 0.0283 |") and rows["pmss-deim-lora8"].endswith("| 0.7500 |")
+    assert all(line.count("|") == header.count("|") for line in rows.values())
 
 
 def test_every_planned_surm_budget_fits_the_minilm_layers():

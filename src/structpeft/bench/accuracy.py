@@ -432,6 +432,13 @@ def worker(spec: dict[str, Any]) -> int:
     # probe: points of second-task accuracy lost; lm: increase of the mean token loss on general text
     delta = 100 * (base_value - after) if f.kind == "probe" else after - base_value
     head = metrics.get("head_params") or 0
+    forgetting_time = round(time.perf_counter() - t0, 2)
+    answer = None
+    if rc.get("task") == "generation":  # exact match on a few dozen problems is coarse: the answers' loss too
+        from ..cli.finetune import load_dataset
+
+        data = load_dataset(dict(rc["data_args"]))
+        answer = C.answer_loss(model, tokenizer, data.test_prompts, data.test_answers, max_length=int(rc["max_length"]))
     result = {
         "id": spec["id"],
         "task": spec["task"]["name"],
@@ -456,7 +463,8 @@ def worker(spec: dict[str, Any]) -> int:
         "forgetting_base": base_value,
         "forgetting_after": after,
         "forgetting": delta,
-        "forgetting_time_s": round(time.perf_counter() - t0, 2),
+        "forgetting_time_s": forgetting_time,
+        "test_answer_loss": answer,
         "argv": argv,
     }
     _write_json_atomic(d / BENCH_FILE, result)
@@ -590,6 +598,7 @@ CSV_FIELDS = (
     "saved_bytes",
     "forgetting_kind",
     "forgetting",
+    "test_answer_loss",
     "wall_s",
 )
 
@@ -614,6 +623,9 @@ class Cell:
     forgetting: float
     forgetting_std: float
     seeds: list[int] = field(default_factory=list)
+    # generation tasks: teacher-forced loss of the test answers (nats per token; mean, std over seeds), else None
+    answer_loss: float | None = None
+    answer_loss_std: float | None = None
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -637,6 +649,8 @@ def summarise(results: Sequence[dict[str, Any]], order: Sequence[Run]) -> list[C
         fg, fg_sd = _mean_std([r["forgetting"] for r in rs])
         steps = [r["step_time_s"] for r in rs if r.get("step_time_s")]
         mems = [r["peak_rss_mb"] for r in rs if r.get("peak_rss_mb")]
+        answers = [r["test_answer_loss"] for r in rs if r.get("test_answer_loss") is not None]
+        al, al_sd = _mean_std(answers) if answers else (None, None)
         cells.append(
             Cell(
                 task=key[0],
@@ -655,6 +669,8 @@ def summarise(results: Sequence[dict[str, Any]], order: Sequence[Run]) -> list[C
                 forgetting=fg,
                 forgetting_std=fg_sd,
                 seeds=[r["seed"] for r in rs],
+                answer_loss=al,
+                answer_loss_std=al_sd if answers and len(answers) == len(rs) else None,
             )
         )
     return cells
@@ -720,7 +736,7 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                         "met": gap >= 0,
                         "detail": f"{best.method}: {100 * best.accuracy:.1f} vs {lora.method} "
                         f"{100 * lora.accuracy:.1f} ({gap:+.1f} points; {best.n} / {lora.n} seeds; "
-                        f"{_resolution(task)})",
+                        f"{_resolution(task)})" + _answer_loss_note(best, lora),
                     }
                 )
         structured = [c for c in cs.values() if c.family.startswith(("SURM", "PMSS"))]
@@ -743,6 +759,16 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def _answer_loss_note(best: Cell, lora: Cell) -> str:
+    """The teacher-forced answer losses of the two, where both runs measured it."""
+    if best.answer_loss is None or lora.answer_loss is None:
+        return ""
+    return (
+        f"; teacher-forced loss of the test answers {best.answer_loss:.4f} vs {lora.answer_loss:.4f} nats per "
+        "token (lower is better)"
+    )
 
 
 def _resolution(task: str) -> str:
@@ -773,10 +799,11 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
         cs = [c for c in cells if c.task == task]
         lora = next((c for c in cs if c.method == "lora-r8"), None)
         unit = "points of probe accuracy" if cs[0].forgetting_kind == "probe" else "nats of token loss"
+        answers = any(c.answer_loss is not None for c in cs)
         lines += [
             f"| method | adapter params | trainable % | accuracy (mean ± std) | vs LoRA r8 | step (s) | peak RSS "
-            f"(MB) | saved | forgetting ({unit}) | seeds |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"(MB) | saved | forgetting ({unit}) | seeds |" + (" test answer loss (nats / token) |" if answers else ""),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if answers else ""),
         ]
         for c in cs:
             vs = f"{100 * (c.accuracy - lora.accuracy):+.2f}" if lora is not None else "—"
@@ -786,7 +813,7 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
             fgt = f"{c.forgetting:+.3f}" + (f" ± {c.forgetting_std:.3f}" if c.n > 1 else "")
             lines.append(
                 f"| {c.method} | {c.adapter_params:,} | {c.trainable_percent:.3f} | {acc} | {vs} | {step} | {mem} | "
-                f"{_size(c.saved_bytes)} | {fgt} | {c.n} |"
+                f"{_size(c.saved_bytes)} | {fgt} | {c.n} |" + (f" {_answer_cell(c)} |" if answers else "")
             )
         lines.append("")
     lines += [
@@ -810,6 +837,12 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
         f"{meta['hardware']}; command: `{meta['command']}`."
     )
     return "\n".join(lines) + "\n"
+
+
+def _answer_cell(c: Cell) -> str:
+    if c.answer_loss is None:
+        return "—"
+    return f"{c.answer_loss:.4f}" + (f" ± {c.answer_loss_std:.4f}" if c.n > 1 and c.answer_loss_std is not None else "")
 
 
 def plots(cells: Sequence[Cell], out: Path) -> list[Path]:

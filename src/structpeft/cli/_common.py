@@ -609,6 +609,36 @@ def generate_and_score(
     return (total / len(prompts) if prompts else math.nan), outputs
 
 
+def answer_loss(
+    model: Any, tokenizer: Any, prompts: list[str], answers: list[str], *, max_length: int, batch_size: int = 4
+) -> float:
+    """Teacher-forced loss of the reference answers: Σ −log p(token | prompt, earlier answer tokens) over every
+    answer token (and the closing eos) of every example, divided by their number (nats per token).
+
+    Tokenised as for training (prompt + answer + eos, cut at ``max_length``), so it is the training objective on
+    the test problems: a continuous companion to exact match, which a few dozen problems resolve only in steps
+    of one problem.
+    """
+    import torch
+
+    ds, _ = tokenize_generation_train(tokenizer, prompts, answers, max_length)
+    collate = CausalCollator(tokenizer.pad_token_id, "right")
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+            )
+        )  # ignore_index -100: prompt and padding positions
+        count += int((labels != -100).sum())
+    return total / count if count else math.nan
+
+
 # ----------------------------------------------------------------------------------------------- head files
 
 
