@@ -222,7 +222,12 @@ def test_gsm_reports_the_teacher_forced_answer_loss_next_to_exact_match():
     assert cells["pmss-deim-lora8"].answer_loss == pytest.approx(0.75)
     assert cells["pmss-deim-lora8"].answer_loss_std is None  # one of two seeds: no std claimed
     pmss = next(t for t in A.check_targets(list(cells.values())) if "PMSS" in t["target"])
-    assert "0.7500 vs 0.8200 nats per token" in pmss["detail"]
+    assert "0.7500 vs lora-r8 0.8200 nats per token" in pmss["detail"]
+    # the LoRA control at PMSS's learning rate: the comparison is with the LoRA r=8 run of lowest answer loss
+    rs.append({**_result("gsm", "lora-r8-lr1e-3", "LoRA lr 1e-3", 0, 0.0, 460800), "test_answer_loss": 0.70})
+    ctrl = {c.method: c for c in A.summarise(rs, A.plan(["gsm"], [0, 1]))}
+    pmss_ctrl = next(t for t in A.check_targets(list(ctrl.values())) if "PMSS" in t["target"])
+    assert "0.7500 vs lora-r8-lr1e-3 0.7000 nats per token" in pmss_ctrl["detail"]
     meta = {"tasks": {"gsm": {"description": "gsm"}}, "finished": 4, "planned": 4, "failed": 0}
     md = A.markdown(list(cells.values()), [], {**meta, "hardware": "h", "command": "c"})
     header = next(line for line in md.splitlines() if line.startswith("| method"))
