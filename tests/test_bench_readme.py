@@ -95,3 +95,25 @@ def test_approx_findings_count_wins_and_ties_against_lora():
     (line,) = R._approx_findings(approx)
     assert "at 1 of 3 budgets (ties within 0.001: 1)" in line
     assert "rank-4 LoRA's count) kronecker 0.830 vs LoRA 0.800" in line
+
+
+def test_accuracy_findings_rank_the_answer_losses_where_measured():
+    from structpeft.bench.readme import _accuracy_findings
+
+    def cell(method, family, acc, loss):
+        return {
+            "task": "gsm",
+            "method": method,
+            "family": family,
+            "accuracy": acc,
+            "adapter_params": 10,
+            "n": 1,
+            "answer_loss": loss,
+        }
+
+    cells = [cell("lora-r8", "LoRA", 0.02, 1.1372), cell("pmss-deim-lora8", "PMSS", 0.02, 0.658)]
+    (line,) = _accuracy_findings({"cells": cells})
+    assert "(nats per token, lower is better): pmss-deim-lora8 0.658, lora-r8 1.137." in line
+    for c in cells:
+        c["answer_loss"] = None
+    assert "Teacher-forced" not in _accuracy_findings({"cells": cells})[0]

@@ -60,6 +60,12 @@ def _accuracy_findings(summary: dict[str, Any]) -> list[str]:
             line += f"No structured adapter at <= LoRA r=8's parameters beat {lora['method']}. "
         if lost:
             line += f"{len(lost)} of {len(small)} structured settings were more than 0.5 points below {lora['method']}."
+        answers = sorted((c for c in cs.values() if c.get("answer_loss") is not None), key=lambda c: c["answer_loss"])
+        if answers:
+            ranked = ", ".join(f"{c['method']} {c['answer_loss']:.3f}" for c in answers)
+            line = (
+                line.rstrip() + f" Teacher-forced loss of the test answers (nats per token, lower is better): {ranked}."
+            )
         n = sorted({c["n"] for c in cs.values()})
         line += f" (Seeds per setting: {', '.join(map(str, n))}.)"
         out.append(line)
