@@ -673,7 +673,7 @@ def summarise(results: Sequence[dict[str, Any]], order: Sequence[Run]) -> list[C
                 forgetting_std=fg_sd,
                 seeds=[r["seed"] for r in rs],
                 answer_loss=al,
-                answer_loss_std=al_sd if answers and len(answers) == len(rs) else None,
+                answer_loss_std=al_sd if len(answers) == len(rs) else None,
             )
         )
     return cells

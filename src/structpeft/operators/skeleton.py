@@ -119,7 +119,7 @@ class SkeletonOperator(DenseDeltaMixin, nn.Module):
         Fused (:class:`_GatherAdd`) when ``base_out`` has the operator's dtype; otherwise the product is computed in
         the promoted dtype and cast to ``base_out``'s, as ``forward_from_base`` does.
         """
-        if base_out.dtype != self.core.dtype or base_out.shape[-1] != self.out_features:
+        if base_out.dtype != self.core.dtype:
             return base_out + (self.forward_from_base(base_out, base_out) * scale).to(base_out.dtype)
         return _GatherAdd.apply(
             base_out, self.core, self.cols, self.row_idx, self.row_bias, self.row_scale, float(scale)
@@ -144,13 +144,13 @@ class _GatherAdd(torch.autograd.Function):
         v = core * row_scale  # U·D_r
         h = xr @ v.T if row_bias is None else torch.addmm(-(v @ row_bias), xr, v.T)
         y = torch.addmm(z, h, cols.T, alpha=scale)
-        ctx.save_for_backward(xr, core, cols, row_idx, row_bias, row_scale)
+        ctx.save_for_backward(xr, v, cols, row_idx, row_bias, row_scale)
         ctx.scale = scale
         return y.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        xr, core, cols, row_idx, row_bias, row_scale = ctx.saved_tensors
+        xr, v, cols, row_idx, row_bias, row_scale = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gh = g @ (cols * ctx.scale)  # (tokens, k_in)
         grad_base = grad_core = None
@@ -160,5 +160,5 @@ class _GatherAdd(torch.autograd.Function):
                 gv = gv - torch.outer(gh.sum(0), row_bias)
             grad_core = gv * row_scale
         if ctx.needs_input_grad[0]:
-            grad_base = g.index_add(1, row_idx, gh @ (core * row_scale)).view(grad_out.shape)
+            grad_base = g.index_add(1, row_idx, gh @ v).view(grad_out.shape)
         return grad_base, grad_core, None, None, None, None, None
