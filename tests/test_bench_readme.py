@@ -117,3 +117,19 @@ def test_accuracy_findings_rank_the_answer_losses_where_measured():
     for c in cells:
         c["answer_loss"] = None
     assert "Teacher-forced" not in _accuracy_findings({"cells": cells})[0]
+
+
+def test_each_other_models_speed_table_gets_its_own_section(repo):
+    docs = repo / "docs" / "bench"
+    (docs / "speed-smollm2.md").write_text("| method | train ms |\n|---|---|\n| base | 4321.0 |\n")
+    setting = {"model": "smollm2", "model_description": "LLaMA decoder", "cases": {"decode": {"batch": 1, "seq": 128}}}
+    (docs / "speed-smollm2.json").write_text(json.dumps({"setting": setting}))
+    assert R.main(["--root", str(repo)]) == 0
+    section = (repo / "README.md").read_text().split(R.BEGIN)[1].split(R.END)[0]
+    assert "Not run yet: `structpeft bench speed --out docs/bench`" in section  # the MiniLM table is still missing
+    smol = section.split("### Speed, smollm2 (measured)")[1]
+    assert "LLaMA decoder" in smol and "cases decode 1 × 128" in smol and "| base | 4321.0 |" in smol
+    assert "![speed-smollm2]" not in smol  # no plot file, no broken image link
+    (docs / "speed-smollm2.png").write_bytes(b"png")
+    assert R.main(["--root", str(repo)]) == 0
+    assert "![speed-smollm2](docs/bench/speed-smollm2.png)" in (repo / "README.md").read_text()

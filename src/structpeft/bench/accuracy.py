@@ -185,6 +185,17 @@ def minilm_methods() -> list[Method]:
         for r, k in ldr
     ]
     ms.append(_m("surm-adapter-circulant", "SURM-Adapter", *surm, "circulant", "--placement", "adapter"))
+    # targets control: circulant lora-2's 18,432 parameters (1/4 of LoRA r=8's) spent on other layers instead of
+    # query / value: all four attention projections (768 per layer) or the two FFN layers (1,536 per layer); and
+    # Kronecker, the best structure on query / value for SNLI, on all four (16 x 24 ⊗ 24 x 16, 768 per layer)
+    attention = ("--target-modules", "query", "key", "value", "attention.output.dense")
+    ffn = ("--target-modules", "intermediate.dense", *(f"layer.{i}.output.dense" for i in range(6)))
+    other = "SURM, other targets"
+    ms += [
+        _m("surm-circulant-qkvo-b192", other, *surm, "circulant", "--block-size", "192", *attention),
+        _m("surm-circulant-ffn-b384", other, *surm, "circulant", "--block-size", "384", *ffn),
+        _m("surm-kronecker-qkvo-768", other, *surm, "kronecker", "--budget", "768", *attention),
+    ]
     ms += [_m(f"pmss-deim-lora{r}", "PMSS", "--method", "pmss", "--budget", f"lora-{r}") for r in (2, 8)]
     ms += [
         _m(f"pmss-{s}-lora8", "PMSS selection", "--method", "pmss", "--budget", "lora-8", "--selection", s)
@@ -210,6 +221,8 @@ def smollm2_methods() -> list[Method]:
     ]
 
 
+# families whose points are alternatives at one budget, not a curve over budgets: markers, no line, labelled
+SCATTER_FAMILIES = ("PMSS selection", "SURM, other targets")
 QUICK_METHODS = ("head-only", "lora-r8", "surm-circulant-lora2", "pmss-deim-lora2")
 SUITES: dict[str, tuple[str, ...]] = {"minilm": ("bbc", "snli"), "smollm2": ("gsm",), "all": ("bbc", "snli", "gsm")}
 
@@ -875,9 +888,9 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
                 ys = [100 * c.accuracy for c in fc]
                 es = [100 * c.accuracy_std for c in fc]
                 marker = "osD^v<>ph*X"[i % 11]
-                line = "-" if (kind == "params" and len(fc) > 1 and fam != "PMSS selection") else ""
+                line = "-" if (kind == "params" and len(fc) > 1 and fam not in SCATTER_FAMILIES) else ""
                 ax.errorbar(xs, ys, yerr=es, fmt=marker + line, capsize=3, label=fam, alpha=0.85)
-                if fam in ("PMSS selection", "SURM LDR") or len(fc) == 1:
+                if fam in (*SCATTER_FAMILIES, "SURM LDR") or len(fc) == 1:
                     for c, x, y in zip(fc, xs, ys, strict=True):
                         ax.annotate(c.method, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             ax.set_xscale("log")

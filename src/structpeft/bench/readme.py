@@ -6,7 +6,8 @@
 * the accuracy sweep (``docs/bench/accuracy/summary.md`` and its plots, written by ``structpeft bench accuracy``),
   with the targets it checks and how many of the planned runs / seeds are in;
 * the matrix-approximation experiment (``docs/bench/approx.md`` / ``approx.png``, ``structpeft bench approx``);
-* a pointer to the speed table (``docs/bench/speed.md``, in the README's Speed section);
+* the speed table (``docs/bench/speed.md``, ``structpeft bench speed``) and one more per other model measured
+  (``docs/bench/speed-<model>.md``, ``structpeft bench speed --model <model>``);
 * sentences on where structured adapters win and where they do not, computed from those numbers.
 
 ``--check`` exits 1 if the README is not up to date with the files (for CI or a pre-commit hook).
@@ -173,6 +174,12 @@ def render(root: Path) -> str:
         parts += ["How the fast paths work and what was tried: [Speed](#speed).", ""]
     else:
         parts += ["### Speed (measured)", "", "Not run yet: `structpeft bench speed --out docs/bench`.", ""]
+    for md in sorted(docs.glob("speed-*.md")):  # other models: structpeft bench speed --model NAME --out docs/bench
+        speed = json.loads(_read(md.with_suffix(".json")) or "{}")
+        name = (speed.get("setting") or {}).get("model") or md.stem.removeprefix("speed-")
+        parts += [f"### Speed, {name} (measured)", ""] + _speed_header(speed) + ["", md.read_text().strip(), ""]
+        if md.with_suffix(".png").is_file():
+            parts += [f"![{md.stem}](docs/bench/{md.stem}.png)", ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
