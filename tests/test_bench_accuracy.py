@@ -196,6 +196,20 @@ def test_targets_compare_with_the_better_lora_r8_learning_rate():
     assert not quarter["met"] and "vs lora-r8-lr2e-3 93.00" in quarter["detail"] and "-1.00 points" in quarter["detail"]
 
 
+def test_lora_r8_on_more_modules_is_a_reference_but_does_not_raise_the_quarter_limit():
+    rs = [
+        _result("snli", "lora-r8-lr2e-3", "LoRA lr 2e-3", 0, 0.62, 73728),
+        _result("snli", "lora-r8-qkvo-lr2e-3", "LoRA, other targets", 0, 0.64, 147456),  # the better reference
+        _result("snli", "surm-kronecker-qkvo-768", "SURM, other targets", 0, 0.637, 18432),
+        # a quarter of the four-projection LoRA (36,864), but more than a quarter of query / value LoRA's: no candidate
+        _result("snli", "surm-circulant-lora8", "SURM circulant", 0, 0.70, 36864),
+    ]
+    cells = A.summarise(rs, A.plan(["snli"], [0]))
+    quarter = next(t for t in A.check_targets(cells) if "1/4" in t["target"])
+    assert quarter["met"] and "best surm-kronecker-qkvo-768" in quarter["detail"]
+    assert "vs lora-r8-qkvo-lr2e-3 64.00" in quarter["detail"] and "-0.30 points" in quarter["detail"]
+
+
 def test_gsm_target_states_how_coarse_the_exact_match_score_is():
     rs = [
         _result("gsm", "lora-r8", "LoRA", 0, 0.02, 460800),
