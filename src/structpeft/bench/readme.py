@@ -51,7 +51,10 @@ def _accuracy_findings(summary: dict[str, Any]) -> list[str]:
         line = f"**{task}**: best overall {best['method']} ({100 * best['accuracy']:.2f}); "
         line += "; ".join(f"{c['method']} {100 * c['accuracy']:.2f}" for c in loras) + ". "
         if len(loras) > 1 and abs(loras[0]["accuracy"] - loras[1]["accuracy"]) > 0.01:
-            line += "LoRA r=8's accuracy depends on its learning rate; the comparisons below use the better one. "
+            line += (
+                "LoRA r=8's accuracy depends on its learning rate (and target modules, where both were run); the "
+                "comparisons below use the best. "
+            )
         if beat:
             names = ", ".join(
                 f"{c['method']} ({100 * c['accuracy']:.2f}, {c['adapter_params']:,} params)" for c in beat

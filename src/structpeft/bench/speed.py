@@ -237,7 +237,7 @@ def make_step(model: nn.Module, case: Case, device: torch.device) -> Callable[[]
     def decode() -> None:
         with torch.inference_mode():
             model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache.crop(case.seq)
+        cache.crop(-1)  # drop the token just added (a negative count means the same in transformers 4.x and 5.x)
 
     return decode
 
