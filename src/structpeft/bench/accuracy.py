@@ -722,13 +722,14 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     for c in cells:
         by_task.setdefault(c.task, {})[c.method] = c
     for task, cs in by_task.items():
-        # the reference: the better of LoRA r=8 at its own default learning rate and at the structured methods'
-        lora = max((cs[m] for m in LORA_R8 if m in cs), key=lambda c: c.accuracy, default=None)
-        if lora is None:
+        loras = [cs[m] for m in LORA_R8 if m in cs]
+        if not loras:
             continue
+        # the reference: the most accurate LoRA r=8 run (learning-rate and target-module controls included)
+        lora = max(loras, key=lambda c: c.accuracy)
         if task in ("snli", "bbc"):
             # a quarter of the smallest LoRA r=8 (query / value), also where the reference is the one on more modules
-            quarter = min(cs[m].adapter_params for m in LORA_R8 if m in cs) / 4
+            quarter = min(c.adapter_params for c in loras) / 4
             best, gap = _best_against(
                 [c for c in cs.values() if c.family.startswith("SURM") and c.adapter_params <= quarter], lora
             )
@@ -756,7 +757,7 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                         "met": gap >= 0,
                         "detail": f"{best.method}: {100 * best.accuracy:.1f} vs {lora.method} "
                         f"{100 * lora.accuracy:.1f} ({gap:+.1f} points; {best.n} / {lora.n} seeds; "
-                        f"{_resolution(task)})" + _answer_loss_note(best, [cs[m] for m in LORA_R8 if m in cs]),
+                        f"{_resolution(task)})" + _answer_loss_note(best, loras),
                     }
                 )
         structured = [c for c in cs.values() if c.family.startswith(("SURM", "PMSS"))]
