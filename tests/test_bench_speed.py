@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -43,6 +44,15 @@ def test_bench_speed_quick_reports_ratios_for_the_chosen_methods(tmp_path, capsy
         assert len(entry["train_reps_ms"]) == 1
     assert results["setting"]["layer"]["target"] == "query"
     assert "One adapted layer alone" in table and "surm-circulant: train overhead <= LoRA r8's (one layer)" in targets
+    # structpeft layers also time the compute path compute="auto" did not choose, on a copy of the layer
+    for name, entry in results["methods"].items():
+        ours = name in ("surm-circulant", "pmss")
+        assert ("layer_train_other_ms" in entry) == ours and ("layer_infer_other_ms" in entry) == ours
+        if ours:
+            assert {entry["layer_train_compute"], entry["layer_train_other_compute"]} == {"fast", "dense"}
+            assert len(entry["layer_train_other_reps_ms"]) == results["setting"]["layer"]["reps"]
+    assert "Compute paths" in table and "| surm-circulant | " in table.split("Compute paths", 1)[1]
+    assert "surm-circulant: compute='auto' chose the faster path (train, one layer; 5% tolerance)" in targets
 
 
 def _results(reps: dict[str, list[float]]) -> dict:
@@ -58,6 +68,57 @@ def test_overhead_is_paired_per_repetition_and_its_ratio_has_an_interval():
     assert speed.overhead_ratio_interval(results, "pmss", "lora-r8", "train") == pytest.approx((0.5, 0.5))
     (target,) = [t for t in speed.check_targets(results, speed.MODELS["minilm"]) if t["target"].startswith("pmss")]
     assert target["met"] and "0.50x lora-r8's overhead" in target["value"] and "interval 0.50-0.50" in target["value"]
+
+
+def _paths_results(chosen: float, other: float) -> dict:
+    reps = {"base": [10.0, 10.0, 10.0], "lora-r8": [11.0, 11.0, 11.0], "pmss": [chosen] * 3}
+    methods = {m: {"trainable": 1, "layer_train_ms": r[0], "layer_train_reps_ms": r} for m, r in reps.items()}
+    methods["pmss"].update(
+        layer_train_compute="fast",
+        layer_train_other_compute="dense",
+        layer_train_other_ms=other,
+        layer_train_other_reps_ms=[other] * 3,
+    )
+    cases = {"train": {"kind": "train", "batch": 1, "seq": 1}}
+    return {"methods": methods, "setting": {"cases": cases, "layer": {"target": "query", "reps": 3}}}
+
+
+def test_compute_path_check_is_met_only_when_the_chosen_path_is_not_slower():
+    def check(chosen: float, other: float) -> dict:
+        targets = speed.check_targets(_paths_results(chosen, other), speed.MODELS["minilm"])
+        (t,) = [t for t in targets if "chose the faster path" in t["target"]]
+        return t
+
+    t = check(12.0, 14.0)  # chosen +20 %, other +40 %
+    assert t["met"] and t["value"] == "fast +20.0% over the frozen layer, dense +40.0%"
+    assert not check(14.0, 12.0)["met"]  # the rule picked the slower path: reported as missed
+    assert check(12.05, 12.0)["met"]  # +20.5 % against +20 %: within the stated 5 % tolerance
+    table = speed.table(_paths_results(12.0, 14.0))
+    assert "| pmss | fast | +20.0% | dense | +40.0% |" in table
+
+
+def test_other_path_layer_flips_the_compute_mode_on_a_copy():
+    import peft
+    from torch import nn
+
+    import structpeft
+
+    def model(config):
+        torch.manual_seed(0)
+        return peft.get_peft_model(nn.Sequential(nn.Linear(8, 8)), config)
+
+    config = structpeft.SurmConfig(structure="circulant", target_modules=["0"], compute="dense", init_weights=False)
+    surm = model(config)
+    layer = speed.adapted_layer(surm, "0")
+    other, chosen, flipped = speed.other_path_layer(layer)
+    assert (chosen, flipped) == ("dense", "fast")
+    modes = [m.compute_mode for m in layer.modules() if hasattr(m, "compute_mode")]
+    assert modes and set(modes) == {"dense"}  # the original layer is untouched
+    assert {m.compute_mode for m in other.modules() if hasattr(m, "compute_mode")} == {"fast"}
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(other(x), layer(x))  # the same ΔW, the other product
+    lora = model(peft.LoraConfig(r=2, target_modules=["0"]))
+    assert speed.other_path_layer(speed.adapted_layer(lora, "0")) is None
 
 
 def test_overhead_without_repetitions_uses_the_medians():

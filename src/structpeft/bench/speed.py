@@ -15,6 +15,12 @@ self.query``: PEFT's wrapper with the frozen layer inside) alone, forward + back
 tokens (``layer_train``) or a forward (``layer_infer``), against the frozen layer, ``layer_reps`` interleaved
 repetitions. A target is judged on the model step; the interval and the layer numbers say how firm that is.
 
+Compute-path check. For each structpeft method the layer section also times the path ``compute="auto"`` did
+*not* choose (:mod:`structpeft.operators.dispatch`: the structured product "fast" or the dense ΔW folded into the
+base weight, "dense"), forced on a copy of the same adapted layer, in the same interleaved repetitions
+(``layer_<case>_other_ms``), so the report shows whether the measured rule picked the faster path for the case's
+token count (the rule itself times 2,048 rows).
+
 Models (random weights: speed does not depend on the values, so no checkpoint is needed):
 
 * ``--model minilm`` (default): a BERT encoder of MiniLM-L6's shape (6 layers, hidden 384, 12 heads, FFN 1536),
@@ -252,6 +258,21 @@ def adapted_layer(model: nn.Module, target: str) -> nn.Module:
     raise ValueError(f"no module named like {target!r} in the model")
 
 
+def other_path_layer(layer: nn.Module) -> tuple[nn.Module, str, str] | None:
+    """A copy of an adapted ``layer`` whose operators run the compute path they were *not* given ("fast" <->
+    "dense"), with the chosen and the other path's names; None for a layer without structpeft operators."""
+    ops = [name for name, mod in layer.named_modules() if getattr(mod, "compute_mode", None) in ("fast", "dense")]
+    if not ops:
+        return None
+    other = copy.deepcopy(layer)
+    modules = dict(other.named_modules())
+    chosen = sorted({modules[name].compute_mode for name in ops})
+    for name in ops:
+        modules[name].compute_mode = "dense" if modules[name].compute_mode == "fast" else "fast"
+    flipped = sorted({modules[name].compute_mode for name in ops})
+    return other, "+".join(chosen), "+".join(flipped)
+
+
 def make_layer_step(layer: nn.Module, case: Case, device: torch.device) -> Callable[[], None]:
     """One adapted layer alone on the case's batch·seq tokens: forward + backward (train) or a forward (infer)."""
     base = getattr(layer, "base_layer", layer)
@@ -410,11 +431,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, case in cases.items():
             if case.kind == "decode":
                 continue
-            steps = {m: make_layer_step(adapted_layer(models[m], target), case, device) for m in layer_methods}
+            layers = {m: adapted_layer(models[m], target) for m in layer_methods}
+            steps = {m: make_layer_step(layers[m], case, device) for m in layer_methods}
+            paths = {}
+            for m in layer_methods:
+                alt = other_path_layer(layers[m])
+                if alt is not None:  # structpeft layers: the path compute="auto" did not choose, on a copy
+                    paths[m] = alt[1:]
+                    steps[f"{m} (other path)"] = make_layer_step(alt[0], case, device)
             times = time_interleaved(steps, args.layer_reps, max(args.warmup, 1), sync)
             for m in layer_methods:
                 results["methods"][m][f"layer_{name}_ms"] = 1000 * statistics.median(times[m])
                 results["methods"][m][f"layer_{name}_reps_ms"] = [round(1000 * t, 4) for t in times[m]]
+                if m in paths:
+                    other = times[f"{m} (other path)"]
+                    results["methods"][m][f"layer_{name}_compute"] = paths[m][0]
+                    results["methods"][m][f"layer_{name}_other_compute"] = paths[m][1]
+                    results["methods"][m][f"layer_{name}_other_ms"] = 1000 * statistics.median(other)
+                    results["methods"][m][f"layer_{name}_other_reps_ms"] = [round(1000 * t, 4) for t in other]
         results["setting"]["layer"] = {"target": target, "reps": args.layer_reps}
     if args.memory:
         train = [n for n, c in cases.items() if c.kind == "train"]
@@ -433,16 +467,17 @@ def default_methods(args: argparse.Namespace) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- report
-def overhead(results: dict[str, Any], method: str, case: str) -> float | None:
+def overhead(results: dict[str, Any], method: str, case: str, variant: str = "") -> float | None:
     """The relative overhead (t_method − t_base) / t_base for ``case``: paired, the median over repetitions of
     t_method,i − t_base,i (timed back to back) over the base's median, where per-repetition times were kept;
-    else from the two medians; None if a time is missing."""
+    else from the two medians; None if a time is missing. ``variant="_other"``: the method's other compute path
+    (``{case}_other_ms``, timed in the same repetitions)."""
     methods = results["methods"]
     m, b = methods.get(method, {}), methods.get("base", {})
-    t, base = m.get(f"{case}_ms"), b.get(f"{case}_ms")
+    t, base = m.get(f"{case}{variant}_ms"), b.get(f"{case}_ms")
     if t is None or not base:
         return None
-    reps_m, reps_b = m.get(f"{case}_reps_ms"), b.get(f"{case}_reps_ms")
+    reps_m, reps_b = m.get(f"{case}{variant}_reps_ms"), b.get(f"{case}_reps_ms")
     if reps_m and reps_b and len(reps_m) == len(reps_b):
         return statistics.median(x - y for x, y in zip(reps_m, reps_b, strict=True)) / base
     return (t - base) / base
@@ -523,6 +558,21 @@ def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, An
                     "met": ratio >= 2.0,
                 }
             )
+    if train:
+        case = f"layer_{train}"
+        for m in ours:
+            chosen, other = overhead(results, m, case), overhead(results, m, case, "_other")
+            if chosen is None or other is None:
+                continue
+            e = methods[m]
+            out.append(
+                {
+                    "target": f"{m}: compute='auto' chose the faster path ({train}, one layer; 5% tolerance)",
+                    "value": f"{e[f'{case}_compute']} {100 * chosen:+.1f}% over the frozen layer, "
+                    f"{e[f'{case}_other_compute']} {100 * other:+.1f}%",
+                    "met": chosen <= other + 0.05 * abs(other),
+                }
+            )
     key = f"{train}_peak_mb" if train else None
     if key and key in methods.get("lora-r8", {}):
         lora_mb = methods["lora-r8"][key]
@@ -596,7 +646,40 @@ def table(results: dict[str, Any]) -> str:
             "",
         ]
         rows += block([f"layer_{c}" for c in layer_cases], [f"layer {c}" for c in layer_cases], [])
+        rows += _paths_table(results, layer_cases)
     return "\n".join(rows)
+
+
+def _paths_table(results: dict[str, Any], cases: list[str]) -> list[str]:
+    """The compute-path check: per structpeft method and layer case, the chosen and the other path's overhead
+    over the frozen layer (empty where it was not measured)."""
+    methods = results["methods"]
+    measured = [m for m, e in methods.items() if any(f"layer_{c}_other_ms" in e for c in cases)]
+    if not measured:
+        return []
+    head = ["method"]
+    for c in cases:
+        head += [f"layer {c}: chosen", "overhead", "other path", "overhead"]
+    rows = [
+        "",
+        'Compute paths (`compute="auto"` times both on 2,048 random rows and keeps the faster; the other one is '
+        "forced here on a copy of the same layer, in the same interleaved repetitions; overhead over the frozen "
+        "layer):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for m in measured:
+        row = [m]
+        for c in cases:
+            e, case = methods[m], f"layer_{c}"
+            chosen, other = overhead(results, m, case), overhead(results, m, case, "_other")
+            if chosen is None or other is None:
+                row += ["-"] * 4
+                continue
+            row += [e[f"{case}_compute"], f"{100 * chosen:+.1f}%", e[f"{case}_other_compute"], f"{100 * other:+.1f}%"]
+        rows.append("| " + " | ".join(row) + " |")
+    return rows
 
 
 def targets_text(results: dict[str, Any]) -> str:
