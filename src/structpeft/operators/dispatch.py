@@ -20,6 +20,8 @@ per process by (structure, shape, options, device) and recorded in the adapter's
 (``layer_options[module]["compute"]``), so a loaded adapter uses the same path. ``SurmConfig(compute="fast" |
 "dense")`` forces either. PMSS's skeleton operator is timed the same way (``choose_compute_for``: its fast path
 reads W[J, :]x from the base output; the timing depends on the shape and k_in, k_out, not on the weights).
+``structpeft bench speed`` checks the rule on its cases by timing the path not chosen; where the batch has far
+fewer or more rows than ``tokens`` the choice can be a few per cent off (README, Status).
 """
 
 from __future__ import annotations
