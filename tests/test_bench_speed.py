@@ -52,6 +52,9 @@ def test_bench_speed_quick_reports_ratios_for_the_chosen_methods(tmp_path, capsy
             assert {entry["layer_train_compute"], entry["layer_train_other_compute"]} == {"fast", "dense"}
             assert len(entry["layer_train_other_reps_ms"]) == results["setting"]["layer"]["reps"]
     assert "Compute paths" in table and "| surm-circulant | " in table.split("Compute paths", 1)[1]
+    train = results["setting"]["cases"]["train"]
+    assert results["setting"]["compute_tokens"] == train["batch"] * train["seq"]  # auto timed on the train batch
+    assert f"times both on {train['batch'] * train['seq']:,} random rows" in table
     assert "surm-circulant: compute='auto' chose the faster path (train, one layer; 5% tolerance)" in targets
 
 

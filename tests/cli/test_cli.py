@@ -131,6 +131,8 @@ def test_finetune_surm_structures(tmp_path, tiny_bert, keyword_csv, capsys, stru
     assert rc["args"]["seed"] == 0 and rc["versions"]["torch"]
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "SURM" and "classifier" in adapter["modules_to_save"]
+    # compute="auto" timed each layer on a training batch's rows: batch 16 (the default) x --max-length 16
+    assert adapter["compute_tokens"] == rc["method"]["compute_tokens"] == 16 * 16
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -366,6 +368,7 @@ def test_pmss_when_unavailable_or_available(tmp_path, tiny_bert, keyword_csv, ca
     if hasattr(structpeft, "PmssConfig"):
         assert code == 0, err
         assert (out / "adapter_model.safetensors").is_file()
+        assert json.loads((out / "adapter_config.json").read_text())["compute_tokens"] == 16 * 16
     else:
         _assert_one_line_error(code, err, "pmss is not available in this version")
         assert not out.exists()

@@ -115,6 +115,16 @@ def test_adapter_saved_without_a_compute_record_loads_on_the_gather_path(tmp_pat
 def test_bad_compute_value_names_the_choices():
     with pytest.raises(ConfigError, match=r"compute='gpu'.*auto, fast, dense"):
         PmssConfig(target_modules=["lin0"], compute="gpu")
+    with pytest.raises(ConfigError, match=r"compute_tokens=0 is invalid: expected an integer >= 1"):
+        PmssConfig(target_modules=["lin0"], compute_tokens=0)
+
+
+def test_auto_times_on_compute_tokens_rows(monkeypatch):
+    timed = []
+    monkeypatch.setattr(dispatch, "_CACHE", {})
+    monkeypatch.setattr(dispatch, "_time_paths", lambda op, o, i, device, tokens, reps: timed.append(tokens) or "fast")
+    get_peft_model(CASE.model(), CASE.config(k_in=5, k_out=4, compute_tokens=77))
+    assert timed and set(timed) == {77}
 
 
 def test_auto_measures_under_low_cpu_mem_usage(monkeypatch):

@@ -86,9 +86,35 @@ def test_copy_of_config_keeps_compute():
 
 def test_auto_timing_leaves_the_global_rng_untouched():
     """Adapter initialisation after get_peft_model must not depend on whether a shape was timed before."""
-    dispatch._CACHE.pop(("circulant", 40, 24, '{"block_size": 8}', "cpu"), None)
+    dispatch._CACHE.pop(("circulant", 40, 24, '{"block_size": 8}', "cpu", 2048), None)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     choice = dispatch.choose_compute(OPERATORS["circulant"], 40, 24, {"block_size": 8})
     assert choice in ("fast", "dense")
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_compute_tokens_is_the_timed_row_count_and_part_of_the_cache_key(monkeypatch):
+    """compute="auto" times each layer on ``compute_tokens`` rows; another row count is timed again, not reused."""
+    timed = []
+
+    def fake_time_paths(op, out_features, in_features, device, tokens, reps):
+        timed.append(tokens)
+        return "fast" if tokens < 100 else "dense"
+
+    monkeypatch.setattr(dispatch, "_time_paths", fake_time_paths)
+    monkeypatch.setattr(dispatch, "_CACHE", {})
+    cfg = SurmConfig(structure="circulant", block_size=4, target_modules=["0"], compute_tokens=96)
+    get_peft_model(_mlp(), cfg)
+    assert timed == [96] and {r["compute"]["delta"] for r in cfg.layer_options.values()} == {"fast"}
+    cfg = SurmConfig(structure="circulant", block_size=4, target_modules=["0"], compute_tokens=4096)
+    get_peft_model(_mlp(), cfg)
+    assert timed == [96, 4096] and {r["compute"]["delta"] for r in cfg.layer_options.values()} == {"dense"}
+    get_peft_model(_mlp(), SurmConfig(structure="circulant", block_size=4, target_modules=["0"], compute_tokens=96))
+    assert timed == [96, 4096]  # cached per token count
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "2048", None])
+def test_bad_compute_tokens_names_the_value(bad):
+    with pytest.raises(ConfigError, match=rf"compute_tokens={bad!r} is invalid: expected an integer >= 1"):
+        SurmConfig(target_modules=["0"], compute_tokens=bad)

@@ -19,7 +19,7 @@ Compute-path check. For each structpeft method the layer section also times the 
 *not* choose (:mod:`structpeft.operators.dispatch`: the structured product "fast" or the dense ΔW folded into the
 base weight, "dense"), forced on a copy of the same adapted layer, in the same interleaved repetitions
 (``layer_<case>_other_ms``), so the report shows whether the measured rule picked the faster path for the case's
-token count (the rule itself times 2,048 rows).
+token count (the rule times ``compute_tokens`` rows, set here to the train case's batch × seq).
 
 Models (random weights: speed does not depend on the values, so no checkpoint is needed):
 
@@ -163,7 +163,19 @@ def build_base(model: str = "minilm", seed: int = 0, dtype: torch.dtype = torch.
     return BertModel(cfg).to(dtype).eval()
 
 
-def build(method: str, base: nn.Module, model: str, targets: list[str], info: dict | None = None) -> nn.Module:
+def compute_tokens(cases: dict[str, Case]) -> int | None:
+    """The rows compute="auto" times each layer on: the first train case's batch × seq (None: the default)."""
+    return next((c.batch * c.seq for c in cases.values() if c.kind == "train"), None)
+
+
+def build(
+    method: str,
+    base: nn.Module,
+    model: str,
+    targets: list[str],
+    info: dict | None = None,
+    tokens: int | None = None,
+) -> nn.Module:
     """A model for ``method`` on a deep copy of ``base`` (its base weights frozen, adapter trainable).
 
     For ``*-merged`` the merged model's output is compared with the unmerged one's on a small batch and the
@@ -177,6 +189,8 @@ def build(method: str, base: nn.Module, model: str, targets: list[str], info: di
     if cfg is None:
         net.requires_grad_(False)
         return net
+    if tokens is not None and hasattr(cfg, "compute_tokens"):
+        cfg.compute_tokens = tokens  # time compute="auto" on the train case's token count
     net = get_peft_model(net, cfg)
     chosen = {c for rec in getattr(cfg, "layer_options", {}).values() for c in rec.get("compute", {}).values()}
     if chosen and info is not None:
@@ -351,7 +365,8 @@ def _memory_probe(method: str, args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     cases = resolve_cases(args)
     case = next(iter(cases.values()))
-    model = build(method, build_base(args.model), args.model, args.targets).to(device)
+    tokens = compute_tokens(cases)
+    model = build(method, build_base(args.model), args.model, args.targets, tokens=tokens).to(device)
     step = make_step(model, case, device)
     if method.endswith("-compiled"):
         step()  # compile outside the measurement
@@ -406,14 +421,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = build_base(args.model)
     methods = args.methods or default_methods(args)
     info: dict[str, dict] = {m: {} for m in methods}
-    models = {m: build(m, base, args.model, args.targets, info[m]).to(device) for m in methods}
+    tokens = compute_tokens(cases)
+    models = {m: build(m, base, args.model, args.targets, info[m], tokens).to(device) for m in methods}
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     results: dict[str, Any] = {
         "setting": {
             "model": args.model, "model_description": spec.description, "targets": args.targets,
             "cases": {name: vars(c) for name, c in cases.items()}, "threads": args.threads, "device": str(device),
             "hardware": hardware, "cpu_count": os.cpu_count(), "reps": args.reps, "warmup": args.warmup,
-            "torch": torch.__version__, "load_average_start": _load_average(),
+            "torch": torch.__version__, "load_average_start": _load_average(), "compute_tokens": tokens or 2048,
             "command": "structpeft bench speed " + " ".join(getattr(args, "argv", []) or []),
         },
         "methods": {m: {"trainable": trainable(models[m]), **info[m]} for m in methods},
@@ -660,9 +676,10 @@ def _paths_table(results: dict[str, Any], cases: list[str]) -> list[str]:
     head = ["method"]
     for c in cases:
         head += [f"layer {c}: chosen", "overhead", "other path", "overhead"]
+    tokens = results["setting"].get("compute_tokens", 2048)
     rows = [
         "",
-        'Compute paths (`compute="auto"` times both on 2,048 random rows and keeps the faster; the other one is '
+        f'Compute paths (`compute="auto"` times both on {tokens:,} random rows and keeps the faster; the other one is '
         "forced here on a copy of the same layer, in the same interleaved repetitions; overhead over the frozen "
         "layer):",
         "",

@@ -406,6 +406,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ method (validates targets etc. early)
     transformers.set_seed(args.seed)
+    if args.method in ("surm", "pmss"):
+        hp["compute_tokens"] = batch_size * max_length  # compute="auto" times each layer on a batch's rows
     model = apply_method(model, hp, task, head, targets)
     trainable, total = C.count_parameters(model)
     head_params = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and _in_head(name, head))

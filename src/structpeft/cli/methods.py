@@ -217,11 +217,12 @@ def apply_method(model: Any, hp: dict[str, Any], task: str, head: list[str], tar
             alpha=hp["alpha"],
             dropout=hp["dropout"],
             placement=hp.get("placement", "lora"),
+            compute_tokens=hp.get("compute_tokens", 2048),
             **common,
         )
     elif m == "pmss":
         kwargs = {"budget": hp["budget"], "selection": hp["selection"]}
-        for name in ("alpha", "dropout", "seed"):
+        for name in ("alpha", "dropout", "seed", "compute_tokens"):
             if hp.get(name) is not None and name in getattr(structpeft.PmssConfig, "__dataclass_fields__", {}):
                 kwargs[name] = hp[name]
         config = structpeft.PmssConfig(**kwargs, **common)

@@ -16,12 +16,13 @@ alone, on the layer's device (the minimum of ``reps`` after one warm-up, the thr
 the estimate least disturbed by other jobs on a shared machine), and returns the
 cheaper. On this project's 2-core CPU, at LoRA r=8's budget on 384 × 384 layers, the fold won for every
 structure (one 384 × 4096 × 384 weight-gradient matmul against many small batched FFTs). The answer is cached
-per process by (structure, shape, options, device) and recorded in the adapter's config
+per process by (structure, shape, options, device, tokens) and recorded in the adapter's config
 (``layer_options[module]["compute"]``), so a loaded adapter uses the same path. ``SurmConfig(compute="fast" |
 "dense")`` forces either. PMSS's skeleton operator is timed the same way (``choose_compute_for``: its fast path
 reads W[J, :]x from the base output; the timing depends on the shape and k_in, k_out, not on the weights).
-``structpeft bench speed`` checks the rule on its cases by timing the path not chosen; where the batch has far
-fewer or more rows than ``tokens`` the choice can be a few per cent off (README, Status).
+The rows timed are the config's ``compute_tokens`` (default 2,048; set it to the training batch's batch × sequence
+length: ``structpeft finetune`` and ``structpeft bench speed`` do). ``structpeft bench speed`` checks the rule on
+its cases by timing the path not chosen.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def choose_compute_for(
     """:func:`choose_compute` for any operator with ``delta_weight``: ``make_op()`` builds one (on the CPU, with
     non-zero parameters); the answer is cached under ``key`` and the device."""
     device = torch.device(device)
-    key = (*key, str(device))
+    key = (*key, str(device), tokens)
     if key not in _CACHE:
         # the timing draws random tensors: keep the caller's RNG streams untouched, so that adapter initialisation
         # after get_peft_model is the same whether or not this shape was timed before in the process

@@ -57,11 +57,19 @@ COMPUTE_HELP = (
 )
 
 
-def _check_compute(value: Any) -> None:
+COMPUTE_TOKENS_HELP = (
+    "compute='auto': the number of rows (tokens: batch × sequence length of a training batch) each layer's two "
+    "paths are timed on; the faster path can change with it. Default 2048."
+)
+
+
+def _check_compute(value: Any, tokens: Any = 2048) -> None:
     from ..operators.dispatch import COMPUTE_MODES
 
     if value not in COMPUTE_MODES:
         raise ConfigError(f"compute={value!r} is invalid; valid: {', '.join(COMPUTE_MODES)}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ConfigError(f"compute_tokens={tokens!r} is invalid: expected an integer >= 1 (batch × sequence length)")
 
 
 class StructPeftConfigMixin:
@@ -176,6 +184,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         },
     )
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
+    compute_tokens: int = field(default=2048, metadata={"help": COMPUTE_TOKENS_HELP})
     placement: str = field(
         default="lora",
         metadata={
@@ -228,7 +237,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} is invalid: expected True or False")
         self._check_placement()
-        _check_compute(self.compute)
+        _check_compute(self.compute, self.compute_tokens)
         used = SURM_STRUCTURE_FIELDS[self.structure]
         for name in ("block_size", "num_factors", "displacement_rank", "factor_shape"):
             if getattr(self, name) is not None and name not in used:

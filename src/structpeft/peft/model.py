@@ -316,7 +316,8 @@ class SurmModel(StructuredTuner):
         from ..operators.dispatch import choose_compute
 
         cls = get_operator_class(config.structure)
-        return measure_compute(base, lambda device: choose_compute(cls, *shape, options, device=device))
+        tokens = config.compute_tokens
+        return measure_compute(base, lambda d: choose_compute(cls, *shape, options, device=d, tokens=tokens))
 
     @staticmethod
     def _resolve_operator(config: SurmConfig, shape: tuple[int, int], n_params: int | None) -> dict[str, Any]:

@@ -24,7 +24,14 @@ from torch import nn
 from ..errors import BaseModelMismatchError, ConfigError
 from ..operators.skeleton import SKELETON_INITS, SKELETON_SCALINGS, SkeletonOperator
 from ..selection import SELECTION_STRATEGIES, select_skeleton, skeleton_checksum
-from .config import COMPUTE_HELP, StructPeftConfigMixin, _check_compute, _check_number, _check_target_modules
+from .config import (
+    COMPUTE_HELP,
+    COMPUTE_TOKENS_HELP,
+    StructPeftConfigMixin,
+    _check_compute,
+    _check_number,
+    _check_target_modules,
+)
 from .layer import StructuredLayer, delta_shape, weight_2d
 from .model import StructuredTuner, measure_compute
 
@@ -68,6 +75,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
         metadata={"help": "Dropout on the adapter input; 0 keeps the fast paths (base output reuse, folding)."},
     )
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
+    compute_tokens: int = field(default=2048, metadata={"help": COMPUTE_TOKENS_HELP})
     init_weights: bool | str = field(
         default=True,
         metadata={
@@ -107,7 +115,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        _check_compute(self.compute)
+        _check_compute(self.compute, self.compute_tokens)
         if (self.k_in is None) != (self.k_out is None):
             raise ConfigError(f"k_in={self.k_in!r}, k_out={self.k_out!r}: give both or neither")
         for name in ("k_in", "k_out"):
@@ -278,4 +286,5 @@ class PmssModel(StructuredTuner):
             return op
 
         key = ("skeleton", out_features, in_features, k_in, k_out)
-        return measure_compute(base, lambda device: choose_compute_for(key, make, *shape, device=device))
+        tokens = config.compute_tokens
+        return measure_compute(base, lambda d: choose_compute_for(key, make, *shape, device=d, tokens=tokens))
