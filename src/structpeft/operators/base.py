@@ -53,7 +53,8 @@ def toeplitz_dense(v: torch.Tensor) -> torch.Tensor:
     Built as sliding windows (``unfold``) of the reversed vector: with u = flip(v), unfold(u)[m, n] = u[m + n] and
     T[r, s] = u[b − 1 − r + s], i.e. the windows with the row order reversed. The backward, ∂v[k] = Σ_{r − s =
     k − b + 1} G[r, s] (the sums along the diagonals of the incoming gradient G), is :func:`diagonal_sums`: two
-    pads and one reduction, about 3× faster on CPU than autograd's unfold / flip backward, no scatter.
+    pads and one reduction, no scatter; on CPU about 2× faster than autograd's unfold / flip backward for blocks up
+    to b = 72 and about the same at b = 256.
     """
     return _ToeplitzDense.apply(v)
 

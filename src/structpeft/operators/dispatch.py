@@ -87,7 +87,7 @@ def choose_compute_for(
     reps: int = 5,
 ) -> str:
     """:func:`choose_compute` for any operator with ``delta_weight``: ``make_op()`` builds one (on the CPU, with
-    non-zero parameters); the answer is cached under ``key`` and the device."""
+    non-zero parameters); the answer is cached under ``key``, the device and ``tokens``."""
     device = torch.device(device)
     key = (*key, str(device), tokens)
     if key not in _CACHE:
