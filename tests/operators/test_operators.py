@@ -153,43 +153,43 @@ def test_structure_check_can_fail(case):
 
 
 # ------------------------------------------------------------------------------------------- 4. gradcheck
+class _Call(torch.nn.Module):
+    """``compute(op, *args)`` as a module's forward, so that ``functional_call`` can swap op's parameters."""
+
+    def __init__(self, op: StructuredOperator, compute) -> None:
+        super().__init__()
+        self.op, self.compute = op, compute
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.compute(self.op, *args)
+
+
+def _of_parameters(op: StructuredOperator, compute):
+    """(fresh leaf copies of op's parameters, f(params, *args) = compute(op, *args) with those parameters)."""
+    wrapper = _Call(op, compute)
+    names = [name for name, _ in wrapper.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in wrapper.named_parameters())
+
+    def f(params, *args):
+        return torch.func.functional_call(wrapper, dict(zip(names, params, strict=True)), args)
+
+    return params, f
+
+
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
 def test_gradcheck(case, shape):
     out_features, in_features = shape
-    op = case.make(out_features, in_features)
-    names = [name for name, _ in op.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_(True) for _, p in op.named_parameters())
+    params, f = _of_parameters(case.make(out_features, in_features), lambda op, x: op(x))
     x = randn(2, in_features).requires_grad_(True)
-
-    def fn(x, *params):
-        return torch.func.functional_call(op, dict(zip(names, params, strict=True)), (x,))
-
-    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda x, *p: f(p, x), (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
 def test_dense_gradcheck(case, shape):
     """The materialised ΔW (the fold's path) has correct first and second derivatives in its parameters."""
-    out_features, in_features = shape
-    op = case.make(out_features, in_features)
-    names = [name for name, _ in op.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_(True) for _, p in op.named_parameters())
-
-    class Dense(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.op = op
-
-        def forward(self) -> torch.Tensor:
-            return self.op.to_dense()
-
-    wrapper = Dense()
-
-    def dense(*params):
-        return torch.func.functional_call(wrapper, {f"op.{n}": p for n, p in zip(names, params, strict=True)}, ())
-
-    assert torch.autograd.gradcheck(dense, params, eps=1e-6, atol=1e-7, rtol=1e-5)
-    assert torch.autograd.gradgradcheck(dense, params, eps=1e-6, atol=1e-7, rtol=1e-5)
+    params, f = _of_parameters(case.make(*shape), lambda op: op.to_dense())
+    assert torch.autograd.gradcheck(lambda *p: f(p), params, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(lambda *p: f(p), params, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("b", [1, 2, 5, 16])
