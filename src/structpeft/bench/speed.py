@@ -65,6 +65,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS
+
 MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 SMOLLM2_SHAPE = dict(
     hidden_size=576,
@@ -429,7 +431,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": args.model, "model_description": spec.description, "targets": args.targets,
             "cases": {name: vars(c) for name, c in cases.items()}, "threads": args.threads, "device": str(device),
             "hardware": hardware, "cpu_count": os.cpu_count(), "reps": args.reps, "warmup": args.warmup,
-            "torch": torch.__version__, "load_average_start": _load_average(), "compute_tokens": tokens or 2048,
+            "torch": torch.__version__, "load_average_start": _load_average(),
+            "compute_tokens": tokens or DEFAULT_COMPUTE_TOKENS,
             "command": "structpeft bench speed " + " ".join(getattr(args, "argv", []) or []),
         },
         "methods": {m: {"trainable": trainable(models[m]), **info[m]} for m in methods},
@@ -676,7 +679,7 @@ def _paths_table(results: dict[str, Any], cases: list[str]) -> list[str]:
     head = ["method"]
     for c in cases:
         head += [f"layer {c}: chosen", "overhead", "other path", "overhead"]
-    tokens = results["setting"].get("compute_tokens", 2048)
+    tokens = results["setting"].get("compute_tokens", DEFAULT_COMPUTE_TOKENS)
     rows = [
         "",
         f'Compute paths (`compute="auto"` times both on {tokens:,} random rows and keeps the faster; the other one is '

@@ -217,7 +217,7 @@ def apply_method(model: Any, hp: dict[str, Any], task: str, head: list[str], tar
             alpha=hp["alpha"],
             dropout=hp["dropout"],
             placement=hp.get("placement", "lora"),
-            compute_tokens=hp.get("compute_tokens", 2048),
+            compute_tokens=hp.get("compute_tokens", structpeft.SurmConfig.compute_tokens),
             **common,
         )
     elif m == "pmss":

@@ -39,6 +39,7 @@ from .base import StructuredOperator
 from .fused import folded_linear
 
 COMPUTE_MODES = ("auto", "fast", "dense")
+DEFAULT_COMPUTE_TOKENS = 2048  # rows timed when the config does not say (compute_tokens)
 _CACHE: dict[tuple, str] = {}
 
 
@@ -61,7 +62,7 @@ def choose_compute(
     in_features: int,
     options: dict,
     device: torch.device | str = "cpu",
-    tokens: int = 2048,
+    tokens: int = DEFAULT_COMPUTE_TOKENS,
     reps: int = 5,
 ) -> str:
     """'fast' or 'dense', whichever adds less to a frozen layer's forward + backward of ``tokens`` rows (cached)."""
@@ -83,7 +84,7 @@ def choose_compute_for(
     out_features: int,
     in_features: int,
     device: torch.device | str = "cpu",
-    tokens: int = 2048,
+    tokens: int = DEFAULT_COMPUTE_TOKENS,
     reps: int = 5,
 ) -> str:
     """:func:`choose_compute` for any operator with ``delta_weight``: ``make_op()`` builds one (on the CPU, with

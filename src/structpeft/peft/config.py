@@ -18,6 +18,7 @@ from peft.config import PeftConfig
 
 from ..errors import ConfigError
 from ..operators import OPERATORS, get_operator_class
+from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS
 
 SURM_PEFT_TYPE = "SURM"
 
@@ -63,7 +64,7 @@ COMPUTE_TOKENS_HELP = (
 )
 
 
-def _check_compute(value: Any, tokens: Any = 2048) -> None:
+def _check_compute(value: Any, tokens: Any = DEFAULT_COMPUTE_TOKENS) -> None:
     from ..operators.dispatch import COMPUTE_MODES
 
     if value not in COMPUTE_MODES:
@@ -184,7 +185,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         },
     )
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
-    compute_tokens: int = field(default=2048, metadata={"help": COMPUTE_TOKENS_HELP})
+    compute_tokens: int = field(default=DEFAULT_COMPUTE_TOKENS, metadata={"help": COMPUTE_TOKENS_HELP})
     placement: str = field(
         default="lora",
         metadata={

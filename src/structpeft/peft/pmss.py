@@ -22,6 +22,7 @@ from peft.config import PeftConfig
 from torch import nn
 
 from ..errors import BaseModelMismatchError, ConfigError
+from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS
 from ..operators.skeleton import SKELETON_INITS, SKELETON_SCALINGS, SkeletonOperator
 from ..selection import SELECTION_STRATEGIES, select_skeleton, skeleton_checksum
 from .config import (
@@ -75,7 +76,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
         metadata={"help": "Dropout on the adapter input; 0 keeps the fast paths (base output reuse, folding)."},
     )
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
-    compute_tokens: int = field(default=2048, metadata={"help": COMPUTE_TOKENS_HELP})
+    compute_tokens: int = field(default=DEFAULT_COMPUTE_TOKENS, metadata={"help": COMPUTE_TOKENS_HELP})
     init_weights: bool | str = field(
         default=True,
         metadata={
