@@ -36,7 +36,8 @@ Methods and their sizes (MiniLM; SmolLM2 analogous, see ``method_configs``):
 * ``base`` (frozen, no adapter), ``lora-r8`` (PEFT LoRA r=8: 6,144 parameters per 384 × 384 layer);
 * ``surm-<structure>`` at ``budget="lora-8"`` (circulant b=24, Toeplitz b=171, Kronecker 78×78 ⊗ 5×5, LDR b=48),
   ``compute="auto"`` (the measured per-layer rule of :mod:`structpeft.operators.dispatch`);
-* ``pmss`` at ``budget="lora-8"`` (k = 78);
+* ``pmss`` at ``budget="lora-8"`` (k = 78); ``pmss-fold-inference`` the same with ``fold_inference=True`` (the
+  same training step; in inference, layers that train on the gather path run one matmul with the cached W + ΔW);
 * ``c3a-b24`` (PEFT C3A, block 24: 6,144 parameters, the same count as ``surm-circulant``; SmolLM2: ``c3a-b32``
   against ``surm-circulant-b32``, C3A's block must divide both 576 and 192);
 * ``lokr-r16`` (PEFT LoKr r=16: w1 16×16, w2 24×24, 832 parameters) against ``surm-kronecker-16x16`` (the same
@@ -148,6 +149,10 @@ def method_configs(model: str, targets: list[str]) -> dict[str, Callable[[], Any
         methods["c3a-b24"] = lambda: peft.C3AConfig(block_size=24, target_modules=targets)
         methods["lokr-r16"] = lambda: peft.LoKrConfig(r=16, target_modules=targets)
         methods["surm-kronecker-16x16"] = surm("kronecker", factor_shape=[16, 16])
+    # PMSS trains on the gather path at these shapes; this one folds in inference (same training step)
+    methods["pmss-fold-inference"] = lambda: structpeft.PmssConfig(
+        target_modules=targets, budget="lora-8", fold_inference=True
+    )
     methods["surm-circulant-merged"] = surm("circulant", budget="lora-8", init_weights=False)
     methods["surm-circulant-compiled"] = methods["surm-circulant"]
     return methods

@@ -10,7 +10,9 @@ matmul (gᵀ x, shared by all of them; autograd then maps it to the structured p
 O(out·in)) plus building ΔW (O(out·in) for every structure). Nothing beyond x (which the base matmul keeps
 anyway) and W_eff (out × in) is saved for the backward: less memory than LoRA, which also keeps x·Aᵀ.
 In inference (no autograd graph through the parameters) W_eff is cached per layer while W and every adapter
-parameter keep their version counters, so repeated forwards run at exactly the base layer's speed.
+parameter keep their version counters, so repeated forwards run at exactly the base layer's speed. The cache holds
+one (out × in) weight per layer; a config's ``fold_inference=True`` extends this inference fold to the layers that
+train with the structured product (``compute_mode="fast"``).
 
 Precision: W_eff is formed in the base weight's dtype, so folding is used only for float32 / float64 base
 weights (in half precision the rounding of W + s·ΔW to W's 8 / 11 mantissa bits would swallow small ΔW). Under
@@ -36,8 +38,7 @@ def folded_weight(
 ) -> torch.Tensor:
     """W + Σ s·ΔW in W's dtype (each ΔW built by ``op.delta_weight``), cached per ``owner`` outside autograd."""
     params = [p for op, _ in terms for p in op.parameters()]
-    recording = torch.is_grad_enabled() and (weight.requires_grad or any(p.requires_grad for p in params))
-    if owner is None or recording or _compiling():
+    if owner is None or records_grad(weight, [op for op, _ in terms]) or _compiling():
         return _fold(weight, terms, cache=False)
     key = (
         torch.is_inference_mode_enabled(),
@@ -53,6 +54,14 @@ def folded_weight(
     w = _fold(weight, terms, cache=False)
     _CACHES[owner] = (key, w)
     return w
+
+
+def records_grad(weight: torch.Tensor, ops: Sequence[nn.Module]) -> bool:
+    """True if autograd records a graph through ``weight`` or a parameter of ``ops`` (training), False in
+    inference (``torch.no_grad`` / ``torch.inference_mode``, or everything frozen)."""
+    if not torch.is_grad_enabled():
+        return False
+    return weight.requires_grad or any(p.requires_grad for op in ops for p in op.parameters())
 
 
 def _fold(weight: torch.Tensor, terms: Sequence[tuple[nn.Module, float]], cache: bool) -> torch.Tensor:

@@ -64,13 +64,23 @@ COMPUTE_TOKENS_HELP = (
 )
 
 
-def _check_compute(value: Any, tokens: Any = DEFAULT_COMPUTE_TOKENS) -> None:
+FOLD_INFERENCE_HELP = (
+    "True: in inference (no gradient through the adapter), also layers that train with the structured product "
+    "(compute 'fast') run one matmul with W + alpha·ΔW, built once and cached until a weight changes: the base "
+    "layer's speed for one extra weight copy per such layer (what 'dense' layers always do). False (default): "
+    "they keep the structured product and its memory."
+)
+
+
+def _check_compute(value: Any, tokens: Any = DEFAULT_COMPUTE_TOKENS, fold_inference: Any = False) -> None:
     from ..operators.dispatch import COMPUTE_MODES
 
     if value not in COMPUTE_MODES:
         raise ConfigError(f"compute={value!r} is invalid; valid: {', '.join(COMPUTE_MODES)}")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ConfigError(f"compute_tokens={tokens!r} is invalid: expected an integer >= 1 (batch × sequence length)")
+    if not isinstance(fold_inference, bool):
+        raise ConfigError(f"fold_inference={fold_inference!r} is invalid: expected True or False")
 
 
 class StructPeftConfigMixin:
@@ -186,6 +196,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     )
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
     compute_tokens: int = field(default=DEFAULT_COMPUTE_TOKENS, metadata={"help": COMPUTE_TOKENS_HELP})
+    fold_inference: bool = field(default=False, metadata={"help": FOLD_INFERENCE_HELP})
     placement: str = field(
         default="lora",
         metadata={
@@ -238,7 +249,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} is invalid: expected True or False")
         self._check_placement()
-        _check_compute(self.compute, self.compute_tokens)
+        _check_compute(self.compute, self.compute_tokens, self.fold_inference)
         used = SURM_STRUCTURE_FIELDS[self.structure]
         for name in ("block_size", "num_factors", "displacement_rank", "factor_shape"):
             if getattr(self, name) is not None and name not in used:

@@ -13,7 +13,9 @@ The operator is built by the method (``_build_operator``): SURM builds it from t
 frozen weight. An operator may implement ``forward_from_base(x, base_out)`` to reuse the base layer's output, and
 ``add_from_base(base_out, s)`` = base_out + s·op(x) as one fused op (used for the first active adapter).
 Operators in ``compute_mode="dense"`` (no dropout, float32 / float64 Linear or Conv1D) are folded into the base
-matmul instead: forward(x) = x·(W + Σ_a s_a·ΔW_a)ᵀ + b, one matmul (see :mod:`structpeft.operators.fused`).
+matmul instead: forward(x) = x·(W + Σ_a s_a·ΔW_a)ᵀ + b, one matmul (see :mod:`structpeft.operators.fused`);
+with the config's ``fold_inference=True`` the ``"fast"`` ones are too, in inference only (no autograd graph
+through the weights), where W + Σ s·ΔW is built once and cached.
 
 Mixed-adapter batches (inference): ``forward(x, adapter_names=[...])``, one name per example along dim 0, gives
 each example the base output plus *its* adapter's output (``"__base__"``: none), as PEFT's LoRA layers do; the
@@ -30,7 +32,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..errors import MergeError, MixedBatchError, UnsupportedLayerError
-from ..operators.fused import FOLDABLE_DTYPES, folded_linear
+from ..operators.base import _compiling
+from ..operators.fused import FOLDABLE_DTYPES, folded_linear, records_grad
 
 try:  # transformers is optional
     from transformers.pytorch_utils import Conv1D
@@ -326,7 +329,8 @@ class StructuredLayer(BaseTunerLayer):
 
     def _folded_terms(self) -> list[tuple[nn.Module, float]] | None:
         """(operator, scale) of the active adapters if all of them can be folded into the base weight: ΔW placement
-        with ``compute_mode == "dense"``, no dropout, on a float32 / float64 Linear or Conv1D; else None."""
+        with ``compute_mode == "dense"`` (or, in inference, ``fold_inference``), no dropout, on a float32 / float64
+        Linear or Conv1D; else None."""
         base = self.get_base_layer()
         if self.kind not in ("linear", "conv1d") or base.weight.dtype not in FOLDABLE_DTYPES:
             return None
@@ -335,11 +339,17 @@ class StructuredLayer(BaseTunerLayer):
             if name not in self.operators:
                 continue
             op = self.operators[name]
-            foldable = getattr(op, "compute_mode", "fast") == "dense" and hasattr(op, "delta_weight")
-            if not foldable or self.is_adapter_placement(name) or not isinstance(self.dropouts[name], nn.Identity):
+            if not hasattr(op, "delta_weight") or self.is_adapter_placement(name):
+                return None
+            if not isinstance(self.dropouts[name], nn.Identity):
                 return None
             terms.append((op, self.scalings[name]))
-        return terms
+        if all(getattr(op, "compute_mode", "fast") == "dense" for op, _ in terms):
+            return terms
+        inference_fold = all(getattr(op, "fold_inference", False) for op, _ in terms)
+        if inference_fold and not _compiling() and not records_grad(base.weight, [op for op, _ in terms]):
+            return terms  # fast-path adapters in inference: the cached W_eff (one weight copy, base speed)
+        return None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)  # injected by the tuner for a mixed-adapter batch

@@ -28,6 +28,7 @@ from ..selection import SELECTION_STRATEGIES, select_skeleton, skeleton_checksum
 from .config import (
     COMPUTE_HELP,
     COMPUTE_TOKENS_HELP,
+    FOLD_INFERENCE_HELP,
     StructPeftConfigMixin,
     _check_compute,
     _check_number,
@@ -77,6 +78,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
     )
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
     compute_tokens: int = field(default=DEFAULT_COMPUTE_TOKENS, metadata={"help": COMPUTE_TOKENS_HELP})
+    fold_inference: bool = field(default=False, metadata={"help": FOLD_INFERENCE_HELP})
     init_weights: bool | str = field(
         default=True,
         metadata={
@@ -116,7 +118,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        _check_compute(self.compute, self.compute_tokens)
+        _check_compute(self.compute, self.compute_tokens, self.fold_inference)
         if (self.k_in is None) != (self.k_out is None):
             raise ConfigError(f"k_in={self.k_in!r}, k_out={self.k_out!r}: give both or neither")
         for name in ("k_in", "k_out"):
@@ -178,6 +180,7 @@ class PmssLayer(StructuredLayer):
         )
         op.reset_parameters(config.init_weights)
         op.compute_mode = self._recorded_compute(config).get("delta", "fast")
+        op.fold_inference = config.fold_inference
         return op
 
     def unmerge(self) -> None:

@@ -28,6 +28,7 @@ class SurmLayer(StructuredLayer):
         compute = self._recorded_compute(config)
         for role, op in module.ops.items() if isinstance(module, AdapterBlock) else [("delta", module)]:
             op.compute_mode = compute.get(role, "fast")
+            op.fold_inference = config.fold_inference
         if any(p.is_meta for p in module.parameters()):  # PEFT's low_cpu_mem_usage: filled by the state dict load
             return module
         return module.to(base.weight.device)
