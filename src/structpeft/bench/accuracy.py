@@ -214,11 +214,12 @@ def minilm_methods() -> list[Method]:
 
 def smollm2_methods() -> list[Method]:
     """The SmolLM2 comparison (q_proj / v_proj): LoRA r=8 (at its default rate and, as a control, at PMSS's),
-    PMSS, SURM circulant, C3A."""
+    PMSS (at its default rate and, as the forgetting control, at LoRA's), SURM circulant, C3A."""
     return [
         _m("lora-r8", "LoRA", "--method", "lora", "--r", "8"),
         _m("lora-r8-lr1e-3", "LoRA lr 1e-3", "--method", "lora", "--r", "8", "--lr", "1e-3"),
         _m("pmss-deim-lora8", "PMSS", "--method", "pmss", "--budget", "lora-8"),
+        _m("pmss-deim-lora8-lr3e-4", "PMSS lr 3e-4", "--method", "pmss", "--budget", "lora-8", "--lr", "3e-4"),
         _m("surm-circulant-lora8", "SURM circulant", "--method", "surm", "--structure", "circulant"),
         _m("c3a-lora8", "C3A", "--method", "c3a", "--budget", "lora-8"),
     ]
@@ -813,7 +814,8 @@ def _learning_rates_note() -> str:
         "attention projections (the reference of the SURM rows with other targets); the targets use the best of "
         "them, and a quarter of query / value LoRA r=8's parameters as the SURM limit; "
         "surm-circulant-lora2-lr5e-3 is the same control for SURM circulant (2.5x its default rate), a SURM "
-        "candidate like the other SURM rows; on gsm, lora-r8-lr1e-3 repeats LoRA r=8 at PMSS's generation rate."
+        "candidate like the other SURM rows; on gsm, lora-r8-lr1e-3 repeats LoRA r=8 at PMSS's generation rate and "
+        "pmss-deim-lora8-lr3e-4 PMSS at LoRA's (the forgetting control; not a candidate for the PMSS target)."
     )
 
 
