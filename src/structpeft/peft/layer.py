@@ -339,9 +339,8 @@ class StructuredLayer(BaseTunerLayer):
             if name not in self.operators:
                 continue
             op = self.operators[name]
-            if not hasattr(op, "delta_weight") or self.is_adapter_placement(name):
-                return None
-            if not isinstance(self.dropouts[name], nn.Identity):
+            foldable = hasattr(op, "delta_weight") and isinstance(self.dropouts[name], nn.Identity)
+            if not foldable or self.is_adapter_placement(name):
                 return None
             terms.append((op, self.scalings[name]))
         if all(getattr(op, "compute_mode", "fast") == "dense" for op, _ in terms):
