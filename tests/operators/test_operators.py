@@ -192,6 +192,48 @@ def test_dense_gradcheck(case, shape):
     assert torch.autograd.gradgradcheck(lambda *p: f(p), params, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def _check_param_grads(op: StructuredOperator, lead: tuple[int, ...] = (6,)) -> None:
+    """``op.param_grads(x, g)`` equals the gradient of Σ g·(x ΔWᵀ) through ``to_dense`` (float64), and is None for
+    a frozen parameter."""
+    out_features, in_features = op.out_features, op.in_features
+    x, g = randn(*lead, in_features, seed=4), randn(*lead, out_features, seed=5)
+    params = list(op.parameters())
+    expected = torch.autograd.grad(((x @ op.to_dense().T) * g).sum(), params)
+    got = op.param_grads(x.reshape(-1, in_features), g.reshape(-1, out_features))
+    assert len(got) == len(params)
+    for name_got, want, p in zip(got, expected, params, strict=True):
+        assert name_got.shape == p.shape and name_got.dtype == p.dtype
+        assert rel_err(name_got, want) <= 1e-10
+    params[0].requires_grad_(False)
+    partial = op.param_grads(x.reshape(-1, in_features), g.reshape(-1, out_features))
+    assert partial[0] is None
+    for got_p, want in zip(partial[1:], expected[1:], strict=True):
+        assert rel_err(got_p, want) <= 1e-10
+    params[0].requires_grad_(True)
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=shape_id)
+def test_param_grads_match_dense_reference(case, shape):
+    """The "hybrid" compute mode's parameter gradient (no input gradient, no gᵀx) against autograd through ΔW."""
+    _check_param_grads(case.make(*shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", BIG_SHAPES, ids=shape_id)
+def test_param_grads_match_dense_reference_big(big_case, shape):
+    _check_param_grads(big_case.make(*shape, dtype=torch.float64), lead=(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_param_grads_of_half_precision_rows(case, dtype):
+    """Half-precision x and g (autocast's matmul dtype) give float32 gradients close to the float32 ones."""
+    op = case.make(13, 24, dtype=torch.float32)
+    x, g = randn(5, 24, dtype=torch.float32), randn(5, 13, dtype=torch.float32)
+    full = op.param_grads(x, g)
+    half = op.param_grads(x.to(dtype), g.to(dtype))
+    for got, want in zip(half, full, strict=True):
+        assert got.dtype == torch.float32 and rel_err(got, want) <= 2e-2
+
+
 @pytest.mark.parametrize("b", [1, 2, 5, 16])
 def test_toeplitz_dense_and_its_backward_match_an_index_reference(b):
     from structpeft.operators.base import diagonal_sums, toeplitz_dense
@@ -306,6 +348,9 @@ def test_forward_does_not_form_dense_matrix(case, shape, monkeypatch):
     assert rel_err(y, expected) <= 1e-10
     y.sum().backward()  # the backward pass does not need it either
     assert all(p.grad is not None for p in op.parameters())
+    grads = op.param_grads(x.reshape(-1, in_features), torch.ones(6, out_features, dtype=x.dtype))  # nor "hybrid"
+    for got, p in zip(grads, op.parameters(), strict=True):
+        assert rel_err(got, p.grad) <= 1e-10
 
 
 # ---------------------------------------------------------------------------------- per-structure quirks

@@ -24,7 +24,7 @@ def _grads(model):
 def test_fold_and_gather_give_the_same_outputs_and_gradients(dtype):
     inputs = CASE.inputs(dtype)
     outs, grads = {}, {}
-    for mode in ("fast", "dense"):
+    for mode in ("fast", "dense", "hybrid"):
         cfg = CASE.config(init_weights=False, alpha=0.7, compute=mode, k_in=5, k_out=4)
         torch.manual_seed(3)
         model = get_peft_model(CASE.model(dtype), cfg)
@@ -34,10 +34,11 @@ def test_fold_and_gather_give_the_same_outputs_and_gradients(dtype):
         out.pow(2).sum().backward()
         outs[mode], grads[mode] = out.detach(), _grads(model)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(outs["fast"], outs["dense"], atol=tol, rtol=tol)
-    assert grads["fast"].keys() == grads["dense"].keys() and grads["fast"]
-    for name, g in grads["fast"].items():
-        torch.testing.assert_close(grads["dense"][name], g, atol=tol * max(1.0, g.abs().max().item()), rtol=tol)
+    for mode in ("dense", "hybrid"):
+        torch.testing.assert_close(outs["fast"], outs[mode], atol=tol, rtol=tol)
+        assert grads["fast"].keys() == grads[mode].keys() and grads["fast"]
+        for name, g in grads["fast"].items():
+            torch.testing.assert_close(grads[mode][name], g, atol=tol * max(1.0, g.abs().max().item()), rtol=tol)
 
 
 def test_dense_path_folds_and_never_reads_the_base_output(monkeypatch):
@@ -86,7 +87,7 @@ def test_auto_measures_once_per_shape_records_the_choice_and_loading_reuses_it(t
     model = get_peft_model(CASE.model(), cfg)
     assert keys and all(k[0] == "skeleton" and k[3:] == (5, 4) for k in keys)
     chosen = {k: rec["compute"]["delta"] for k, rec in cfg.layer_options.items()}
-    assert set(chosen.values()) <= {"fast", "dense"}
+    assert set(chosen.values()) <= set(dispatch.PATHS)
     assert {k: layer.pmss_op["default"].compute_mode for k, layer in pmss_layers(model).items()} == chosen
     model.save_pretrained(tmp_path)
     monkeypatch.setattr(dispatch, "choose_compute_for", lambda *a, **k: pytest.fail("measured again on load"))
@@ -122,7 +123,7 @@ def test_bad_compute_value_names_the_choices():
 def test_auto_times_on_compute_tokens_rows(monkeypatch):
     timed = []
     monkeypatch.setattr(dispatch, "_CACHE", {})
-    monkeypatch.setattr(dispatch, "_time_paths", lambda op, o, i, device, tokens, reps: timed.append(tokens) or "fast")
+    monkeypatch.setattr(dispatch, "_time_paths", lambda op, o, i, dev, tokens, *_: timed.append(tokens) or "fast")
     get_peft_model(CASE.model(), CASE.config(k_in=5, k_out=4, compute_tokens=77))
     assert timed and set(timed) == {77}
 
@@ -135,5 +136,5 @@ def test_auto_measures_under_low_cpu_mem_usage(monkeypatch):
     model = get_peft_model(CASE.model(), cfg, low_cpu_mem_usage=True)
     assert dispatch._CACHE and {k[0] for k in dispatch._CACHE} == {"skeleton"}
     chosen = {k: rec["compute"]["delta"] for k, rec in cfg.layer_options.items()}
-    assert chosen and set(chosen.values()) <= {"fast", "dense"}
+    assert chosen and set(chosen.values()) <= set(dispatch.PATHS)
     assert {k: layer.pmss_op["default"].compute_mode for k, layer in pmss_layers(model).items()} == chosen

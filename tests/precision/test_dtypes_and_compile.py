@@ -75,7 +75,9 @@ def test_half_precision_models_match_float32(method, dtype):
     assert rel(plain, ref) > rel(y, ref)
 
 
-@pytest.mark.parametrize(("method", "compute"), [(s, c) for s in [*STRUCTURES, "pmss"] for c in ("dense", "fast")])
+@pytest.mark.parametrize(
+    ("method", "compute"), [(s, c) for s in [*STRUCTURES, "pmss"] for c in ("dense", "fast", "hybrid")]
+)
 def test_bf16_autocast_matches_float32_and_trains(method, compute):
     model = adapted(method, compute)
     with torch.no_grad():
@@ -89,17 +91,18 @@ def test_bf16_autocast_matches_float32_and_trains(method, compute):
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
-def test_folded_dense_path_gives_the_fast_paths_outputs_and_gradients(structure):
+def test_folded_dense_and_hybrid_paths_give_the_fast_paths_outputs_and_gradients(structure):
     outs, grads = {}, {}
-    for compute in ("fast", "dense"):
+    for compute in ("fast", "dense", "hybrid"):
         model = adapted(structure, compute).double()
         y = model(input_ids=IDS).last_hidden_state
         y.pow(2).mean().backward()
         outs[compute] = y.detach()
         grads[compute] = [p.grad for p in model.parameters() if p.requires_grad]
-    torch.testing.assert_close(outs["dense"], outs["fast"], atol=1e-10, rtol=0)
-    for a, b in zip(grads["dense"], grads["fast"], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    for compute in ("dense", "hybrid"):
+        torch.testing.assert_close(outs[compute], outs["fast"], atol=1e-10, rtol=0)
+        for a, b in zip(grads[compute], grads["fast"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
 def test_folded_path_computes_one_matmul_with_the_folded_weight(monkeypatch):
@@ -148,7 +151,9 @@ def test_delta_weight_is_cached_only_outside_autograd():
     torch.testing.assert_close(w, op.to_dense(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(("method", "compute"), [("circulant", "dense"), ("pmss", "dense"), ("pmss", "fast")])
+@pytest.mark.parametrize(
+    ("method", "compute"), [("circulant", "dense"), ("circulant", "hybrid"), ("pmss", "dense"), ("pmss", "fast")]
+)
 def test_compiled_model_matches_eager_without_graph_breaks(method, compute):
     """torch.compile (aot_eager backend: no C++ build, cheap) with fullgraph=True: the adapter path traces
     without graph breaks (PMSS "fast": through its fused autograd function), and the compiled forward and
@@ -168,7 +173,7 @@ def test_compiled_model_matches_eager_without_graph_breaks(method, compute):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [*STRUCTURES, "pmss"])
-@pytest.mark.parametrize("compute", ["dense", "fast"])
+@pytest.mark.parametrize("compute", ["dense", "fast", "hybrid"])
 def test_inductor_compiled_model_matches_eager(method, compute):
     torch._dynamo.reset()
     model = adapted(method, compute)

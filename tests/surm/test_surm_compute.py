@@ -1,4 +1,5 @@
-"""compute="auto" | "fast" | "dense": the per-layer choice of the structured product or a materialised ΔW."""
+"""compute="auto" | "fast" | "dense" | "hybrid": the per-layer choice of the structured product, a materialised ΔW
+folded into the base weight, or that fold with the parameter gradients taken through the structure."""
 
 from __future__ import annotations
 
@@ -23,17 +24,24 @@ def _ops(model):
 
 
 @pytest.mark.parametrize("structure", ["circulant", "toeplitz", "kronecker", "ldr"])
-def test_dense_and_fast_paths_give_the_same_output(structure):
-    x = torch.randn(5, 13, dtype=torch.float64)
-    outs = {}
-    for mode in ("fast", "dense"):
+def test_compute_paths_give_the_same_output_and_gradients(structure):
+    x = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
+    outs, grads = {}, {}
+    for mode in dispatch.PATHS:
         cfg = SurmConfig(structure=structure, target_modules=["0", "2"], init_weights=False, compute=mode)
         torch.manual_seed(1)
         model = get_peft_model(_mlp(), cfg)
         assert {op.compute_mode for op in _ops(model).values()} == {mode}
         assert all(rec["compute"] == {"delta": mode} for rec in cfg.layer_options.values())
         outs[mode] = model(x)
-    torch.testing.assert_close(outs["fast"], outs["dense"], atol=1e-10, rtol=0)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        values = torch.autograd.grad(outs[mode].square().sum(), [x, *(model.get_parameter(n) for n in names)])
+        grads[mode] = dict(zip(["x", *names], values, strict=True))
+    for mode in ("dense", "hybrid"):
+        torch.testing.assert_close(outs[mode], outs["fast"], atol=1e-10, rtol=0)
+        assert grads[mode].keys() == grads["fast"].keys() and len(grads["fast"]) > 1
+        for name, g in grads["fast"].items():
+            torch.testing.assert_close(grads[mode][name], g, atol=1e-10, rtol=1e-10)
 
 
 def test_dense_path_does_not_call_the_fast_product(monkeypatch):
@@ -56,7 +64,7 @@ def test_auto_measures_once_records_the_choice_and_loading_reuses_it(tmp_path, m
     model = get_peft_model(_mlp(), cfg)
     assert sorted(calls) == [(7, 24), (24, 13)]
     chosen = {k: rec["compute"]["delta"] for k, rec in cfg.layer_options.items()}
-    assert set(chosen.values()) <= {"fast", "dense"}
+    assert set(chosen.values()) <= set(dispatch.PATHS)
     model.save_pretrained(tmp_path)
     # force the opposite answer for any new measurement: the loaded adapter must still use the recorded path
     monkeypatch.setattr(dispatch, "choose_compute", lambda *a, **k: pytest.fail("measured again on load"))
@@ -64,18 +72,18 @@ def test_auto_measures_once_records_the_choice_and_loading_reuses_it(tmp_path, m
     assert {k: op.compute_mode for k, op in _ops(loaded).items()} == chosen
 
 
-def test_choose_compute_is_cached_and_answers_fast_or_dense():
+def test_choose_compute_is_cached_and_answers_one_of_the_paths():
     cls = OPERATORS["ldr"]
     dispatch._CACHE.clear()
     first = dispatch.choose_compute(cls, 20, 20, {"block_size": 4, "displacement_rank": 1}, tokens=64)
-    assert first in ("fast", "dense")
+    assert first in dispatch.PATHS
     assert len(dispatch._CACHE) == 1
     assert dispatch.choose_compute(cls, 20, 20, {"block_size": 4, "displacement_rank": 1}, tokens=64) == first
     assert dispatch.choose_compute(OPERATORS["dense"], 20, 20, {}) == "fast"
 
 
 def test_bad_compute_value_names_the_choices():
-    with pytest.raises(ConfigError, match=r"compute='gpu'.*auto, fast, dense"):
+    with pytest.raises(ConfigError, match=r"compute='gpu'.*auto, fast, dense, hybrid"):
         SurmConfig(target_modules=["0"], compute="gpu")
 
 
@@ -86,11 +94,11 @@ def test_copy_of_config_keeps_compute():
 
 def test_auto_timing_leaves_the_global_rng_untouched():
     """Adapter initialisation after get_peft_model must not depend on whether a shape was timed before."""
-    dispatch._CACHE.pop(("circulant", 40, 24, '{"block_size": 8}', "cpu", 2048), None)
+    dispatch._CACHE.pop(("circulant", 40, 24, '{"block_size": 8}', "cpu", 2048, dispatch.PATHS), None)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     choice = dispatch.choose_compute(OPERATORS["circulant"], 40, 24, {"block_size": 8})
-    assert choice in ("fast", "dense")
+    assert choice in dispatch.PATHS
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
@@ -98,7 +106,7 @@ def test_compute_tokens_is_the_timed_row_count_and_part_of_the_cache_key(monkeyp
     """compute="auto" times each layer on ``compute_tokens`` rows; another row count is timed again, not reused."""
     timed = []
 
-    def fake_time_paths(op, out_features, in_features, device, tokens, reps):
+    def fake_time_paths(op, out_features, in_features, device, tokens, reps, paths):
         timed.append(tokens)
         return "fast" if tokens < 100 else "dense"
 
@@ -118,3 +126,32 @@ def test_compute_tokens_is_the_timed_row_count_and_part_of_the_cache_key(monkeyp
 def test_bad_compute_tokens_names_the_value(bad):
     with pytest.raises(ConfigError, match=rf"compute_tokens={bad!r} is invalid: expected an integer >= 1"):
         SurmConfig(target_modules=["0"], compute_tokens=bad)
+
+
+def test_auto_offers_hybrid_only_to_folding_operators_with_their_own_parameter_gradient():
+    from structpeft.operators.skeleton import SkeletonOperator
+
+    for cls in (OPERATORS["circulant"], OPERATORS["kronecker"], SkeletonOperator):
+        assert dispatch.auto_paths(cls) == ("fast", "dense", "hybrid")
+        assert dispatch.auto_paths(cls, folds=False) == ("fast", "dense")
+    for name in ("toeplitz", "ldr", "dense"):  # the generic param_grads: the fast product's cost on top of the fold
+        assert dispatch.auto_paths(OPERATORS[name]) == ("fast", "dense")
+
+
+def test_auto_times_the_offered_paths(monkeypatch):
+    timed = {}
+
+    def fake_time_paths(op, out_features, in_features, device, tokens, reps, paths):
+        timed[op.structure] = paths
+        return paths[-1]
+
+    monkeypatch.setattr(dispatch, "_time_paths", fake_time_paths)
+    monkeypatch.setattr(dispatch, "_CACHE", {})
+    for structure in ("circulant", "toeplitz"):
+        cfg = SurmConfig(structure=structure, block_size=4, target_modules=["0"])
+        get_peft_model(_mlp(), cfg)
+        assert {r["compute"]["delta"] for r in cfg.layer_options.values()} == {timed[structure][-1]}
+    assert timed == {"circulant": ("fast", "dense", "hybrid"), "toeplitz": ("fast", "dense")}
+    cfg = SurmConfig(structure="circulant", placement="adapter", target_modules=["0"], block_size=4)
+    get_peft_model(_mlp(), cfg)
+    assert timed["circulant"] == ("fast", "dense")  # an adapter block does not fold

@@ -15,10 +15,11 @@ self.query``: PEFT's wrapper with the frozen layer inside) alone, forward + back
 tokens (``layer_train``) or a forward (``layer_infer``), against the frozen layer, ``layer_reps`` interleaved
 repetitions. A target is judged on the model step; the interval and the layer numbers say how firm that is.
 
-Compute-path check. For each structpeft method the layer section also times the path ``compute="auto"`` did
-*not* choose (:mod:`structpeft.operators.dispatch`: the structured product "fast" or the dense ΔW folded into the
-base weight, "dense"), forced on a copy of the same adapted layer, in the same interleaved repetitions
-(``layer_<case>_other_ms``), so the report shows whether the measured rule picked the faster path for the case's
+Compute-path check. For each structpeft method the layer section also times the paths ``compute="auto"`` did
+*not* choose (:mod:`structpeft.operators.dispatch`: the structured product "fast", the dense ΔW folded into the
+base weight "dense", or folded with the parameter gradients through the structure "hybrid"), each forced on a copy
+of the same adapted layer, in the same interleaved repetitions (``layer_<case>_paths_ms``; the fastest of them is
+``layer_<case>_other_ms``), so the report shows whether the measured rule picked the fastest path for the case's
 token count (the rule times ``compute_tokens`` rows, set here to the train case's batch × seq).
 
 Models (random weights: speed does not depend on the values, so no checkpoint is needed):
@@ -66,7 +67,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS
+from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS, PATHS, auto_paths
 
 MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 SMOLLM2_SHAPE = dict(
@@ -279,19 +280,28 @@ def adapted_layer(model: nn.Module, target: str) -> nn.Module:
     raise ValueError(f"no module named like {target!r} in the model")
 
 
-def other_path_layer(layer: nn.Module) -> tuple[nn.Module, str, str] | None:
-    """A copy of an adapted ``layer`` whose operators run the compute path they were *not* given ("fast" <->
-    "dense"), with the chosen and the other path's names; None for a layer without structpeft operators."""
-    ops = [name for name, mod in layer.named_modules() if getattr(mod, "compute_mode", None) in ("fast", "dense")]
+def other_path_layers(layer: nn.Module) -> tuple[str, list[tuple[nn.Module, str]]] | None:
+    """The compute path(s) an adapted ``layer``'s operators were given, and one copy of the layer per path they
+    were *not* given among those ``compute="auto"`` offers them (:func:`~structpeft.operators.dispatch.auto_paths`),
+    its operators switched to that path; None for a layer without structpeft operators."""
+    ops = [name for name, mod in layer.named_modules() if getattr(mod, "compute_mode", None) in PATHS]
     if not ops:
         return None
-    other = copy.deepcopy(layer)
-    modules = dict(other.named_modules())
+    modules = dict(layer.named_modules())
     chosen = sorted({modules[name].compute_mode for name in ops})
-    for name in ops:
-        modules[name].compute_mode = "dense" if modules[name].compute_mode == "fast" else "fast"
-    flipped = sorted({modules[name].compute_mode for name in ops})
-    return other, "+".join(chosen), "+".join(flipped)
+    operators = getattr(layer, "operators", {})
+    folds = bool(operators) and not any(layer.is_adapter_placement(a) for a in operators)
+    offered = [set(auto_paths(type(modules[name]), folds)) for name in ops]
+    others = []
+    for mode in (p for p in PATHS if all(p in paths for paths in offered)):
+        if chosen == [mode]:
+            continue
+        other = copy.deepcopy(layer)
+        copies = dict(other.named_modules())
+        for name in ops:
+            copies[name].compute_mode = mode
+        others.append((other, mode))
+    return "+".join(chosen), others
 
 
 def make_layer_step(layer: nn.Module, case: Case, device: torch.device) -> Callable[[], None]:
@@ -457,22 +467,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             layers = {m: adapted_layer(models[m], target) for m in layer_methods}
             steps = {m: make_layer_step(layers[m], case, device) for m in layer_methods}
-            paths = {}
+            paths: dict[str, tuple[str, list[str]]] = {}
             for m in layer_methods:
-                alt = other_path_layer(layers[m])
-                if alt is not None:  # structpeft layers: the path compute="auto" did not choose, on a copy
-                    paths[m] = alt[1:]
-                    steps[f"{m} (other path)"] = make_layer_step(alt[0], case, device)
+                alt = other_path_layers(layers[m])
+                if alt is not None:  # structpeft layers: the paths compute="auto" did not choose, on copies
+                    paths[m] = (alt[0], [mode for _, mode in alt[1]])
+                    for other_layer, mode in alt[1]:
+                        steps[f"{m} ({mode})"] = make_layer_step(other_layer, case, device)
             times = time_interleaved(steps, args.layer_reps, max(args.warmup, 1), sync)
             for m in layer_methods:
-                results["methods"][m][f"layer_{name}_ms"] = 1000 * statistics.median(times[m])
-                results["methods"][m][f"layer_{name}_reps_ms"] = [round(1000 * t, 4) for t in times[m]]
-                if m in paths:
-                    other = times[f"{m} (other path)"]
-                    results["methods"][m][f"layer_{name}_compute"] = paths[m][0]
-                    results["methods"][m][f"layer_{name}_other_compute"] = paths[m][1]
-                    results["methods"][m][f"layer_{name}_other_ms"] = 1000 * statistics.median(other)
-                    results["methods"][m][f"layer_{name}_other_reps_ms"] = [round(1000 * t, 4) for t in other]
+                entry = results["methods"][m]
+                entry[f"layer_{name}_ms"] = 1000 * statistics.median(times[m])
+                entry[f"layer_{name}_reps_ms"] = [round(1000 * t, 4) for t in times[m]]
+                if m in paths and paths[m][1]:
+                    chosen, modes = paths[m]
+                    medians = {mode: 1000 * statistics.median(times[f"{m} ({mode})"]) for mode in modes}
+                    best = min(modes, key=medians.__getitem__)  # the fastest path not chosen
+                    entry[f"layer_{name}_compute"] = chosen
+                    entry[f"layer_{name}_other_compute"] = best
+                    entry[f"layer_{name}_other_ms"] = medians[best]
+                    entry[f"layer_{name}_other_reps_ms"] = [round(1000 * t, 4) for t in times[f"{m} ({best})"]]
+                    entry[f"layer_{name}_paths_ms"] = {chosen: entry[f"layer_{name}_ms"], **medians}
         results["setting"]["layer"] = {"target": target, "reps": args.layer_reps}
     if args.memory:
         train = [n for n, c in cases.items() if c.kind == "train"]
@@ -687,9 +702,9 @@ def _paths_table(results: dict[str, Any], cases: list[str]) -> list[str]:
     tokens = results["setting"].get("compute_tokens", DEFAULT_COMPUTE_TOKENS)
     rows = [
         "",
-        f'Compute paths (`compute="auto"` times both on {tokens:,} random rows and keeps the faster; the other one is '
-        "forced here on a copy of the same layer, in the same interleaved repetitions; overhead over the frozen "
-        "layer):",
+        f'Compute paths (`compute="auto"` times each path on {tokens:,} random rows and keeps the fastest; the others '
+        "are forced here on copies of the same layer, in the same interleaved repetitions, and the fastest of them "
+        "is shown; overhead over the frozen layer):",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -152,6 +152,26 @@ class DenseDeltaMixin:
         store[name] = (key, value)
         return value
 
+    def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂/∂θ Σ_n g_n · (ΔW(θ) x_n) for every parameter θ (``self.parameters()`` order; None where θ is frozen).
+
+        ``x`` (N × in) are the layer inputs, ``g`` (N × out) the gradients of the layer outputs (already multiplied
+        by the adapter's scale). This is the gradient of the structured parameters alone, without the input
+        gradient and without the (out × in) matrix gᵀx that autograd through a folded W + s·ΔW forms: the
+        ``"hybrid"`` compute mode (:mod:`structpeft.operators.fused`) runs the forward and the input gradient
+        through the folded weight and only this through the structure. Default: autograd through the fast
+        product (its forward, then the parameter half of its backward); structures override it with a direct
+        formula where the forward's inverse transform can be skipped. Computed in the compute dtype, autocast off.
+        """
+        params = list(self.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        dtype = compute_dtype(*(p.dtype for p in params))
+        with torch.enable_grad(), torch.autocast(self._device_type(), enabled=False):
+            product = getattr(self, "fast_forward", None) or self.forward
+            y = product(x.detach().to(dtype))
+            grads = iter(torch.autograd.grad(y, trainable, g.to(y.dtype), allow_unused=True)) if trainable else None
+        return tuple(next(grads) if p.requires_grad else None for p in params)
+
     def _device_type(self) -> str:
         p = next(self.parameters(), None)
         return p.device.type if p is not None else "cpu"
@@ -166,7 +186,8 @@ class StructuredOperator(DenseDeltaMixin, nn.Module):
         super().__init__()
         self.out_features = check_positive_int("out_features", out_features)
         self.in_features = check_positive_int("in_features", in_features)
-        # "fast": the structured product; "dense": x @ to_dense().T (faster for small blocks, see dispatch.py)
+        # "fast": the structured product; "dense": x @ to_dense().T (faster for small blocks, see dispatch.py);
+        # "hybrid": as "fast" here (a wrapping layer folds ΔW into its base weight and trains θ by param_grads)
         self.compute_mode = "fast"
 
     # ----------------------------------------------------------------------------------------------------- api
@@ -232,6 +253,15 @@ class BlockGridOperator(StructuredOperator):
         if pad:
             x = nn.functional.pad(x, (0, pad))
         return x.reshape(*x.shape[:-1], p, b)
+
+    def _split_output(self, g: torch.Tensor) -> torch.Tensor:
+        """(..., out) -> (..., q, b), zero-padding to q·b (the adjoint of the crop in :meth:`_merge_output`)."""
+        q, p = self.grid
+        b = self.block_size
+        pad = q * b - self.out_features
+        if pad:
+            g = nn.functional.pad(g, (0, pad))
+        return g.reshape(*g.shape[:-1], q, b)
 
     def _merge_output(self, y: torch.Tensor) -> torch.Tensor:
         """(..., q, b) -> (..., out), cropping q·b to out."""

@@ -77,5 +77,19 @@ class CirculantOperator(BlockGridOperator):
         y = torch.fft.irfft(yf, n=b, dim=-1)  # (..., q, b)
         return self._merge_output(y)
 
+    def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂weight[i, j] = Σ_n corr(g_n,i, x_n,j): the circular cross-correlation of output block i's gradient with
+        input block j, irfft(Σ_n rfft(g_n,i)·conj(rfft(x_n,j))) — two batched rffts, one frequency-domain einsum
+        over the N rows and one small irfft of (q, p, f) (see ``StructuredOperator.param_grads``)."""
+        if not self.weight.requires_grad:
+            return (None,)
+        dtype = compute_dtype(x.dtype, g.dtype, self.weight.dtype)
+        with torch.autocast(self._device_type(), enabled=False):
+            xf = torch.fft.rfft(self._split_input(x.to(dtype)), dim=-1)  # (N, p, f)
+            gf = torch.fft.rfft(self._split_output(g.to(dtype)), dim=-1)  # (N, q, f)
+            spectrum = torch.einsum("nqf,npf->qpf", gf, xf.conj())
+            grad = torch.fft.irfft(spectrum, n=self.block_size, dim=-1)  # (q, p, b)
+        return (grad.to(self.weight.dtype),)
+
     def to_dense(self) -> torch.Tensor:
         return self._assemble(circulant_dense(self.weight))  # (q, p, b, b) blocks

@@ -1,28 +1,29 @@
-"""Per-layer choice between the structured product and a materialised dense ΔW, by measurement.
+"""Per-layer choice among the structured product, a folded dense ΔW and the hybrid of both, by measurement.
 
-The two ways to add s·x ΔWᵀ to a frozen layer's output y = x Wᵀ + b:
+The three ways to add s·x ΔWᵀ to a frozen layer's output y = x Wᵀ + b (N rows x):
 
-* ``"fast"``: the structured product (FFTs, reshapes) next to the base matmul, O(tokens · (p + q)·b log b) for
-  block grids, never forming ΔW;
+* ``"fast"``: the structured product (FFTs, reshapes) next to the base matmul, O(N · (p + q)·b log b) for
+  block grids, never forming ΔW; autograd differentiates it (input and parameter gradients);
 * ``"dense"``: ΔW materialised (O(out·in), cheap for every structure) and folded into the base weight,
   y = x (W + s·ΔW)ᵀ + b (see :mod:`structpeft.operators.fused`): the forward and the input gradient cost what the
-  frozen layer costs, the adapter adds one matmul (the weight gradient gᵀx) per training step and nothing in
-  cached inference. Where folding does not apply (dropout on the adapter input, half-precision base weights,
-  Conv2d) "dense" means x·ΔWᵀ with the materialised ΔW.
+  frozen layer costs, the adapter adds one matmul (the weight gradient gᵀx, N·out·in) per training step, mapped to
+  the parameters through ``to_dense``'s backward, and nothing in cached inference. Where folding does not apply
+  (dropout on the adapter input, half-precision base weights, Conv2d) "dense" means x·ΔWᵀ with the materialised ΔW;
+* ``"hybrid"``: the same folded forward and input gradient, and the parameter gradients straight from (x, g) by
+  the structure (``op.param_grads``: for circulant two batched rffts and a frequency-domain sum over the rows,
+  O(N·(p + q)·b log b); Kronecker four thin matmuls; PMSS (g C)ᵀ(x Rᵀ)), so neither gᵀx nor the fast product's
+  forward is computed. ΔW-placed layers only; where folding does not apply it runs as "fast".
 
 ``choose_compute`` measures the *marginal* cost of each on the layer's shape: forward + backward of a random
-(tokens × in) batch through base + fast product, and through the folded weight, each minus the frozen base layer
-alone, on the layer's device (the minimum of ``reps`` after one warm-up, the three interleaved: the minimum is
-the estimate least disturbed by other jobs on a shared machine), and returns the
-cheaper. On this project's 2-core CPU, at LoRA r=8's budget on 384 × 384 layers, the fold won for every
-structure (one 384 × 4096 × 384 weight-gradient matmul against many small batched FFTs). The answer is cached
-per process by (structure, shape, options, device, tokens) and recorded in the adapter's config
-(``layer_options[module]["compute"]``), so a loaded adapter uses the same path. ``SurmConfig(compute="fast" |
-"dense")`` forces either. PMSS's skeleton operator is timed the same way (``choose_compute_for``: its fast path
-reads W[J, :]x from the base output; the timing depends on the shape and k_in, k_out, not on the weights).
-The rows timed are the config's ``compute_tokens`` (default 2,048; set it to the training batch's batch × sequence
-length: ``structpeft finetune`` and ``structpeft bench speed`` do). ``structpeft bench speed`` checks the rule on
-its cases by timing the path not chosen.
+(tokens × in) batch through each path, minus the frozen base layer alone, on the layer's device (the minimum of
+``reps`` after one warm-up, all interleaved: the minimum is the estimate least disturbed by other jobs on a shared
+machine), and returns the cheapest. The answer is cached per process by (structure, shape, options, device,
+tokens, paths) and recorded in the adapter's config (``layer_options[module]["compute"]``), so a loaded adapter
+uses the same path. ``SurmConfig(compute="fast" | "dense" | "hybrid")`` forces one. PMSS's skeleton operator is
+timed the same way (``choose_compute_for``: its fast path reads W[J, :]x from the base output; the timing depends
+on the shape and k_in, k_out, not on the weights). The rows timed are the config's ``compute_tokens`` (default
+2,048; set it to the training batch's batch × sequence length: ``structpeft finetune`` and ``structpeft bench
+speed`` do). ``structpeft bench speed`` checks the rule on its cases by timing the paths not chosen.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import StructuredOperator
-from .fused import folded_linear
+from .base import DenseDeltaMixin, StructuredOperator
+from .fused import folded_linear, hybrid_linear
 
-COMPUTE_MODES = ("auto", "fast", "dense")
+COMPUTE_MODES = ("auto", "fast", "dense", "hybrid")
+PATHS = ("fast", "dense", "hybrid")  # what "auto" chooses among
 DEFAULT_COMPUTE_TOKENS = 2048  # rows timed when the config does not say (compute_tokens)
 _CACHE: dict[tuple, str] = {}
 
@@ -56,6 +58,14 @@ def _min_times(fns: dict[str, Callable[[], None]], reps: int, sync: Callable[[],
     return {name: min(t) for name, t in times.items()}
 
 
+def auto_paths(cls: type, folds: bool = True) -> tuple[str, ...]:
+    """The paths ``compute="auto"`` times for operators of class ``cls``: "hybrid" only where the layer can fold
+    (``folds``: a ΔW-placed operator) and ``cls`` has its own ``param_grads`` formula (the generic one runs the fast
+    product's forward and parameter backward, which costs about what "fast" costs, on top of the fold)."""
+    own = getattr(cls, "param_grads", None) is not DenseDeltaMixin.param_grads
+    return PATHS if folds and own else tuple(p for p in PATHS if p != "hybrid")
+
+
 def choose_compute(
     cls: type[StructuredOperator],
     out_features: int,
@@ -64,8 +74,9 @@ def choose_compute(
     device: torch.device | str = "cpu",
     tokens: int = DEFAULT_COMPUTE_TOKENS,
     reps: int = 5,
+    paths: tuple[str, ...] = PATHS,
 ) -> str:
-    """'fast' or 'dense', whichever adds less to a frozen layer's forward + backward of ``tokens`` rows (cached)."""
+    """The one of ``paths`` that adds least to a frozen layer's forward + backward of ``tokens`` rows (cached)."""
     if cls.structure == "dense":
         return "fast"
 
@@ -75,7 +86,7 @@ def choose_compute(
         return op
 
     key = (cls.structure, out_features, in_features, json.dumps(options, sort_keys=True))
-    return choose_compute_for(key, make, out_features, in_features, device, tokens, reps)
+    return choose_compute_for(key, make, out_features, in_features, device, tokens, reps, paths)
 
 
 def choose_compute_for(
@@ -86,17 +97,19 @@ def choose_compute_for(
     device: torch.device | str = "cpu",
     tokens: int = DEFAULT_COMPUTE_TOKENS,
     reps: int = 5,
+    paths: tuple[str, ...] = PATHS,
 ) -> str:
-    """:func:`choose_compute` for any operator with ``delta_weight``: ``make_op()`` builds one (on the CPU, with
-    non-zero parameters); the answer is cached under ``key``, the device and ``tokens``."""
+    """:func:`choose_compute` for any operator with ``delta_weight`` and ``param_grads``: ``make_op()`` builds one
+    (on the CPU, with non-zero parameters); the answer is cached under ``key``, the device, ``tokens`` and
+    ``paths``."""
     device = torch.device(device)
-    key = (*key, str(device), tokens)
+    key = (*key, str(device), tokens, tuple(paths))
     if key not in _CACHE:
         # the timing draws random tensors: keep the caller's RNG streams untouched, so that adapter initialisation
         # after get_peft_model is the same whether or not this shape was timed before in the process
         cuda_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):
-            _CACHE[key] = _time_paths(make_op().to(device), out_features, in_features, device, tokens, reps)
+            _CACHE[key] = _time_paths(make_op().to(device), out_features, in_features, device, tokens, reps, paths)
     return _CACHE[key]
 
 
@@ -107,8 +120,10 @@ def _time_paths(
     device: torch.device,
     tokens: int,
     reps: int,
+    paths: tuple[str, ...] = PATHS,
 ) -> str:
-    """Time a frozen layer alone, with the structured product added, and with ΔW folded in: the cheaper path."""
+    """Time a frozen layer alone and with each of ``paths`` (the structured product added, ΔW folded in, ΔW
+    folded in with the parameter gradients through the structure): the cheapest path."""
     w = torch.randn(out_features, in_features, device=device) * in_features**-0.5
     x = torch.randn(tokens, in_features, device=device, requires_grad=True)
     op.compute_mode = "fast"
@@ -130,6 +145,10 @@ def _time_paths(
     def dense() -> None:
         folded_linear(x, w, None, [(op, 1.0)]).sum().backward()
 
+    def hybrid() -> None:
+        hybrid_linear(x, w, None, [(op, 1.0)]).sum().backward()
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t = _min_times({"base": base, "fast": fast, "dense": dense}, reps, sync)
-    return "dense" if t["dense"] - t["base"] < t["fast"] - t["base"] else "fast"
+    candidates = {"fast": fast, "dense": dense, "hybrid": hybrid}
+    t = _min_times({"base": base, **{name: candidates[name] for name in paths}}, reps, sync)
+    return min(paths, key=lambda name: t[name])  # the least marginal cost over the same base time

@@ -14,6 +14,10 @@ parameter keep their version counters, so repeated forwards run at exactly the b
 one (out × in) weight per layer; a config's ``fold_inference=True`` extends this inference fold to the layers that
 train with the structured product (``compute_mode="fast"``).
 
+Hybrid (compute mode "hybrid", :func:`hybrid_linear`): the same forward and ∂x, but W_eff is built outside
+autograd and each adapter's parameter gradient comes from ``op.param_grads(x, g)`` through the structure, so gᵀx
+(N·out·in multiply-adds) is replaced by the structure's own cost (e.g. two batched rffts for circulant blocks).
+
 Precision: W_eff is formed in the base weight's dtype, so folding is used only for float32 / float64 base
 weights (in half precision the rounding of W + s·ΔW to W's 8 / 11 mantissa bits would swallow small ΔW). Under
 ``torch.autocast`` the matmul runs in the autocast dtype, as the base layer's would.
@@ -30,6 +34,8 @@ from torch import nn
 from .base import _compiling
 
 FOLDABLE_DTYPES = (torch.float32, torch.float64)
+# compute modes whose adapters a layer folds into its base matmul (see structpeft.operators.dispatch)
+FOLDED_MODES = ("dense", "hybrid")
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -80,6 +86,52 @@ def folded_linear(
 ) -> torch.Tensor:
     """x·(W + Σ s·ΔW)ᵀ + b for ``weight`` W in the (out × in) layout (see the module docstring)."""
     return nn.functional.linear(x, folded_weight(weight, terms, owner), bias)
+
+
+def hybrid_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    terms: Sequence[tuple[nn.Module, float]],
+) -> torch.Tensor:
+    """x·(W + Σ s·ΔW)ᵀ + b with the adapter parameters' gradients from ``op.param_grads`` (compute "hybrid").
+
+    The folded weight W_eff is built outside autograd; the backward computes ∂x = g·W_eff (what the frozen base
+    layer's backward costs) and, per adapter, s·``op.param_grads(x, g)`` through the structure, so the (out × in)
+    matrix gᵀx is never formed. Saved for the backward: x and W_eff, as in :func:`folded_linear`. For a frozen
+    base weight only (a trainable W needs gᵀx anyway: use :func:`folded_linear`).
+    """
+    with torch.no_grad():
+        w = _fold(weight, terms, cache=False)
+    params = [p for op, _ in terms for p in op.parameters()]
+    # the Function works on 2-D rows (its output is then a fresh tensor, not a view, so in-place ops on the
+    # layer output stay legal)
+    y = _HybridLinear.apply(x.reshape(-1, x.shape[-1]), w, bias, tuple(terms), *params)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _HybridLinear(torch.autograd.Function):
+    """y = x·W_effᵀ + b for x (N × in); backward: ∂x = g·W_eff, ∂b = Σ g, ∂θ_a = s_a·``op_a.param_grads(x, g)``."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, terms, *params):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.terms = terms
+        return nn.functional.linear(x, w, bias)  # under autocast: in the autocast dtype, as the base layer's
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ w.to(grad.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        grads: list[torch.Tensor | None] = []
+        for op, scale in ctx.terms:
+            grads.extend(None if d is None else d * scale for d in op.param_grads(x, grad))
+        return (grad_x, None, grad_bias, None, *grads)
 
 
 def clear_cache(owner: object) -> None:

@@ -125,6 +125,17 @@ class SkeletonOperator(DenseDeltaMixin, nn.Module):
             base_out, self.core, self.cols, self.row_idx, self.row_bias, self.row_scale, float(scale)
         )
 
+    def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂U = (g C)ᵀ (x Rᵀ): two thin matmuls (N·out·k_in, N·in·k_out) and one k_in × N × k_out (see
+        ``DenseDeltaMixin.param_grads``)."""
+        if not self.core.requires_grad:
+            return (None,)
+        dtype = torch.promote_types(torch.promote_types(x.dtype, g.dtype), self.core.dtype)
+        with torch.autocast(self._device_type(), enabled=False):
+            gc = g.to(dtype) @ self.cols.to(dtype)  # (N, k_in)
+            xr = x.to(dtype) @ self.rows.to(dtype).T  # (N, k_out)
+            return ((gc.T @ xr).to(self.core.dtype),)
+
     def to_dense(self) -> torch.Tensor:
         dtype = torch.promote_types(self.cols.dtype, self.core.dtype)
         return self.cols.to(dtype) @ self.core.to(dtype) @ self.rows.to(dtype)

@@ -52,9 +52,11 @@ def _check_target_modules(value: Any, name: str = "target_modules") -> None:
 
 
 COMPUTE_HELP = (
-    "'auto': per layer, time the structured product (PMSS: W[J, :]x read from the base output) against a "
-    "materialised dense ΔW folded into the base weight (one matmul with W + alpha·ΔW) once and use the faster "
-    "(recorded in layer_options, so a loaded adapter uses the same); 'fast' / 'dense' force either."
+    "'auto': per layer, time once the structured product ('fast'; PMSS: W[J, :]x read from the base output), a "
+    "materialised ΔW folded into the base weight ('dense': one matmul with W + alpha·ΔW, the adapter's gradient "
+    "through it) and the same fold with the adapter's gradient computed through the structure ('hybrid', "
+    "ΔW-placed layers), and use the fastest (recorded in layer_options, so a loaded adapter uses the same); "
+    "'fast' / 'dense' / 'hybrid' force one."
 )
 
 

@@ -12,8 +12,9 @@ Active adapters are *summed* (never chained). ``get_delta_weight`` returns s·Δ
 The operator is built by the method (``_build_operator``): SURM builds it from the layer shape, PMSS from the
 frozen weight. An operator may implement ``forward_from_base(x, base_out)`` to reuse the base layer's output, and
 ``add_from_base(base_out, s)`` = base_out + s·op(x) as one fused op (used for the first active adapter).
-Operators in ``compute_mode="dense"`` (no dropout, float32 / float64 Linear or Conv1D) are folded into the base
-matmul instead: forward(x) = x·(W + Σ_a s_a·ΔW_a)ᵀ + b, one matmul (see :mod:`structpeft.operators.fused`);
+Operators in ``compute_mode`` "dense" or "hybrid" (no dropout, float32 / float64 Linear or Conv1D) are folded into
+the base matmul instead: forward(x) = x·(W + Σ_a s_a·ΔW_a)ᵀ + b, one matmul (see :mod:`structpeft.operators.fused`;
+"hybrid" takes the adapter parameters' gradients through the structure instead of through W + Σ_a s_a·ΔW_a);
 with the config's ``fold_inference=True`` the ``"fast"`` ones are too, in inference only (no autograd graph
 through the weights), where W + Σ s·ΔW is built once and cached.
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from ..errors import MergeError, MixedBatchError, UnsupportedLayerError
 from ..operators.base import _compiling
-from ..operators.fused import FOLDABLE_DTYPES, folded_linear, records_grad
+from ..operators.fused import FOLDABLE_DTYPES, FOLDED_MODES, folded_linear, hybrid_linear, records_grad
 
 try:  # transformers is optional
     from transformers.pytorch_utils import Conv1D
@@ -329,8 +330,8 @@ class StructuredLayer(BaseTunerLayer):
 
     def _folded_terms(self) -> list[tuple[nn.Module, float]] | None:
         """(operator, scale) of the active adapters if all of them can be folded into the base weight: ΔW placement
-        with ``compute_mode == "dense"`` (or, in inference, ``fold_inference``), no dropout, on a float32 / float64
-        Linear or Conv1D; else None."""
+        with ``compute_mode`` "dense" or "hybrid" (or, in inference, ``fold_inference``), no dropout, on a float32 /
+        float64 Linear or Conv1D; else None."""
         base = self.get_base_layer()
         if self.kind not in ("linear", "conv1d") or base.weight.dtype not in FOLDABLE_DTYPES:
             return None
@@ -343,12 +344,22 @@ class StructuredLayer(BaseTunerLayer):
             if not foldable or self.is_adapter_placement(name):
                 return None
             terms.append((op, self.scalings[name]))
-        if all(getattr(op, "compute_mode", "fast") == "dense" for op, _ in terms):
+        if all(getattr(op, "compute_mode", "fast") in FOLDED_MODES for op, _ in terms):
             return terms
         inference_fold = all(getattr(op, "fold_inference", False) for op, _ in terms)
         if inference_fold and not _compiling() and not records_grad(base.weight, [op for op, _ in terms]):
             return terms  # fast-path adapters in inference: the cached W_eff (one weight copy, base speed)
         return None
+
+    def _trains_hybrid(self, terms: list[tuple[nn.Module, float]]) -> bool:
+        """True if the folded ``terms`` train by :func:`hybrid_linear`: every one in ``compute_mode="hybrid"``,
+        autograd recording through an adapter, the base weight frozen and no ``torch.compile`` tracing (there, and
+        for a mix with "dense" adapters, autograd through W + Σ s·ΔW gives the same gradients)."""
+        ops = [op for op, _ in terms]
+        if any(getattr(op, "compute_mode", "fast") != "hybrid" for op in ops):
+            return False
+        weight = self.get_base_layer().weight
+        return not weight.requires_grad and not _compiling() and records_grad(weight, ops)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)  # injected by the tuner for a mixed-adapter batch
@@ -363,6 +374,8 @@ class StructuredLayer(BaseTunerLayer):
         terms = None if args or kwargs else self._folded_terms()
         if terms:  # dense ΔWs folded into the base matmul (see structpeft.operators.fused)
             base = self.get_base_layer()
+            if self._trains_hybrid(terms):
+                return hybrid_linear(x, weight_2d(base), base.bias, terms)
             return folded_linear(x, weight_2d(base), base.bias, terms, owner=self)
         result = self.base_layer(x, *args, **kwargs)
         base_out = result

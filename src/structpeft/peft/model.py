@@ -305,19 +305,25 @@ class SurmModel(StructuredTuner):
             if rec is not None:
                 compute = rec.get("compute", {})
             else:
-                compute = {role: self._choose_compute(config, roles[role], options[role], base) for role in roles}
+                compute = {role: self._choose_compute(config, roles[role], options[role], base, role) for role in roles}
             config.layer_options[key] = {"shape": list(shape), "options": options, "compute": compute}
         return options
 
     @staticmethod
-    def _choose_compute(config: SurmConfig, shape: tuple[int, int], options: dict[str, Any], base: nn.Module) -> str:
+    def _choose_compute(
+        config: SurmConfig, shape: tuple[int, int], options: dict[str, Any], base: nn.Module, role: str
+    ) -> str:
         if config.compute != "auto":
             return config.compute
-        from ..operators.dispatch import choose_compute
+        from ..operators.dispatch import auto_paths, choose_compute
 
         cls = get_operator_class(config.structure)
         tokens = config.compute_tokens
-        return measure_compute(base, lambda d: choose_compute(cls, *shape, options, device=d, tokens=tokens))
+        # only a ΔW-placed operator folds into the base weight (an adapter block's act on the layer output)
+        paths = auto_paths(cls, folds=role == "delta")
+        return measure_compute(
+            base, lambda d: choose_compute(cls, *shape, options, device=d, tokens=tokens, paths=paths)
+        )
 
     @staticmethod
     def _resolve_operator(config: SurmConfig, shape: tuple[int, int], n_params: int | None) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+"""compute="hybrid": forward and input gradient through W + s·ΔW, the adapter's gradient through the structure.
+
+What makes it worth having is what it does *not* compute: the (out × in) weight gradient gᵀx that autograd through
+the folded weight forms. The probe below records the shapes of every matmul in the backward, and is checked to
+see that matrix on the "dense" path, so that it can fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from structpeft import PmssConfig, SurmConfig
+from structpeft.operators import fused
+
+MATMULS = {"mm", "addmm", "bmm", "matmul"}
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the output shape of every matrix product dispatched inside the context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in MATMULS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def _mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(13, 24), nn.Tanh(), nn.Linear(24, 7)).to(dtype)
+
+
+def _config(method: str, compute: str, **kw):
+    if method == "pmss":
+        return PmssConfig(target_modules=["0", "2"], k_in=3, k_out=4, init_weights=False, compute=compute, **kw)
+    return SurmConfig(structure=method, target_modules=["0", "2"], init_weights=False, compute=compute, **kw)
+
+
+def _adapter_grads(model, x):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out = model(x)
+    values = torch.autograd.grad(out.square().sum(), [x, *(model.get_parameter(n) for n in names)])
+    return out, dict(zip(["x", *names], values, strict=True))
+
+
+@pytest.mark.parametrize("method", ["circulant", "toeplitz", "kronecker", "ldr", "pmss"])
+def test_hybrid_backward_never_forms_the_weight_gradient(method):
+    x = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
+    shapes = {}
+    for compute in ("dense", "hybrid"):
+        torch.manual_seed(1)
+        model = get_peft_model(_mlp(), _config(method, compute))
+        loss = model(x).square().sum()
+        with MatmulShapes() as probe:
+            loss.backward()
+        shapes[compute] = probe.shapes
+    # the probe sees gᵀx of both layers on the dense fold (so it can fail) and neither on the hybrid path
+    assert {(24, 13), (7, 24)} <= set(shapes["dense"])
+    assert not {(24, 13), (13, 24), (7, 24), (24, 7)} & set(shapes["hybrid"]), shapes["hybrid"]
+
+
+@pytest.mark.parametrize("method", ["circulant", "kronecker", "pmss"])
+def test_hybrid_calls_param_grads_once_per_layer_and_step(method, monkeypatch):
+    calls = []
+    real = fused._HybridLinear.backward
+
+    def spy(ctx, grad):
+        calls.append(tuple(grad.shape))
+        return real(ctx, grad)
+
+    monkeypatch.setattr(fused._HybridLinear, "backward", staticmethod(spy))
+    model = get_peft_model(_mlp(), _config(method, "hybrid"))
+    model(torch.randn(2, 5, 13, dtype=torch.float64)).sum().backward()
+    assert sorted(calls) == [(10, 7), (10, 24)]
+    with torch.no_grad():  # inference: the cached fold, no custom backward
+        model(torch.randn(2, 13, dtype=torch.float64))
+    assert len(calls) == 2
+
+
+def test_several_active_hybrid_adapters_add_up():
+    x = torch.randn(4, 13, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for compute in ("fast", "hybrid"):
+        torch.manual_seed(1)
+        model = get_peft_model(_mlp(), _config("circulant", compute, block_size=4))
+        model.add_adapter("other", _config("kronecker", compute, alpha=-0.7))
+        model.base_model.set_adapter(["default", "other"])
+        results[compute] = _adapter_grads(model, x)
+    out_fast, grads_fast = results["fast"]
+    out_hybrid, grads_hybrid = results["hybrid"]
+    torch.testing.assert_close(out_hybrid, out_fast, atol=1e-12, rtol=0)
+    assert grads_hybrid.keys() == grads_fast.keys()
+    assert any(".other." in n for n in grads_fast) and any(".default." in n for n in grads_fast)
+    for name, g in grads_fast.items():
+        torch.testing.assert_close(grads_hybrid[name], g, atol=1e-10, rtol=1e-10)
+
+
+def test_trainable_base_weight_falls_back_to_autograd_through_the_fold():
+    """A trainable base weight needs gᵀx: the layer then folds with autograd, and W's gradient is exact."""
+    x = torch.randn(4, 13, dtype=torch.float64)
+    grads = {}
+    for compute in ("fast", "hybrid"):
+        torch.manual_seed(1)
+        model = get_peft_model(_mlp(), _config("circulant", compute))
+        base = model.base_model.model[0].base_layer
+        base.weight.requires_grad_(True)
+        base.bias.requires_grad_(True)
+        model(x).square().sum().backward()
+        grads[compute] = (base.weight.grad, base.bias.grad, model.base_model.model[0].surm_op["default"].weight.grad)
+    for got, want in zip(grads["hybrid"], grads["fast"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_hybrid_trains_a_trainable_bias_and_allows_in_place_ops_on_its_output():
+    torch.manual_seed(1)
+    model = get_peft_model(_mlp(), _config("circulant", "hybrid"))
+    layer = model.base_model.model[0]
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(3, 13, dtype=torch.float64)
+    y = layer(x)
+    y.mul_(2.0)  # the output is a plain tensor, not a view of a custom Function's output
+    y.sum().backward()
+    torch.testing.assert_close(layer.base_layer.bias.grad, torch.full((24,), 6.0, dtype=torch.float64))
+
+
+def test_hybrid_under_bf16_autocast_matches_float32():
+    x = torch.randn(6, 13)
+    grads = {}
+    for autocast in (False, True):
+        torch.manual_seed(1)
+        model = get_peft_model(_mlp(torch.float32), _config("circulant", "hybrid"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().square().sum().backward()
+        op = model.base_model.model[0].surm_op["default"]
+        assert op.weight.grad.dtype == torch.float32
+        grads[autocast] = op.weight.grad
+    assert (grads[True] - grads[False]).abs().max() <= 3e-2 * grads[False].abs().max()
