@@ -163,6 +163,25 @@ def test_runs_of_an_older_plan_are_not_taken_for_finished_runs(quick_sweep, caps
     assert set(A.load_finished(root, runs)) == {r.id for r in runs}
 
 
+def test_a_partial_sweep_keeps_the_other_recorded_runs_in_the_reports(quick_sweep, capsys):
+    """Sweeping (or reporting) one method must not drop the runs of the others from runs.json / summary."""
+    from structpeft.cli import main
+
+    root, _ = quick_sweep
+    before = {r["id"]: r for r in json.loads((root / "runs.json").read_text())}
+    assert len(before) == 2
+    argv = ["bench", "accuracy", "--quick", "--runs-dir", str(root), "--no-progress", "--methods", "head-only"]
+    assert main([*argv, "--report-only"]) == 0
+    after = {r["id"]: r for r in json.loads((root / "runs.json").read_text())}
+    assert after == before
+    assert "| surm-circulant-lora2 |" in (root / "summary.md").read_text()
+    # the planner itself: a gsm plan's report also covers the recorded bbc runs, in the full plan's order
+    only_gsm = A.plan(["gsm"], [0], ["lora-r8"], quick=True)
+    covered = A.report_runs(only_gsm, root, quick=True)
+    assert [r.id for r in covered] == [only_gsm[0].id, *before]
+    assert A.report_runs(only_gsm, root / "nowhere", quick=True) == only_gsm
+
+
 def test_bench_accuracy_cli_errors(tmp_path, capsys):
     from structpeft.cli import main
 

@@ -21,8 +21,9 @@ their forgetting is exactly 0 (a check of the measurement).
 
 A run is finished when its folder holds ``bench.json``; a killed sweep continues where it stopped (the
 fine-tune itself is written atomically). Runs recorded in the committed report (``runs.json`` of ``--out``) with
-the same fine-tune command count as finished too, so a sweep also continues on another machine. Runs are ordered
-seed-major, with the runs the targets compare first, so a partial sweep answers the targets early.
+the same fine-tune command count as finished too, so a sweep also continues on another machine; the reports
+cover every recorded run, so sweeping one suite, method or seed never drops the others (:func:`report_runs`).
+Runs are ordered seed-major, with the runs the targets compare first, so a partial sweep answers the targets early.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -513,16 +515,36 @@ def _hms(seconds: float) -> str:
     return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
 
 
+def _recorded(report: Path) -> dict[str, dict[str, Any]]:
+    """The runs recorded in ``report / "runs.json"`` by id ({} if there is none or it is not a list of runs)."""
+    path = report / "runs.json"
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+        return {r["id"]: r for r in entries if isinstance(r, dict) and isinstance(r.get("id"), str)}
+    except (ValueError, TypeError):
+        return {}
+
+
+def report_runs(runs: Sequence[Run], report: Path, quick: bool = False) -> list[Run]:
+    """The runs a report covers: ``runs`` (this invocation's plan) and every other run of the full plan (all tasks,
+    every method, the default seeds and any other seed recorded) that ``report / "runs.json"`` records, so a sweep
+    of one suite, some methods or some seeds rewrites the reports without dropping the other runs' results."""
+    recorded = _recorded(report)
+    planned = {r.id for r in runs}
+    extra = set(recorded) - planned
+    if not extra:
+        return list(runs)
+    seeds = {*DEFAULT_SEEDS, *(int(m.group(1)) for i in extra if (m := re.search(r"/seed(\d+)$", i)))}
+    others = [r for r in plan(tuple(TASKS), sorted(seeds), quick=quick) if r.id in extra]
+    return [*runs, *others]
+
+
 def restore_from_report(runs_root: Path, runs: Sequence[Run], report: Path) -> int:
     """Re-create ``bench.json`` of runs recorded in a committed ``runs.json`` (another machine's sweep) whose
     fine-tune command is the one planned now, so a sweep continues across machines. Returns how many."""
-    path = report / "runs.json"
-    if not path.is_file():
-        return 0
-    try:
-        recorded = {r["id"]: r for r in json.loads(path.read_text()) if isinstance(r, dict) and "id" in r}
-    except (ValueError, TypeError):
-        return 0
+    recorded = _recorded(report)
     restored = 0
     for run in runs:
         d = run_dir(runs_root, run)
@@ -531,7 +553,7 @@ def restore_from_report(runs_root: Path, runs: Sequence[Run], report: Path) -> i
             continue
         if r.get("argv") != finetune_argv(run, d):  # other settings (or another runs folder): not this run
             continue
-        _write_json_atomic(d / BENCH_FILE, {**r, "restored_from": str(path)})
+        _write_json_atomic(d / BENCH_FILE, {**r, "restored_from": str(report / "runs.json")})
         restored += 1
     return restored
 
@@ -953,7 +975,8 @@ def write_reports(
         for r in results:
             w.writerow(r)
     os.replace(out / "runs.csv.tmp", out / "runs.csv")
-    _write_json_atomic(out / "runs.json", results)
+    # "restored_from" marks a run folder re-created from this very file: no information in the report itself
+    _write_json_atomic(out / "runs.json", [{k: v for k, v in r.items() if k != "restored_from"} for r in results])
     _write_json_atomic(out / "summary.json", {"meta": meta, "cells": [asdict(c) for c in cells], "targets": targets})
     md = markdown(cells, targets, meta) if cells else "No finished runs yet.\n"
     (out / "summary.md.tmp").write_text(md)
@@ -1012,7 +1035,12 @@ def main(argv: list[str] | None = None) -> int:
     # the command that (re)produces the runs: without the report-only / display flags
     command = "structpeft bench accuracy " + " ".join(a for a in given if a not in ("--report-only", "--no-progress"))
     failed: dict[str, Any] = {}
-    restored = restore_from_report(runs_root, runs, out)
+    # the reports cover this plan and every other run the existing report records (never dropped by a partial
+    # sweep); reproduced then by the full sweep's command
+    covered = report_runs(runs, out, quick=args.quick)
+    if len(covered) > len(runs) and not args.quick:
+        command = "structpeft bench accuracy --suite all"
+    restored = restore_from_report(runs_root, covered, out)
     if restored:
         print(f"{restored} finished runs restored from {out / 'runs.json'}")
     if not args.report_only:
@@ -1023,7 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
             fail_file = d.parent / f"{d.name}.failed.json"
             if fail_file.is_file():
                 failed[run.id] = json.loads(fail_file.read_text())
-    report = write_reports(runs, runs_root, out, command.strip(), failed)
+    report = write_reports(covered, runs_root, out, command.strip(), failed)
     print(report["markdown"])
     print(f"reports written to {out}")
     if failed:
