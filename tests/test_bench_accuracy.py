@@ -78,6 +78,29 @@ def test_summary_mean_std_and_targets():
     assert not quarter["met"] and "-2.00 points" in quarter["detail"]
 
 
+def test_runs_on_different_machines_are_marked_in_the_report():
+    """Step times of seeds that ran on different machines do not compare: the cell is marked, and the report's
+    hardware line names each machine with its run count (runs without a record counted as not recorded)."""
+    rs = [_result("snli", "lora-r8", "LoRA", s, 0.6, 73728) for s in (0, 1, 2)]
+    rs += [_result("snli", "surm-circulant-lora2", "SURM circulant", s, 0.6, 18432) for s in (0, 1)]
+    for r in rs:
+        r["hardware"] = "2 CPU cores (A)"
+    rs[2]["hardware"] = "2 CPU cores (B)"
+    del rs[0]["hardware"]
+    cells = {c.method: c for c in A.summarise(rs, A.plan(["snli"], [0, 1, 2]))}
+    assert cells["lora-r8"].machines == 3 and cells["surm-circulant-lora2"].machines == 1
+    assert A.runs_hardware(rs) == (
+        "2 CPU cores (A) (3 runs); 2 CPU cores (B) (1 runs); not recorded (1 runs, finished before runs recorded "
+        "their machine)"
+    )
+    assert A.runs_hardware(rs[3:]) == "2 CPU cores (A)"
+    meta = {"tasks": {"snli": {"description": "SNLI"}}, "finished": 5, "planned": 5, "failed": 0, "command": "c"}
+    md = A.markdown(list(cells.values()), [], {**meta, "hardware": A.runs_hardware(rs)})
+    assert "| lora-r8 | 73,728 |" in md and "| 0.500† |" in md.split("| lora-r8 |")[1].split("\n")[0]
+    assert "| 0.500 |" in md.split("| surm-circulant-lora2 |")[1].split("\n")[0]
+    assert "† the seeds of this cell ran on different machines" in md
+
+
 def test_estimate_uses_measured_times_when_available():
     runs = A.plan(["bbc"], [0], ["lora-r8", "lora-r4", "head-only"])
     assert A._estimate(runs, {}) == pytest.approx(3 * A.TASKS["bbc"].seconds_per_run)

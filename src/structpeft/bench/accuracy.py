@@ -487,6 +487,7 @@ def worker(spec: dict[str, Any]) -> int:
         "forgetting": delta,
         "forgetting_time_s": forgetting_time,
         "test_answer_loss": answer,
+        "hardware": hardware(),  # step times of runs on different machines do not compare
         "argv": argv,
     }
     _write_json_atomic(d / BENCH_FILE, result)
@@ -665,6 +666,9 @@ class Cell:
     forgetting: float
     forgetting_std: float
     seeds: list[int] = field(default_factory=list)
+    # distinct machines its runs ran on (a run without a recorded machine counts as one more): > 1, the step time
+    # mixes machines
+    machines: int = 1
     # generation tasks: teacher-forced loss of the test answers (nats per token; mean, std over seeds), else None
     answer_loss: float | None = None
     answer_loss_std: float | None = None
@@ -711,6 +715,7 @@ def summarise(results: Sequence[dict[str, Any]], order: Sequence[Run]) -> list[C
                 forgetting=fg,
                 forgetting_std=fg_sd,
                 seeds=[r["seed"] for r in rs],
+                machines=len({r.get("hardware") for r in rs}),
                 answer_loss=al,
                 answer_loss_std=al_sd if len(answers) == len(rs) else None,
             )
@@ -856,7 +861,7 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
         ]
         for c in cs:
             vs = f"{100 * (c.accuracy - lora.accuracy):+.2f}" if lora is not None else "—"
-            step = f"{c.step_time_s:.3f}" if c.step_time_s else "—"
+            step = (f"{c.step_time_s:.3f}" + ("†" if c.machines > 1 else "")) if c.step_time_s else "—"
             mem = f"{c.peak_rss_mb:,.0f}" if c.peak_rss_mb else "—"
             acc = f"{100 * c.accuracy:.2f}" + (f" ± {100 * c.accuracy_std:.2f}" if c.n > 1 else "")
             fgt = f"{c.forgetting:+.3f}" + (f" ± {c.forgetting_std:.3f}" if c.n > 1 else "")
@@ -864,6 +869,12 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
                 f"| {c.method} | {c.adapter_params:,} | {c.trainable_percent:.3f} | {acc} | {vs} | {step} | {mem} | "
                 f"{_size(c.saved_bytes)} | {fgt} | {c.n} |" + (f" {_answer_cell(c)} |" if answers else "")
             )
+        if any(c.machines > 1 for c in cs):
+            lines += [
+                "",
+                "† the seeds of this cell ran on different machines (see the hardware line below): its "
+                "step time mixes them and does not compare with the other rows.",
+            ]
         lines.append("")
     lines += [
         "Accuracy: mean ± sample std over the seeds in the last column (one seed: no std). Step time (median "
@@ -942,6 +953,21 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
     return written
 
 
+def runs_hardware(results: Sequence[dict[str, Any]]) -> str:
+    """The machines the runs ran on, as recorded per run: one description, or each with its run count."""
+    counts: dict[str | None, int] = {}
+    for r in results:
+        counts[r.get("hardware")] = counts.get(r.get("hardware"), 0) + 1
+    if not counts:
+        return hardware()
+    if len(counts) == 1 and None not in counts:
+        return next(iter(counts))
+    parts = [f"{hw} ({n} runs)" for hw, n in counts.items() if hw is not None]
+    if None in counts:
+        parts.append(f"not recorded ({counts[None]} runs, finished before runs recorded their machine)")
+    return "; ".join(parts)
+
+
 def hardware() -> str:
     import torch
 
@@ -964,7 +990,7 @@ def write_reports(
         "finished": len(results),
         "failed": len(failed),
         "failures": list(failed.values()),
-        "hardware": hardware(),
+        "hardware": runs_hardware(results),
         "command": command,
         "tasks": {r.task.name: asdict(r.task) for r in runs},
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
