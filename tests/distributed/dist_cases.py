@@ -111,7 +111,7 @@ class DistCase:
             return PmssConfig(task_type=self.task_type, **self.options)
         # compute="fast": 'auto' times the two compute paths per process, so ranks could pick different (equally
         # correct) paths; the tests compare bits, so every process uses the same
-        return SurmConfig(task_type=self.task_type, compute="fast", **self.options)
+        return SurmConfig(task_type=self.task_type, **{"compute": "fast", **self.options})
 
     def model(self) -> nn.Module:
         """The PEFT model (float32), identical in every process: base and adapter weights drawn from ``seed``."""
@@ -158,6 +158,15 @@ CASES: list[DistCase] = [
         _mlp,
         "surm",
         {"structure": "kronecker", "target_modules": MLP_TARGETS, "init_weights": False},
+        _mlp_batch,
+        _mlp_loss,
+        _mlp_blocks,
+    ),
+    DistCase(  # the hybrid path's backward reads L and R again (FSDP2 must have them unsharded then)
+        "mlp-kronecker-hybrid",
+        _mlp,
+        "surm",
+        {"structure": "kronecker", "target_modules": MLP_TARGETS, "init_weights": False, "compute": "hybrid"},
         _mlp_batch,
         _mlp_loss,
         _mlp_blocks,
