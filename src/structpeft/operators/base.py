@@ -247,21 +247,11 @@ class BlockGridOperator(StructuredOperator):
 
     def _split_input(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., p, b), zero-padding the input to p·b."""
-        q, p = self.grid
-        b = self.block_size
-        pad = p * b - self.in_features
-        if pad:
-            x = nn.functional.pad(x, (0, pad))
-        return x.reshape(*x.shape[:-1], p, b)
+        return _split_blocks(x, self.grid[1], self.block_size)
 
     def _split_output(self, g: torch.Tensor) -> torch.Tensor:
         """(..., out) -> (..., q, b), zero-padding to q·b (the adjoint of the crop in :meth:`_merge_output`)."""
-        q, p = self.grid
-        b = self.block_size
-        pad = q * b - self.out_features
-        if pad:
-            g = nn.functional.pad(g, (0, pad))
-        return g.reshape(*g.shape[:-1], q, b)
+        return _split_blocks(g, self.grid[0], self.block_size)
 
     def _merge_output(self, y: torch.Tensor) -> torch.Tensor:
         """(..., q, b) -> (..., out), cropping q·b to out."""
@@ -273,6 +263,14 @@ class BlockGridOperator(StructuredOperator):
         q, p, b, _ = blocks.shape
         full = blocks.permute(0, 2, 1, 3).reshape(q * b, p * b)
         return full[: self.out_features, : self.in_features]
+
+
+def _split_blocks(t: torch.Tensor, n_blocks: int, b: int) -> torch.Tensor:
+    """(..., n) -> (..., n_blocks, b), zero-padding the last dimension to n_blocks·b."""
+    pad = n_blocks * b - t.shape[-1]
+    if pad:
+        t = nn.functional.pad(t, (0, pad))
+    return t.reshape(*t.shape[:-1], n_blocks, b)
 
 
 def _compiling() -> bool:
