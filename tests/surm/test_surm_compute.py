@@ -155,19 +155,3 @@ def test_auto_times_the_offered_paths(monkeypatch):
     cfg = SurmConfig(structure="circulant", placement="adapter", target_modules=["0"], block_size=4)
     get_peft_model(_mlp(), cfg)
     assert timed["circulant"] == ("fast", "dense")  # an adapter block does not fold
-
-
-@pytest.mark.parametrize(
-    ("marginal", "expected"),
-    [
-        ({"fast": 1.0, "dense": 2.0, "hybrid": 1.5}, "fast"),  # clearly cheaper: taken
-        ({"fast": 1.85, "dense": 2.0, "hybrid": 1.95}, "dense"),  # within 10% of the fold: the fold
-        ({"fast": 3.0, "dense": 2.0, "hybrid": 1.79}, "hybrid"),
-        ({"fast": 3.0, "dense": 1.0}, "dense"),
-        ({"fast": 1.0, "dense": 1.05}, "dense"),
-        ({"fast": -0.5, "dense": 0.2}, "fast"),  # the fold measured slower than a path that cost nothing
-        ({"fast": 0.5, "hybrid": 0.4}, "hybrid"),  # no fold timed (an adapter block): the cheapest
-    ],
-)
-def test_the_fold_is_kept_unless_another_path_is_clearly_cheaper(marginal, expected):
-    assert dispatch._pick(marginal) == expected

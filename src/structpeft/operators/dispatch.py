@@ -14,17 +14,16 @@ The three ways to add s·x ΔWᵀ to a frozen layer's output y = x Wᵀ + b (N r
   O(N·(p + q)·b log b); Kronecker four thin matmuls; PMSS (g C)ᵀ(x Rᵀ)), so neither gᵀx nor the fast product's
   forward is computed. ΔW-placed layers only; where folding does not apply it runs as "fast".
 
-``choose_compute`` measures the *marginal* cost of each on the layer's shape: forward + backward of a random (tokens
-× in) batch through each path, minus the frozen base layer alone, on the layer's device (the minimum of ``reps``
-after one warm-up, all interleaved: the minimum is the estimate least disturbed by other jobs on a shared machine),
-and returns the cheapest, keeping the fold unless another path is at least 10% cheaper (``_pick``). The answer is
-cached per process by (structure, shape, options, device, tokens, paths) and recorded in the adapter's config
-(``layer_options[module]["compute"]``), so a loaded adapter uses the same path. ``SurmConfig(compute="fast" |
-"dense" | "hybrid")`` forces one. PMSS's skeleton operator is timed the same way (``choose_compute_for``: its fast
-path reads W[J, :]x from the base output; the timing depends on the shape and k_in, k_out, not on the weights). The
-rows timed are the config's ``compute_tokens`` (default 2,048; set it to the training batch's batch × sequence
-length: ``structpeft finetune`` and ``structpeft bench speed`` do). ``structpeft bench speed`` checks the rule on
-its cases by timing the paths not chosen.
+``choose_compute`` measures the *marginal* cost of each on the layer's shape: forward + backward of a random
+(tokens × in) batch through each path, minus the frozen base layer alone, on the layer's device (the minimum of
+``reps`` after one warm-up, all interleaved: the minimum is the estimate least disturbed by other jobs on a shared
+machine), and returns the cheapest. The answer is cached per process by (structure, shape, options, device,
+tokens, paths) and recorded in the adapter's config (``layer_options[module]["compute"]``), so a loaded adapter
+uses the same path. ``SurmConfig(compute="fast" | "dense" | "hybrid")`` forces one. PMSS's skeleton operator is
+timed the same way (``choose_compute_for``: its fast path reads W[J, :]x from the base output; the timing depends
+on the shape and k_in, k_out, not on the weights). The rows timed are the config's ``compute_tokens`` (default
+2,048; set it to the training batch's batch × sequence length: ``structpeft finetune`` and ``structpeft bench
+speed`` do). ``structpeft bench speed`` checks the rule on its cases by timing the paths not chosen.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ from .fused import folded_linear, hybrid_linear
 
 COMPUTE_MODES = ("auto", "fast", "dense", "hybrid")
 PATHS = ("fast", "dense", "hybrid")  # what "auto" chooses among
-FOLD_MARGIN = 0.1  # another path must cost at least 10% less than the fold to be chosen over it (see _pick)
 DEFAULT_COMPUTE_TOKENS = 2048  # rows timed when the config does not say (compute_tokens)
 _CACHE: dict[tuple, str] = {}
 
@@ -153,17 +151,4 @@ def _time_paths(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     candidates = {"fast": fast, "dense": dense, "hybrid": hybrid}
     t = _min_times({"base": base, **{name: candidates[name] for name in paths}}, reps, sync)
-    return _pick({name: t[name] - t["base"] for name in paths})
-
-
-def _pick(marginal: dict[str, float]) -> str:
-    """The path with the least marginal cost, except that the fold ("dense") is kept unless another path is at least
-    ``FOLD_MARGIN`` cheaper: timed on a bare layer, the other paths leave out costs they pay inside a PEFT layer
-    (scaling, the extra add, a custom autograd node), and the speed benchmark measured them slower than the fold in
-    close calls (Kronecker on SmolLM2: chosen "fast" +118.5% against the fold's +90.3%; circulant b=32: "hybrid"
-    +133.0% against +125.1%)."""
-    best = min(marginal, key=marginal.__getitem__)
-    dense = marginal.get("dense")
-    if best != "dense" and dense is not None and marginal[best] > (1.0 - FOLD_MARGIN) * dense:
-        return "dense"
-    return best
+    return min(paths, key=lambda name: t[name])  # the least marginal cost over the same base time
