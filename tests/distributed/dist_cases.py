@@ -107,11 +107,12 @@ class DistCase:
     def config(self):
         from structpeft import PmssConfig, SurmConfig
 
+        # compute="fast" unless the case sets one: 'auto' times the compute paths per process, so ranks (and the
+        # reference process) could pick different, equally correct paths; the tests compare bits
+        options = {"compute": "fast", **self.options}
         if self.method == "pmss":
-            return PmssConfig(task_type=self.task_type, **self.options)
-        # compute="fast": 'auto' times the two compute paths per process, so ranks could pick different (equally
-        # correct) paths; the tests compare bits, so every process uses the same
-        return SurmConfig(task_type=self.task_type, **{"compute": "fast", **self.options})
+            return PmssConfig(task_type=self.task_type, **options)
+        return SurmConfig(task_type=self.task_type, **options)
 
     def model(self) -> nn.Module:
         """The PEFT model (float32), identical in every process: base and adapter weights drawn from ``seed``."""
