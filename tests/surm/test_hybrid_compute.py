@@ -144,3 +144,38 @@ def test_hybrid_under_bf16_autocast_matches_float32():
         assert op.weight.grad.dtype == torch.float32
         grads[autocast] = op.weight.grad
     assert (grads[True] - grads[False]).abs().max() <= 3e-2 * grads[False].abs().max()
+
+
+def _conv1d_model():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    return nn.Sequential(Conv1D(24, 13), nn.Tanh(), Conv1D(7, 24)).double()
+
+
+@pytest.mark.parametrize("method", ["circulant", "kronecker", "pmss"])
+def test_hybrid_on_conv1d_layers_matches_the_fast_path(method):
+    """GPT-2's Conv1D keeps its weight transposed (in × out): the fold and the gradients must not care."""
+    x = torch.randn(2, 3, 13, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for compute in ("fast", "hybrid"):
+        torch.manual_seed(1)
+        results[compute] = _adapter_grads(get_peft_model(_conv1d_model(), _config(method, compute)), x)
+    torch.testing.assert_close(results["hybrid"][0], results["fast"][0], atol=1e-12, rtol=0)
+    for name, g in results["fast"][1].items():
+        torch.testing.assert_close(results["hybrid"][1][name], g, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["circulant", "pmss"])
+def test_hybrid_with_adapter_dropout_runs_the_structured_product(method):
+    """Dropout on the adapter input cannot fold: "hybrid" then trains like "fast", with the same random mask."""
+    x = torch.randn(6, 13, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for compute in ("fast", "hybrid"):
+        torch.manual_seed(1)
+        model = get_peft_model(_mlp(), _config(method, compute, dropout=0.3)).train()
+        torch.manual_seed(5)
+        results[compute] = _adapter_grads(model, x)
+    torch.testing.assert_close(results["hybrid"][0], results["fast"][0], atol=0, rtol=0)
+    for name, g in results["fast"][1].items():
+        torch.testing.assert_close(results["hybrid"][1][name], g, atol=0, rtol=0)
