@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -955,9 +956,7 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
 
 def runs_hardware(results: Sequence[dict[str, Any]]) -> str:
     """The machines the runs ran on, as recorded per run: one description, or each with its run count."""
-    counts: dict[str | None, int] = {}
-    for r in results:
-        counts[r.get("hardware")] = counts.get(r.get("hardware"), 0) + 1
+    counts = Counter(r.get("hardware") for r in results)
     if not counts:
         return hardware()
     if len(counts) == 1 and None not in counts:

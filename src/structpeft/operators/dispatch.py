@@ -39,8 +39,8 @@ from torch import nn
 from .base import DenseDeltaMixin, StructuredOperator
 from .fused import folded_linear, hybrid_linear
 
-COMPUTE_MODES = ("auto", "fast", "dense", "hybrid")
 PATHS = ("fast", "dense", "hybrid")  # what "auto" chooses among
+COMPUTE_MODES = ("auto", *PATHS)
 DEFAULT_COMPUTE_TOKENS = 2048  # rows timed when the config does not say (compute_tokens)
 _CACHE: dict[tuple, str] = {}
 
