@@ -198,6 +198,10 @@ def minilm_methods() -> list[Method]:
         _m("surm-circulant-qkvo-b192", other, *surm, "circulant", "--block-size", "192", *attention),
         _m("surm-circulant-ffn-b384", other, *surm, "circulant", "--block-size", "384", *ffn),
         _m("surm-kronecker-qkvo-768", other, *surm, "kronecker", "--budget", "768", *attention),
+        # a quarter of LoRA r=8's parameters on the same four projections (1,536 per layer, 36,864 in all): circulant
+        # blocks of 96 and the Kronecker factors the budget rule picks (36 x 36 ⊗ 11 x 11 over a 396-padded layer)
+        _m("surm-circulant-qkvo-b96", other, *surm, "circulant", "--block-size", "96", *attention),
+        _m("surm-kronecker-qkvo-1536", other, *surm, "kronecker", "--budget", "1536", *attention),
         # ... and its reference: LoRA r=8 on the same four projections (twice the default's parameters), a LoRA r=8
         # candidate of the targets like the other LoRA r=8 rows
         _m("lora-r8-qkvo-lr2e-3", "LoRA, other targets", "--method", "lora", "--r", "8", "--lr", "2e-3", *attention),
