@@ -602,14 +602,14 @@ def sweep(runs: Sequence[Run], runs_root: Path, retry_failed: bool, show_progres
         _write_json_atomic(spec_file, _spec(run, runs_root))
         t0 = time.perf_counter()
         with open(log, "w") as fh:
-            proc = subprocess.run(
+            returncode = subprocess.run(
                 [sys.executable, "-m", "structpeft.bench.accuracy", "--worker", str(spec_file)],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 check=False,
-            )
+            ).returncode
         wall = time.perf_counter() - t0
-        if proc.returncode == 0 and (d / BENCH_FILE).is_file():
+        if returncode == 0 and (d / BENCH_FILE).is_file():
             result = json.loads((d / BENCH_FILE).read_text())
             result["wall_s"] = round(wall, 1)
             _write_json_atomic(d / BENCH_FILE, result)
@@ -622,10 +622,10 @@ def sweep(runs: Sequence[Run], runs_root: Path, retry_failed: bool, show_progres
             )
         else:
             tail = log.read_text().strip().splitlines()[-3:] if log.is_file() else []
-            record = {"id": run.id, "returncode": proc.returncode, "error": " | ".join(tail), "log": str(log)}
+            record = {"id": run.id, "returncode": returncode, "error": " | ".join(tail), "log": str(log)}
             _write_json_atomic(fail_file, record)
             failed[run.id] = record
-            tqdm.write(f"{run.id}: FAILED (exit {proc.returncode}); see {log}", file=sys.stdout)
+            tqdm.write(f"{run.id}: FAILED (exit {returncode}); see {log}", file=sys.stdout)
         spec_file.unlink(missing_ok=True)
     return {"done": done, "failed": failed}
 
@@ -770,7 +770,8 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 out.append(
                     {
                         "task": task,
-                        "target": "a SURM structure at <= 1/4 of LoRA r=8's parameters within 0.5 points of it",
+                        "target": "a SURM structure at <= 1/4 of LoRA r=8's parameters within 0.5 points of it "
+                        "(any modules, at most a quarter of the smallest LoRA r=8, against the best LoRA r=8)",
                         "met": gap >= -0.5,
                         "detail": f"best {best.method} ({best.adapter_params:,} vs {lora.adapter_params:,} "
                         f"parameters): {100 * best.accuracy:.2f} ± {100 * best.accuracy_std:.2f} vs {lora.method} "
@@ -778,6 +779,7 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                         f"{best.n} / {lora.n} seeds)",
                     }
                 )
+            out += _same_module_targets(task, cs, loras)
         if task == "gsm":
             best, gap = _best_against(
                 [c for c in cs.values() if c.family == "PMSS" and c.adapter_params <= lora.adapter_params], lora
@@ -812,6 +814,54 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                     ),
                 }
             )
+    return out
+
+
+def _target_modules(task: str, method: str) -> str | None:
+    """The target modules a planned method names (``"default targets"`` where it names none); None if unknown."""
+    m = next((m for m in methods_for(TASKS[task]) if m.name == method), None) if task in TASKS else None
+    if m is None:
+        return None
+    if "--target-modules" not in m.args:
+        return "default targets"
+    i = m.args.index("--target-modules") + 1
+    j = next((k for k in range(i, len(m.args)) if m.args[k].startswith("--")), len(m.args))
+    return ", ".join(m.args[i:j])
+
+
+def _same_module_targets(task: str, cs: dict[str, Cell], loras: Sequence[Cell]) -> list[dict[str, Any]]:
+    """The quarter target read per set of target modules: for each set with a LoRA r=8 run, the best SURM setting
+    on the same modules at <= a quarter of that LoRA r=8's parameters against the best LoRA r=8 on them."""
+    out = []
+    for modules in dict.fromkeys(_target_modules(task, c.method) for c in loras):
+        if modules is None:
+            continue
+        ref = max((c for c in loras if _target_modules(task, c.method) == modules), key=lambda c: c.accuracy)
+        quarter = ref.adapter_params / 4
+        best, gap = _best_against(
+            [
+                c
+                for c in cs.values()
+                if c.family.startswith("SURM")
+                and _target_modules(task, c.method) == modules
+                and c.adapter_params <= quarter
+            ],
+            ref,
+        )
+        if best is None:
+            continue
+        out.append(
+            {
+                "task": task,
+                "target": f"the same, read on the same modules ({modules}): a SURM structure there at <= 1/4 of that "
+                "LoRA r=8's parameters within 0.5 points of it",
+                "met": gap >= -0.5,
+                "detail": f"best {best.method} ({best.adapter_params:,} vs {ref.adapter_params:,} parameters): "
+                f"{100 * best.accuracy:.2f} ± {100 * best.accuracy_std:.2f} vs {ref.method} "
+                f"{100 * ref.accuracy:.2f} ± {100 * ref.accuracy_std:.2f} ({gap:+.2f} points; "
+                f"{best.n} / {ref.n} seeds)",
+            }
+        )
     return out
 
 
