@@ -335,3 +335,30 @@ def test_every_planned_surm_budget_fits_the_minilm_layers():
         n = budget_to_parameters(A._flag(args, "--budget"), 384, 384)
         options = get_operator_class(structure).options_for_budget(384, 384, n, **fixed)
         assert get_operator_class(structure).num_parameters(384, 384, **options) <= n, m.name
+
+
+def test_terminating_the_sweep_stops_its_running_worker(tmp_path):
+    """`kill` of a sweep (SIGTERM) must not leave the current run's worker training on, unattended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    script = (
+        "import sys\n"
+        "from structpeft.bench import accuracy as A\n"
+        "with open(sys.argv[1], 'w') as fh:\n"
+        f"    A._run_worker([sys.executable, '-c', {sleeper!r}], fh)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "worker.log")])
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) != 0  # interrupted, not finished
+    with pytest.raises(ProcessLookupError):  # reaped by the sweep: no such process any more
+        os.kill(worker, 0)

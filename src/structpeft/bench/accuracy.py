@@ -35,12 +35,14 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -577,6 +579,32 @@ def load_finished(runs_root: Path, runs: Sequence[Run]) -> dict[str, dict[str, A
     return done
 
 
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler) raises KeyboardInterrupt, as Ctrl-C does, so that the running worker is
+    stopped too (:func:`_run_worker`) instead of training on unattended (main thread only)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_worker(argv: Sequence[str], log: Any) -> int:
+    """Run one worker to completion and return its exit status. Interrupted meanwhile (Ctrl-C, or SIGTERM through
+    :func:`_terminate_as_interrupt`), ``subprocess.run`` kills the worker before the interruption propagates."""
+    with _terminate_as_interrupt():
+        return subprocess.run(list(argv), stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+
 def sweep(runs: Sequence[Run], runs_root: Path, retry_failed: bool, show_progress: bool = True) -> dict[str, Any]:
     """Run every unfinished run in a subprocess; returns {id: result or failure record}."""
     from tqdm.auto import tqdm
@@ -602,12 +630,8 @@ def sweep(runs: Sequence[Run], runs_root: Path, retry_failed: bool, show_progres
         _write_json_atomic(spec_file, _spec(run, runs_root))
         t0 = time.perf_counter()
         with open(log, "w") as fh:
-            returncode = subprocess.run(
-                [sys.executable, "-m", "structpeft.bench.accuracy", "--worker", str(spec_file)],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                check=False,
-            ).returncode
+            worker = [sys.executable, "-m", "structpeft.bench.accuracy", "--worker", str(spec_file)]
+            returncode = _run_worker(worker, fh)
         wall = time.perf_counter() - t0
         if returncode == 0 and (d / BENCH_FILE).is_file():
             result = json.loads((d / BENCH_FILE).read_text())
