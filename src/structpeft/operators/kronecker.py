@@ -158,7 +158,8 @@ class KroneckerOperator(StructuredOperator):
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """With X_n (i1 × i2), G_n (o1 × o2) the reshaped (padded) rows: ∂L = Σ_n G_n (X_n Rᵀ)ᵀ and
         ∂R = Σ_n G_nᵀ (L X_n) — four thin matmuls, the fast product's forward skipped (see
-        ``StructuredOperator.param_grads``)."""
+        ``StructuredOperator.param_grads``). Each sum over n is one matmul over the stacked rows, laid out so that
+        only the small per-row blocks are transposed (cache-local copies), never the N axis."""
         (o1, i1), (o2, i2) = self.left.shape, self.right.shape
         dtype = compute_dtype(x.dtype, g.dtype, self.left.dtype)
         grad_left = grad_right = None
@@ -168,11 +169,13 @@ class KroneckerOperator(StructuredOperator):
             left, right = self.left.to(dtype), self.right.to(dtype)
             if self.left.requires_grad:
                 t = (xm.reshape(-1, i2) @ right.T).reshape(-1, i1, o2)  # X_n Rᵀ
-                grad_left = gm.transpose(0, 1).reshape(o1, -1) @ t.transpose(1, 2).reshape(-1, i1)
+                # Σ_n,j G_n[a, j] T_n[c, j]: rows (n, j) of G_nᵀ and T_nᵀ
+                grad_left = gm.transpose(1, 2).reshape(-1, o1).T @ t.transpose(1, 2).reshape(-1, i1)
                 grad_left = grad_left.to(self.left.dtype)
             if self.right.requires_grad:
-                s = (left @ xm.transpose(0, 1).reshape(i1, -1)).reshape(o1, -1, i2)  # L X_n
-                grad_right = gm.permute(2, 1, 0).reshape(o2, -1) @ s.reshape(-1, i2)
+                st = (xm.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, i2, o1)  # (L X_n)ᵀ
+                # Σ_n,a G_n[a, j] (L X_n)[a, k]: rows (n, a) of G_n and L X_n
+                grad_right = gm.reshape(-1, o2).T @ st.transpose(1, 2).reshape(-1, i2)
                 grad_right = grad_right.to(self.right.dtype)
         return grad_left, grad_right
 
