@@ -234,6 +234,26 @@ def test_param_grads_of_half_precision_rows(case, dtype):
         assert got.dtype == torch.float32 and rel_err(got, want) <= 2e-2
 
 
+@pytest.mark.parametrize("b", [1, 2, 5, 16, 97])
+def test_circulant_real_dft_matrix_is_rfft(b):
+    from structpeft.operators.circulant import real_dft_matrix
+
+    x = randn(7, b)
+    want = torch.view_as_real(torch.fft.rfft(x, dim=-1)).reshape(7, -1)  # (re, im) interleaved per frequency
+    assert rel_err(x @ real_dft_matrix(b, torch.float64).T, want) <= 1e-13
+
+
+@pytest.mark.parametrize("max_block", [0, 10_000], ids=["rfft", "dft-matmul"])
+@pytest.mark.parametrize("shape", [(24, 40), (97, 89), (384, 1536)], ids=shape_id)
+def test_circulant_param_grads_by_either_transform(monkeypatch, max_block, shape):
+    """Both ways of taking the block DFTs in ``param_grads`` (chosen by block size) match the dense reference."""
+    from structpeft.operators import circulant
+
+    monkeypatch.setattr(circulant, "DFT_MATMUL_MAX_BLOCK", max_block)
+    for block_size in (None, 8):
+        _check_param_grads(circulant.CirculantOperator(*shape, block_size=block_size).double(), lead=(2, 3))
+
+
 @pytest.mark.parametrize("b", [1, 2, 5, 16])
 def test_toeplitz_dense_and_its_backward_match_an_index_reference(b):
     from structpeft.operators.base import diagonal_sums, toeplitz_dense

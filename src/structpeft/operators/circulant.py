@@ -79,17 +79,58 @@ class CirculantOperator(BlockGridOperator):
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """∂weight[i, j] = Σ_n corr(g_n,i, x_n,j): the circular cross-correlation of output block i's gradient with
-        input block j, irfft(Σ_n rfft(g_n,i)·conj(rfft(x_n,j))) — two batched rffts, one frequency-domain einsum
-        over the N rows and one small irfft of (q, p, f) (see ``StructuredOperator.param_grads``)."""
+        input block j, irfft(S) with the cross-spectrum S[i, j, f] = Σ_n G_n,i[f]·conj(X_n,j[f]) (G, X the DFTs
+        of the blocks) — per frequency one matmul over the N rows, then one small irfft of (q, p, f) (see
+        ``StructuredOperator.param_grads``). Cost O(N·(p + q)·b·log b + N·q·p·b) instead of gᵀx's N·out·in.
+
+        Blocks up to :data:`DFT_MATMUL_MAX_BLOCK` take the DFT as one real matmul with the (2f × b) DFT matrix
+        (N·(p + q)·b·(b + 2) flops, laid out frequency-major, so the cross-spectrum is three real batched
+        matmuls on views); larger blocks use rfft and a complex batched matmul."""
         if not self.weight.requires_grad:
             return (None,)
         dtype = compute_dtype(x.dtype, g.dtype, self.weight.dtype)
+        b = self.block_size
         with torch.autocast(self._device_type(), enabled=False):
-            xf = torch.fft.rfft(self._split_input(x.to(dtype)), dim=-1)  # (N, p, f)
-            gf = torch.fft.rfft(self._split_output(g.to(dtype)), dim=-1)  # (N, q, f)
-            spectrum = torch.einsum("nqf,npf->qpf", gf, xf.conj())
-            grad = torch.fft.irfft(spectrum, n=self.block_size, dim=-1)  # (q, p, b)
+            xs, gs = self._split_input(x.to(dtype)), self._split_output(g.to(dtype))  # (N, p, b), (N, q, b)
+            if b <= DFT_MATMUL_MAX_BLOCK:
+                spectrum = _cross_spectrum_by_matmul(gs, xs)
+            else:
+                xf = torch.fft.rfft(xs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, p)
+                gf = torch.fft.rfft(gs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, q)
+                spectrum = torch.bmm(gf.mH, xf).conj()  # (f, q, p): Σ_n G_n,q · conj(X_n,p) = conj(Gᴴ X)
+            grad = torch.fft.irfft(spectrum.permute(1, 2, 0), n=b, dim=-1)  # (q, p, b)
         return (grad.to(self.weight.dtype),)
 
     def to_dense(self) -> torch.Tensor:
         return self._assemble(circulant_dense(self.weight))  # (q, p, b, b) blocks
+
+
+# Largest block size whose parameter gradient takes the DFT as a real matmul: on 2 CPU cores that was 1.5-4x faster
+# than rfft + a complex batched matmul for b = 24-96 and slower from b = 128 on (N = 512-4,096 rows).
+DFT_MATMUL_MAX_BLOCK = 96
+
+
+def real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """The real DFT of length b as a (2f × b) matrix, f = b // 2 + 1, rows (frequency, re / im):
+    (D x)[2k] = Σ_t x_t cos(2π k t / b), (D x)[2k + 1] = −Σ_t x_t sin(2π k t / b), i.e. rfft(x) interleaved.
+    Built in float64 (angles reduced mod b) and cast."""
+    f = b // 2 + 1
+    t = torch.arange(b, dtype=torch.float64, device=device)
+    k = torch.arange(f, dtype=torch.float64, device=device)
+    angle = (2 * torch.pi / b) * torch.remainder(k[:, None] * t[None, :], b)  # (f, b)
+    return torch.stack([torch.cos(angle), -torch.sin(angle)], dim=1).reshape(2 * f, b).to(dtype)
+
+
+def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """S[f, i, j] = Σ_n G_n,i[f]·conj(X_n,j[f]) for blocks gs (N, q, b), xs (N, p, b), the DFTs taken as one real
+    matmul each into a (f, re / im, N, ·) layout: Re S = Gr·Xr + Gi·Xi (one matmul over the stacked 2N rows),
+    Im S = Gi·Xr − Gr·Xi. Returns (f, q, p) complex."""
+    n, q, b = gs.shape
+    p = xs.shape[1]
+    f = b // 2 + 1
+    dft = real_dft_matrix(b, xs.dtype, xs.device)  # (2f, b)
+    xd = (dft @ xs.reshape(-1, b).T).view(f, 2, n, p)  # (f, re / im, N, p)
+    gd = (dft @ gs.reshape(-1, b).T).view(f, 2, n, q)
+    real = torch.bmm(gd.reshape(f, 2 * n, q).mT, xd.reshape(f, 2 * n, p))
+    imag = torch.bmm(gd[:, 1].mT, xd[:, 0]) - torch.bmm(gd[:, 0].mT, xd[:, 1])
+    return torch.complex(real, imag)
