@@ -10,9 +10,9 @@ The three ways to add s·x ΔWᵀ to a frozen layer's output y = x Wᵀ + b (N r
   the parameters through ``to_dense``'s backward, and nothing in cached inference. Where folding does not apply
   (dropout on the adapter input, half-precision base weights, Conv2d) "dense" means x·ΔWᵀ with the materialised ΔW;
 * ``"hybrid"``: the same folded forward and input gradient, and the parameter gradients straight from (x, g) by
-  the structure (``op.param_grads``: for circulant two batched rffts and a frequency-domain sum over the rows,
-  O(N·(p + q)·b log b); Kronecker four thin matmuls; PMSS (g C)ᵀ(x Rᵀ)), so neither gᵀx nor the fast product's
-  forward is computed. ΔW-placed layers only; where folding does not apply it runs as "fast".
+  the structure (``op.param_grads``: for circulant the block DFTs of x and g and a per-frequency sum over the
+  rows, O(N·(p + q)·b·min(b, log b) + N·q·p·b); Kronecker four thin matmuls; PMSS (g C)ᵀ(x Rᵀ)), so neither gᵀx
+  nor the fast product's forward is computed. ΔW-placed layers only; where folding does not apply it runs as "fast".
 
 ``choose_compute`` measures the *marginal* cost of each on the layer's shape: forward + backward of a random
 (tokens × in) batch through each path, minus the frozen base layer alone, on the layer's device (the minimum of

@@ -16,7 +16,7 @@ train with the structured product (``compute_mode="fast"``).
 
 Hybrid (compute mode "hybrid", :func:`hybrid_linear`): the same forward and ∂x, but W_eff is built outside
 autograd and each adapter's parameter gradient comes from ``op.param_grads(x, g)`` through the structure, so gᵀx
-(N·out·in multiply-adds) is replaced by the structure's own cost (e.g. two batched rffts for circulant blocks).
+(N·out·in multiply-adds) is replaced by the structure's own cost (e.g. the block DFTs of x and g for circulant).
 
 Precision: W_eff is formed in the base weight's dtype, so folding is used only for float32 / float64 base
 weights (in half precision the rounding of W + s·ΔW to W's 8 / 11 mantissa bits would swallow small ΔW). Under
