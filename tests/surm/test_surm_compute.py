@@ -155,3 +155,22 @@ def test_auto_times_the_offered_paths(monkeypatch):
     cfg = SurmConfig(structure="circulant", placement="adapter", target_modules=["0"], block_size=4)
     get_peft_model(_mlp(), cfg)
     assert timed["circulant"] == ("fast", "dense")  # an adapter block does not fold
+
+
+def test_auto_times_each_path_with_a_dense_output_gradient(monkeypatch):
+    """The rule's backward gets a dense random output gradient, as in training, not ``sum()``'s expanded ones,
+    on which reshapes and matmuls in a backward cost differently."""
+    seen = []
+    real_backward = torch.Tensor.backward
+
+    def backward(self, gradient=None, *args, **kwargs):
+        seen.append(gradient)
+        return real_backward(self, gradient, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    op = OPERATORS["circulant"](24, 40, block_size=8)
+    dispatch._time_paths(op, 24, 40, torch.device("cpu"), 32, 1, dispatch.PATHS)
+    assert len(seen) >= 2 * (1 + len(dispatch.PATHS))  # warm-up and timed, the frozen layer and every path
+    for grad in seen:
+        assert grad is not None and grad.shape == (32, 24) and 0 not in grad.stride()
+        assert grad.std() > 0.5  # random, not a constant

@@ -126,11 +126,14 @@ def _time_paths(
     folded in with the parameter gradients through the structure): the cheapest path."""
     w = torch.randn(out_features, in_features, device=device) * in_features**-0.5
     x = torch.randn(tokens, in_features, device=device, requires_grad=True)
+    # a dense output gradient, as training's: ``y.sum().backward()`` would send an expanded (stride-0) tensor of
+    # ones, on which reshapes and matmuls in the backward cost other than on a real gradient
+    g = torch.randn(tokens, out_features, device=device)
     op.compute_mode = "fast"
     from_base = getattr(op, "forward_from_base", None)
 
     def base() -> None:
-        F.linear(x, w).sum().backward()
+        F.linear(x, w).backward(g)
 
     add_from_base = getattr(op, "add_from_base", None)
 
@@ -140,13 +143,13 @@ def _time_paths(
             y = add_from_base(y, 1.0)
         else:
             y = y + (from_base(x, y) if from_base is not None else op(x))
-        y.sum().backward()
+        y.backward(g)
 
     def dense() -> None:
-        folded_linear(x, w, None, [(op, 1.0)]).sum().backward()
+        folded_linear(x, w, None, [(op, 1.0)]).backward(g)
 
     def hybrid() -> None:
-        hybrid_linear(x, w, None, [(op, 1.0)]).sum().backward()
+        hybrid_linear(x, w, None, [(op, 1.0)]).backward(g)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     candidates = {"fast": fast, "dense": dense, "hybrid": hybrid}
