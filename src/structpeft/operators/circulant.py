@@ -105,7 +105,7 @@ class CirculantOperator(BlockGridOperator):
         return self._assemble(circulant_dense(self.weight))  # (q, p, b, b) blocks
 
 
-# Largest block size whose parameter gradient takes the DFT as a real matmul: on 2 CPU cores that was 1.5-4x faster
+# Largest block size whose parameter gradient takes the DFT as a real matmul: on 2 CPU cores that was 1.2-4x faster
 # than rfft + a complex batched matmul for b = 24-96 and slower from b = 128 on (N = 512-4,096 rows).
 DFT_MATMUL_MAX_BLOCK = 96
 
