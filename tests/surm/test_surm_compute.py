@@ -174,3 +174,25 @@ def test_auto_times_each_path_with_a_dense_output_gradient(monkeypatch):
     for grad in seen:
         assert grad is not None and grad.shape == (32, 24) and 0 not in grad.stride()
         assert grad.std() > 0.5  # random, not a constant
+
+
+def test_auto_times_the_fast_path_with_the_layers_scale_multiply():
+    """The PEFT layer adds ``op(x) * scale`` to the base output; the rule's fast path pays that multiply too
+    (forward and backward), or it would look cheaper than the path the layer runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.muls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.mul and isinstance(out, torch.Tensor):
+                self.muls.append(tuple(out.shape))
+            return out
+
+    op = OPERATORS["kronecker"](24, 40)  # no scale inside its forward
+    with Record() as rec:
+        dispatch._time_paths(op, 24, 40, torch.device("cpu"), 32, 1, ("fast",))
+    assert rec.muls.count((32, 24)) >= 4  # warm-up and timed run, each the forward's multiply and its backward

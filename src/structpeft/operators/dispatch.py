@@ -140,16 +140,16 @@ def _time_paths(
     def fast() -> None:
         y = F.linear(x, w)
         if add_from_base is not None:
-            y = add_from_base(y, 1.0)
-        else:
-            y = y + (from_base(x, y) if from_base is not None else op(x))
+            y = add_from_base(y, 0.5)
+        else:  # as the PEFT layer does it: the structured output times the scale, added to the base output
+            y = y + (from_base(x, y) if from_base is not None else op(x)) * 0.5
         y.backward(g)
 
     def dense() -> None:
-        folded_linear(x, w, None, [(op, 1.0)]).backward(g)
+        folded_linear(x, w, None, [(op, 0.5)]).backward(g)
 
     def hybrid() -> None:
-        hybrid_linear(x, w, None, [(op, 1.0)]).backward(g)
+        hybrid_linear(x, w, None, [(op, 0.5)]).backward(g)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     candidates = {"fast": fast, "dense": dense, "hybrid": hybrid}
