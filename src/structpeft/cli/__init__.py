@@ -12,6 +12,7 @@
     structpeft bench speed --quick           # speed of every method at LoRA r=8's budget, in one run
     structpeft bench accuracy --quick        # fine-tuning sweep (methods x budgets x seeds), resumable
     structpeft bench approx                  # approximation error of each structure vs parameters
+    structpeft bench grads                   # the hybrid path's parameter gradient against the fold's gᵀx
 
 Exit codes: 0 success; 1 training failed (NaN loss); 2 bad input (one ``structpeft: error: ...`` line on
 stderr, nothing written); 130 interrupted. Nothing is ever downloaded from a model hub.
@@ -28,7 +29,7 @@ __all__ = ["build_parser", "main"]
 
 
 # benchmark name -> module structpeft.bench.<name>, each with ``main(argv: list[str]) -> int``
-BENCHMARKS = ("speed", "accuracy", "approx")
+BENCHMARKS = ("speed", "accuracy", "approx", "grads")
 
 
 class _UsageError(Exception):
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: 'speed' (train step and inference of every method at LoRA r=8's budget), "
         "'accuracy' (fine-tuning sweep of every method, budgets and seeds), 'approx' (matrix approximation "
-        "error of each structure vs parameters)",
+        "error of each structure vs parameters), 'grads' (the hybrid path's parameter gradient against gᵀx)",
         description="Run a benchmark; arguments after the benchmark's name go to it (e.g. 'bench speed --help').",
     )
     p.add_argument("benchmark", choices=BENCHMARKS)
