@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..budget import budget_to_parameters
 from ..operators import get_operator_class
+from .speed import time_interleaved
 
 # (label, out, in, rows, structure, options or None for LoRA r=8's budget)
 CASES: tuple[tuple[str, int, int, int, str, dict[str, Any] | None], ...] = (
@@ -34,19 +33,11 @@ CASES: tuple[tuple[str, int, int, int, str, dict[str, Any] | None], ...] = (
 )
 
 
-def _median_ms(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(reps + 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if i:  # the first round is a warm-up
-                times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
 def _time_case(op: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, reps: int) -> dict[str, float]:
-    return _median_ms({"gtx": lambda: g.T @ x, "param_grads": lambda: op.param_grads(x, g)}, reps)
+    """Median ms of gᵀx and of ``op.param_grads(x, g)``, interleaved, after one warm-up round."""
+    fns = {"gtx": lambda: g.T @ x, "param_grads": lambda: op.param_grads(x, g)}
+    times = time_interleaved(fns, reps, warmup=1, sync=lambda: None)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def run(reps: int = 30, seed: int = 0) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import StructuredOperator, check_positive_int, compute_dtype
+from .base import StructuredOperator, _split_blocks, check_positive_int, compute_dtype
 
 MAX_PAD_FRACTION = 0.05
 
@@ -139,11 +139,8 @@ class KroneckerOperator(StructuredOperator):
         self._check_input(x)
         (o1, i1), (o2, i2) = self.left.shape, self.right.shape
         dtype = torch.promote_types(x.dtype, self.left.dtype)
-        pad = i1 * i2 - self.in_features
-        if pad:
-            x = nn.functional.pad(x, (0, pad))
         lead = x.shape[:-1]
-        xm = x.to(dtype).reshape(-1, i1, i2)  # (N, i1, i2)
+        xm = _split_blocks(x.to(dtype), i1, i2).reshape(-1, i1, i2)  # (N, i1, i2), zero-padded to i1·i2
         left, right = self.left.to(dtype), self.right.to(dtype)
         # plain 2-D matmuls (not broadcast batched ones, whose kernel choice depends on requires_grad), so that
         # the result is bit-identical in training and inference mode
@@ -164,8 +161,8 @@ class KroneckerOperator(StructuredOperator):
         dtype = compute_dtype(x.dtype, g.dtype, self.left.dtype)
         grad_left = grad_right = None
         with torch.autocast(self._device_type(), enabled=False):
-            xm = nn.functional.pad(x.to(dtype), (0, i1 * i2 - self.in_features)).reshape(-1, i1, i2)
-            gm = nn.functional.pad(g.to(dtype), (0, o1 * o2 - self.out_features)).reshape(-1, o1, o2)
+            xm = _split_blocks(x.to(dtype), i1, i2)  # (N, i1, i2), zero-padded to i1·i2
+            gm = _split_blocks(g.to(dtype), o1, o2)
             left, right = self.left.to(dtype), self.right.to(dtype)
             if self.left.requires_grad:
                 t = (xm.reshape(-1, i2) @ right.T).reshape(-1, i1, o2)  # X_n Rᵀ
