@@ -309,6 +309,26 @@ def test_options_for_budget(structure, shape, lora_rank):
     assert sum(p.numel() for p in op.parameters()) == n
 
 
+def test_budget_rule_prefers_an_exact_tiling_within_tolerance():
+    from structpeft.operators.base import EXACT_TILING_TOLERANCE, largest_block_size_within
+
+    toeplitz = get_operator_class("toeplitz")
+    # 384 x 384 at LoRA r=8 (6,144): b = 171 (3 x 3 over 513, 6,138) has the most parameters; b = 96 tiles exactly
+    # with 6,112, within the tolerance, and wins
+    assert toeplitz.num_parameters(384, 384, block_size=171) == 6138
+    assert toeplitz.options_for_budget(384, 384, 6144)["block_size"] == 96
+    assert toeplitz.options_for_budget(768, 768, 16 * 768)["block_size"] == 192  # not 767 (2 x 2 over 1,534)
+
+    # the exact tiling is not taken when it gives up more than the tolerance
+    counts = {1: 10, 2: 99, 3: 100, 4: 98}  # b = 2 and 4 divide 8 x 8, b = 3 does not
+    pick = largest_block_size_within(8, 8, 100, lambda b: counts.get(b, 10**9))
+    assert pick == 2  # 99 >= 99% of 100; of the exact ones the larger count
+    counts[2] = 50
+    tol_floor = (1 - EXACT_TILING_TOLERANCE) * 100
+    assert counts[2] < tol_floor and counts[4] < tol_floor
+    assert largest_block_size_within(8, 8, 100, lambda b: counts.get(b, 10**9)) == 3
+
+
 @pytest.mark.parametrize("budget", [0, 1, 10])
 def test_options_for_budget_too_small(structure, budget):
     with pytest.raises(ConfigError):

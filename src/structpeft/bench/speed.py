@@ -35,7 +35,7 @@ Models (random weights: speed does not depend on the values, so no checkpoint is
 Methods and their sizes (MiniLM; SmolLM2 analogous, see ``method_configs``):
 
 * ``base`` (frozen, no adapter), ``lora-r8`` (PEFT LoRA r=8: 6,144 parameters per 384 × 384 layer);
-* ``surm-<structure>`` at ``budget="lora-8"`` (circulant b=24, Toeplitz b=171, Kronecker 78×78 ⊗ 5×5, LDR b=48),
+* ``surm-<structure>`` at ``budget="lora-8"`` (circulant b=24, Toeplitz b=96, Kronecker 78×78 ⊗ 5×5, LDR b=48),
   ``compute="auto"`` (the measured per-layer rule of :mod:`structpeft.operators.dispatch`);
 * ``pmss`` at ``budget="lora-8"`` (k = 78); ``pmss-fold-inference`` the same with ``fold_inference=True`` (the
   same training step; in inference, layers that train on the gather path run one matmul with the cached W + ΔW);

@@ -292,23 +292,37 @@ def grid_shape(out_features: int, in_features: int, block_size: int) -> tuple[in
     return math.ceil(out_features / block_size), math.ceil(in_features / block_size)
 
 
+EXACT_TILING_TOLERANCE = 0.01
+"""How many fewer parameters (a fraction of the largest count within budget) a block size that tiles the layer
+exactly may have and still be preferred to a padded one (see :func:`largest_block_size_within`)."""
+
+
 def largest_block_size_within(out_features: int, in_features: int, n_params: int, params_per_block) -> int:
-    """The block size b whose parameter count is the largest one not above ``n_params``.
+    """The block size b whose parameter count is the largest one not above ``n_params``, preferring exact tilings.
 
     ``params_per_block(b)`` returns the operator's parameter count for block size b. Parameter counts of block
     grids are not monotone in b (padding), so every b in 1..max(out, in) is scanned (cheap: closed formulas).
-    Returns the b whose count is the largest one not above ``n_params``; raises :class:`ConfigError` if even the
-    smallest count exceeds the budget. Ties go to the smaller b (more, smaller blocks: cheaper FFTs).
+    Let n* be the largest count not above ``n_params``. If some b dividing both out and in (no zero padding) has
+    a count within :data:`EXACT_TILING_TOLERANCE` of n*, the largest such count wins: a padded grid spends part
+    of its parameters on entries that are cropped away, and pays for the padded size in every product (Toeplitz
+    on a 384 × 384 layer at LoRA r=8's 6,144: b = 171, a 3 × 3 grid over 513 × 513 with 6,138 parameters,
+    against b = 96, 4 × 4 exact, 6,112 parameters and a third of the work to build ΔW). Otherwise the b with
+    count n* is returned. Ties go to the smaller b (more, smaller blocks: cheaper FFTs). Raises
+    :class:`ConfigError` if even the smallest count exceeds the budget.
     """
-    best_b, best_n = None, -1
-    for b in range(1, max(out_features, in_features) + 1):
-        n = params_per_block(b)
-        if best_n < n <= n_params:
-            best_b, best_n = b, n
-    if best_b is None:
-        smallest = min(params_per_block(b) for b in range(1, max(out_features, in_features) + 1))
+    counts = {b: params_per_block(b) for b in range(1, max(out_features, in_features) + 1)}
+    within = {b: n for b, n in counts.items() if n <= n_params}
+    if not within:
         raise ConfigError(
             f"budget of {n_params} parameters is too small for a ({out_features} x {in_features}) layer: "
-            f"the smallest this structure allows is {smallest}"
+            f"the smallest this structure allows is {min(counts.values())}"
         )
-    return best_b
+    best_n = max(within.values())
+    exact = {
+        b: n
+        for b, n in within.items()
+        if out_features % b == 0 and in_features % b == 0 and n >= (1 - EXACT_TILING_TOLERANCE) * best_n
+    }
+    pool = exact or within
+    top = max(pool.values())
+    return min(b for b, n in pool.items() if n == top)
