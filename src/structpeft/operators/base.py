@@ -62,15 +62,16 @@ def toeplitz_dense(v: torch.Tensor) -> torch.Tensor:
 def diagonal_sums(g: torch.Tensor) -> torch.Tensor:
     """(..., b, b) -> (..., 2b − 1) with out[k] = Σ_{r − s = k − b + 1} g[r, s] (the adjoint of toeplitz_dense).
 
-    Skew trick: left-pad each row by b − 1 zeros, (b, 2b − 1), so g[r, s] sits at flat index r(2b − 1) + s + b − 1
-    = 2b·r + (s − r + b − 1); padded by b more zeros and viewed as (b, 2b), column c = s − r + b − 1 holds one
-    diagonal (pad zeros that wrap into the row above add nothing); the column sums, reversed, are ∂v.
+    Skew trick, one copy: pad each matrix to (b + 1, 2b − 1) (b − 1 zeros on the left of each row, one zero row
+    below), so g[r, s] sits at flat index r(2b − 1) + s + b − 1; the strided view with row stride 2b reads, at
+    (r, c), flat index r(2b − 1) + r + c, i.e. g[r, c + r − b + 1] where that exists and a pad zero otherwise (a
+    read past the row's end lands in the left pad of the next row, or in the zero row). So column c collects the
+    diagonal s − r = c − b + 1; the column sums, reversed, are ∂v. Differentiable again (pad, strided view, sum).
     """
     b = g.shape[-1]
-    lead = g.shape[:-2]
-    skewed = nn.functional.pad(g, (b - 1, 0)).reshape(*lead, b * (2 * b - 1))
-    skewed = nn.functional.pad(skewed, (0, b)).reshape(*lead, b, 2 * b)
-    return skewed.sum(dim=-2)[..., : 2 * b - 1].flip(-1)
+    padded = nn.functional.pad(g, (b - 1, 0, 0, 1))  # (..., b + 1, 2b − 1), contiguous
+    view = padded.as_strided((*g.shape[:-2], b, 2 * b - 1), (*padded.stride()[:-2], 2 * b, 1))
+    return view.sum(dim=-2).flip(-1)
 
 
 class _ToeplitzDense(torch.autograd.Function):
@@ -262,6 +263,8 @@ class BlockGridOperator(StructuredOperator):
         """(q, p, b, b) dense blocks -> cropped (out, in) matrix."""
         q, p, b, _ = blocks.shape
         full = blocks.permute(0, 2, 1, 3).reshape(q * b, p * b)
+        if full.shape == (self.out_features, self.in_features):
+            return full  # exact tiling: no crop (a slice's backward would write a zero-filled copy of the gradient)
         return full[: self.out_features, : self.in_features]
 
 

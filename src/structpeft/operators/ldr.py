@@ -96,8 +96,10 @@ class LDROperator(BlockGridOperator):
 
     def to_dense(self) -> torch.Tensor:
         dtype = compute_dtype(self.circ.dtype)  # products of half-precision factors lose accuracy
+        if self.displacement_rank == 1:  # select the small (q, p, b) parameters, not the (q, p, b, b) matrices
+            return self._assemble(
+                circulant_dense(self.circ[0].to(dtype)) @ skew_circulant_dense(self.skew[0].to(dtype))
+            )
         circ = circulant_dense(self.circ.to(dtype))  # (r, q, p, b, b)
         skew = skew_circulant_dense(self.skew.to(dtype))
-        if self.displacement_rank == 1:
-            return self._assemble(circ[0] @ skew[0])
         return self._assemble((circ @ skew).sum(dim=0))

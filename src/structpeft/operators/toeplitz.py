@@ -106,9 +106,10 @@ class ToeplitzOperator(BlockGridOperator):
         return toeplitz_dense(self.weight)
 
     def to_dense(self) -> torch.Tensor:
-        factors = self.factors_dense()
-        factors = factors.to(compute_dtype(factors.dtype))  # products of half-precision factors lose accuracy
-        blocks = factors[0]
+        weight = self.weight.to(compute_dtype(self.weight.dtype))  # products of half-precision factors lose accuracy
+        # one factor at a time: a select on the small weight, not on the (F, q, p, b, b) stack, whose backward would
+        # write a zero-filled copy of the whole stack per factor
+        blocks = toeplitz_dense(weight[0])
         for k in range(1, self.num_factors):
-            blocks = factors[k] @ blocks
+            blocks = toeplitz_dense(weight[k]) @ blocks
         return self._assemble(blocks)
