@@ -179,6 +179,17 @@ def minilm_methods() -> list[Method]:
             "--lr",
             "5e-3",
         ),
+        # the forgetting control: the same adapter at LoRA's classification rate (1e-3, half its default)
+        _m(
+            "surm-circulant-lora2-lr1e-3",
+            "SURM circulant lr 1e-3",
+            *surm,
+            "circulant",
+            "--budget",
+            "lora-2",
+            "--lr",
+            "1e-3",
+        ),
         _m("surm-circulant-lora8", "SURM circulant", *surm, "circulant", "--budget", "lora-8"),
         _m("surm-toeplitz-lora2", "SURM Toeplitz", *surm, "toeplitz", "--budget", "lora-2"),
         _m("surm-kronecker-lora2", "SURM Kronecker", *surm, "kronecker", "--budget", "lora-2"),
@@ -919,8 +930,9 @@ def _learning_rates_note() -> str:
         "repeats LoRA r=8 at the structured methods' rate as a control, and lora-r8-qkvo-lr2e-3 puts it on all four "
         "attention projections (the reference of the SURM rows with other targets); the targets use the best of "
         "them, and a quarter of query / value LoRA r=8's parameters as the SURM limit; "
-        "surm-circulant-lora2-lr5e-3 is the same control for SURM circulant (2.5x its default rate), a SURM "
-        "candidate like the other SURM rows; on gsm, lora-r8-lr1e-3 repeats LoRA r=8 at PMSS's generation rate and "
+        "surm-circulant-lora2-lr5e-3 is the same control for SURM circulant (2.5x its default rate) and "
+        "surm-circulant-lora2-lr1e-3 the forgetting control (LoRA's rate), SURM candidates like the other SURM rows; "
+        "on gsm, lora-r8-lr1e-3 repeats LoRA r=8 at PMSS's generation rate and "
         "pmss-deim-lora8-lr3e-4 PMSS at LoRA's (the forgetting control; not a candidate for the PMSS target)."
     )
 
