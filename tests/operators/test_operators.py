@@ -268,6 +268,9 @@ def test_toeplitz_dense_and_its_backward_match_an_index_reference(b):
     (have,) = torch.autograd.grad(got, v, g)
     torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(diagonal_sums(g), want, rtol=1e-12, atol=1e-12)
+    # gradients arriving in other memory layouts (transposed blocks, channels-last) give the same sums
+    for other in (g.transpose(-1, -2).contiguous().transpose(-1, -2), g.contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(diagonal_sums(other), want, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------- 5. parameters

@@ -52,9 +52,9 @@ def toeplitz_dense(v: torch.Tensor) -> torch.Tensor:
 
     Built as sliding windows (``unfold``) of the reversed vector: with u = flip(v), unfold(u)[m, n] = u[m + n] and
     T[r, s] = u[b − 1 − r + s], i.e. the windows with the row order reversed. The backward, ∂v[k] = Σ_{r − s =
-    k − b + 1} G[r, s] (the sums along the diagonals of the incoming gradient G), is :func:`diagonal_sums`: two
-    pads and one reduction, no scatter; on CPU about 2× faster than autograd's unfold / flip backward for blocks up
-    to b = 72 and about the same at b = 256.
+    k − b + 1} G[r, s] (the sums along the diagonals of the incoming gradient G), is :func:`diagonal_sums`: one
+    pad, a strided view and one reduction, no scatter; on CPU 1.8-3.2× faster than autograd's unfold / flip
+    backward for b = 24-256.
     """
     return _ToeplitzDense.apply(v)
 
@@ -69,7 +69,8 @@ def diagonal_sums(g: torch.Tensor) -> torch.Tensor:
     diagonal s − r = c − b + 1; the column sums, reversed, are ∂v. Differentiable again (pad, strided view, sum).
     """
     b = g.shape[-1]
-    padded = nn.functional.pad(g, (b - 1, 0, 0, 1))  # (..., b + 1, 2b − 1), contiguous
+    # (..., b + 1, 2b − 1); contiguous(): pad keeps a channels-last layout of a 4-D gradient (no-op otherwise)
+    padded = nn.functional.pad(g, (b - 1, 0, 0, 1)).contiguous()
     view = padded.as_strided((*g.shape[:-2], b, 2 * b - 1), (*padded.stride()[:-2], 2 * b, 1))
     return view.sum(dim=-2).flip(-1)
 
