@@ -549,15 +549,19 @@ def _recorded(report: Path) -> dict[str, dict[str, Any]]:
 def report_runs(runs: Sequence[Run], report: Path, quick: bool = False) -> list[Run]:
     """The runs a report covers: ``runs`` (this invocation's plan) and every other run of the full plan (all tasks,
     every method, the default seeds and any other seed recorded) that ``report / "runs.json"`` records, so a sweep
-    of one suite, some methods or some seeds rewrites the reports without dropping the other runs' results."""
+    of one suite, some methods or some seeds rewrites the reports without dropping the other runs' results; in the
+    full plan's order, so the report lists methods as a full sweep does."""
     recorded = _recorded(report)
     planned = {r.id for r in runs}
     extra = set(recorded) - planned
     if not extra:
         return list(runs)
-    seeds = {*DEFAULT_SEEDS, *(int(m.group(1)) for i in extra if (m := re.search(r"/seed(\d+)$", i)))}
-    others = [r for r in plan(tuple(TASKS), sorted(seeds), quick=quick) if r.id in extra]
-    return [*runs, *others]
+    seeds = {*DEFAULT_SEEDS, *(r.seed for r in runs)}
+    seeds |= {int(m.group(1)) for i in extra if (m := re.search(r"/seed(\d+)$", i))}
+    # the full plan's order (the order of the method lists), whichever subset this invocation ran
+    ordered = [r for r in plan(tuple(TASKS), sorted(seeds), quick=quick) if r.id in planned or r.id in extra]
+    listed = {r.id for r in ordered}
+    return [*ordered, *(r for r in runs if r.id not in listed)]
 
 
 def restore_from_report(runs_root: Path, runs: Sequence[Run], report: Path) -> int:
