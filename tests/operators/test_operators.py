@@ -15,6 +15,7 @@ import torch
 
 from structpeft.errors import ConfigError, ShapeError, UnknownStructureError
 from structpeft.operators import OPERATORS, StructuredOperator, get_operator_class
+from structpeft.operators.base import BlockGridOperator
 
 EXPECTED_STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 
@@ -330,6 +331,39 @@ def test_budget_rule_prefers_an_exact_tiling_within_tolerance():
     tol_floor = (1 - EXACT_TILING_TOLERANCE) * 100
     assert counts[2] < tol_floor and counts[4] < tol_floor
     assert largest_block_size_within(8, 8, 100, lambda b: counts.get(b, 10**9)) == 3
+
+
+BLOCK_GRID_STRUCTURES = [n for n in OPERATORS if issubclass(get_operator_class(n), BlockGridOperator)]
+
+
+def test_block_grid_structures_are_found():
+    assert {"circulant", "toeplitz", "ldr"} <= set(BLOCK_GRID_STRUCTURES)
+
+
+@pytest.mark.parametrize("name", BLOCK_GRID_STRUCTURES)
+@pytest.mark.parametrize("shape", [(384, 384), (576, 576), (192, 576), (1536, 384), (97, 89), (768, 768)], ids=shape_id)
+def test_budget_rule_invariants(name, shape):
+    """Over LoRA budgets r = 1..64: never above the budget; an exact tiling whenever one is within the tolerance
+    of the largest count, else the largest count."""
+    from structpeft.operators.base import EXACT_TILING_TOLERANCE
+
+    cls = get_operator_class(name)
+    out_features, in_features = shape
+    for rank in (1, 2, 4, 8, 16, 32, 64):
+        budget = rank * (out_features + in_features)
+        try:
+            b = cls.options_for_budget(out_features, in_features, budget)["block_size"]
+        except ConfigError:
+            continue
+        counts = {c: cls.num_parameters(out_features, in_features, block_size=c) for c in range(1, max(shape) + 1)}
+        best = max(n for n in counts.values() if n <= budget)
+        exact = [c for c, n in counts.items() if n <= budget and out_features % c == 0 and in_features % c == 0]
+        exact_ok = [c for c in exact if counts[c] >= (1 - EXACT_TILING_TOLERANCE) * best]
+        assert counts[b] <= budget
+        if exact_ok:
+            assert b in exact_ok and counts[b] == max(counts[c] for c in exact_ok), (rank, b)
+        else:
+            assert counts[b] == best, (rank, b)
 
 
 @pytest.mark.parametrize("budget", [0, 1, 10])
