@@ -69,6 +69,7 @@ import torch
 
 from ..errors import ConfigError
 from ..operators import StructuredOperator, get_operator_class
+from ..operators.base import largest_block_size_within
 from ..operators.kronecker import KroneckerOperator
 
 __all__ = [
@@ -488,19 +489,13 @@ Fitter = Callable[[torch.Tensor, int, Settings, str], Point]
 def block_size_for(structure: str, shape: tuple[int, int], budget: int, **fixed: Any) -> int:
     """The block size of a block-grid structure for an approximation budget: the largest parameter count within
     ``budget`` among block sizes b that divide both out and in (no zero padding: in a padded grid some parameters
-    only touch cropped entries). Falls back to the operator's ``options_for_budget`` when no divisor fits."""
+    only touch cropped entries), else the largest count of any b: the operators' budget rule with every exact
+    tiling preferred, not only those within its 1% tolerance."""
     cls = get_operator_class(structure)
     out_f, in_f = shape
-    best_b, best_n = None, -1
-    for b in range(1, max(out_f, in_f) + 1):
-        if out_f % b or in_f % b:
-            continue
-        n = cls.num_parameters(out_f, in_f, block_size=b, **fixed)
-        if best_n < n <= budget:
-            best_b, best_n = b, n
-    if best_b is None:
-        return int(cls.options_for_budget(out_f, in_f, budget, **fixed)["block_size"])
-    return best_b
+    return largest_block_size_within(
+        out_f, in_f, budget, lambda b: cls.num_parameters(out_f, in_f, block_size=b, **fixed), exact_tolerance=1.0
+    )
 
 
 def _lora(target: torch.Tensor, budget: int, settings: Settings, desc: str) -> Point:

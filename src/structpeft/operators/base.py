@@ -301,13 +301,20 @@ EXACT_TILING_TOLERANCE = 0.01
 exactly may have and still be preferred to a padded one (see :func:`largest_block_size_within`)."""
 
 
-def largest_block_size_within(out_features: int, in_features: int, n_params: int, params_per_block) -> int:
+def largest_block_size_within(
+    out_features: int,
+    in_features: int,
+    n_params: int,
+    params_per_block,
+    exact_tolerance: float = EXACT_TILING_TOLERANCE,
+) -> int:
     """The block size b whose parameter count is the largest one not above ``n_params``, preferring exact tilings.
 
     ``params_per_block(b)`` returns the operator's parameter count for block size b. Parameter counts of block
     grids are not monotone in b (padding), so every b in 1..max(out, in) is scanned (cheap: closed formulas).
     Let n* be the largest count not above ``n_params``. If some b dividing both out and in (no zero padding) has
-    a count within :data:`EXACT_TILING_TOLERANCE` of n*, the largest such count wins: a padded grid spends part
+    a count within ``exact_tolerance`` (default :data:`EXACT_TILING_TOLERANCE`) of n*, the largest such count wins
+    (``exact_tolerance=1``: any exact tiling within budget beats every padded one): a padded grid spends part
     of its parameters on entries that are cropped away, and pays for the padded size in every product (Toeplitz
     on a 384 × 384 layer at LoRA r=8's 6,144: b = 171, a 3 × 3 grid over 513 × 513 with 6,138 parameters,
     against b = 96, 4 × 4 exact, 6,112 parameters and a third of the work to build ΔW). Otherwise the b with
@@ -325,7 +332,7 @@ def largest_block_size_within(out_features: int, in_features: int, n_params: int
     exact = {
         b: n
         for b, n in within.items()
-        if out_features % b == 0 and in_features % b == 0 and n >= (1 - EXACT_TILING_TOLERANCE) * best_n
+        if out_features % b == 0 and in_features % b == 0 and n >= (1 - exact_tolerance) * best_n
     }
     pool = exact or within
     top = max(pool.values())
