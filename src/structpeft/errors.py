@@ -36,6 +36,10 @@ class AdapterFileError(StructPeftError, ValueError):
     """A saved adapter file is truncated, foreign or does not fit the model it is loaded onto."""
 
 
+class StateDictError(StructPeftError, ValueError):
+    """A state dict handed to ``save_pretrained`` holds none of the adapter's tensors (nothing would be saved)."""
+
+
 class BaseModelMismatchError(AdapterFileError):
     """An adapter is loaded onto a base model whose weights differ from the one it was created on."""
 

@@ -19,7 +19,14 @@ from peft.utils.integrations import _skip_init_on_device
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..errors import BaseModelMismatchError, ConfigError, MixedBatchError, ShapeError, TargetModulesError
+from ..errors import (
+    BaseModelMismatchError,
+    ConfigError,
+    MixedBatchError,
+    ShapeError,
+    StateDictError,
+    TargetModulesError,
+)
 from ..operators import get_operator_class
 from .config import SurmConfig
 from .layer import MIXED_BATCH_BASE, StructuredLayer, delta_shape
@@ -47,6 +54,19 @@ ADAPTER_PRESETS: dict[str, list[str]] = {
     "qwen2": ["o_proj", "down_proj"],
     "gemma": ["o_proj", "down_proj"],
 }
+
+
+# modules that wrap a submodule under one of these attribute names and drop it from their state-dict keys:
+# FSDP1's FullyShardedDataParallel, torch's activation-checkpoint / offload wrappers, torch.compile's OptimizedModule
+WRAPPER_SEGMENTS = frozenset(
+    {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_offload_wrapped_module", "_orig_mod"}
+)
+
+
+def state_dict_name(module_name: str) -> str:
+    """``module_name`` as state-dict keys spell it: without the segments of wrappers that hide themselves there
+    (``blocks.0._checkpoint_wrapped_module.fc1`` -> ``blocks.0.fc1``)."""
+    return ".".join(part for part in module_name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 @functools.cache
@@ -112,6 +132,46 @@ class StructuredTuner(BaseTuner):
         if container in key:
             return key.replace(container, f".{cls.prefix}op.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: Any,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """The entries of ``state_dict`` that belong to the adapter: everything under a tuner layer except its
+        ``base_layer``, as PEFT selects them, with the layer names spelled as state-dict keys spell them.
+
+        PEFT (0.21) names the layers by ``named_modules()``, which keeps the segments of nested wrappers
+        (``_fsdp_wrapped_module`` of FSDP1 units below the root, ``_checkpoint_wrapped_module`` of
+        ``apply_activation_checkpointing``) that the state dict drops, so it selected nothing and wrote an empty
+        adapter there; :func:`state_dict_name` drops them. A non-empty ``state_dict`` of which nothing is selected
+        raises :class:`~structpeft.StateDictError` instead of saving an empty adapter (an empty one is what
+        other ranks get from a rank-0-only full state dict, and they save nothing)."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        prefixes: set[str] = set()
+        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        for name, module in layers:
+            attrs = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]
+            attrs += [n for n, _ in module.named_buffers(recurse=False)]
+            prefixes.update(f"{state_dict_name(name)}.{a}" for a in attrs if a != "base_layer")
+        for key, value in state_dict.items():
+            parts = key.split(".")
+            if key not in selected and any(".".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1)):
+                selected[key] = value
+        if state_dict and layers and not selected:
+            sample = ", ".join(sorted(state_dict)[:3])
+            raise StateDictError(
+                f"the state dict to save ({len(state_dict)} entries, e.g. {sample}) holds none of adapter "
+                f"{adapter_name!r}'s {cls.prefix}* tensors of its {len(layers)} layers (e.g. "
+                f"{state_dict_name(layers[0][0])}.{cls.prefix}op...); pass the whole model's state dict (under FSDP: "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True))), or none"
+            )
+        return selected
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """Refuse adapter names that collide with names inside the adapter modules, then inject as PEFT does."""
