@@ -56,11 +56,10 @@ ADAPTER_PRESETS: dict[str, list[str]] = {
 }
 
 
-# modules that wrap a submodule under one of these attribute names and drop it from their state-dict keys:
-# FSDP1's FullyShardedDataParallel, torch's activation-checkpoint / offload wrappers, torch.compile's OptimizedModule
-WRAPPER_SEGMENTS = frozenset(
-    {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_offload_wrapped_module", "_orig_mod"}
-)
+# attribute names under which wrappers hold a submodule while dropping the segment from their state-dict keys: FSDP1's
+# FullyShardedDataParallel and torch's activation checkpoint / offload wrappers (torch.compile's "_orig_mod" stays in
+# the keys, so it is not one of them)
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 def state_dict_name(module_name: str) -> str:
