@@ -25,12 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_cases import CASES, CASES_BY_ID, LR, STEPS, DistCase, adapter_grads  # noqa: E402
 
+from structpeft.peft.model import state_dict_name  # noqa: E402  (FSDP1's parameter names as the model's)
+
 MODES = ("ddp", "fsdp1", "fsdp2")
-
-
-def _unwrapped(name: str) -> str:
-    """A parameter name without FSDP1's wrapper prefixes (as the unwrapped model names it)."""
-    return name.replace("_fsdp_wrapped_module.", "")
 
 
 def run_case(case: DistCase, mode: str, out_dir: str) -> None:
@@ -65,9 +62,9 @@ def run_case(case: DistCase, mode: str, out_dir: str) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if mode == "fsdp1":
         # the original parameters are views of this rank's shard of the flat parameters: fewer local elements
-        local = {_unwrapped(n): p.numel() for n, p in wrapped.named_parameters()}
+        local = {state_dict_name(n): p.numel() for n, p in wrapped.named_parameters()}
         sharded = sorted(n for n, k in local.items() if k < full_numel[n])
-        trainable = {_unwrapped(n) for n, p in wrapped.named_parameters() if p.requires_grad}
+        trainable = {state_dict_name(n) for n, p in wrapped.named_parameters() if p.requires_grad}
     else:
         sharded = sorted(n for n, p in model.named_parameters() if type(p.data).__name__ == "DTensor")
     opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=LR)
@@ -82,9 +79,11 @@ def run_case(case: DistCase, mode: str, out_dir: str) -> None:
 
                 # the full parameters and gradients, gathered from the shards (a collective: every rank calls it)
                 with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
-                    grads = {_unwrapped(n): g for n, g in adapter_grads(model).items()}
+                    grads = {state_dict_name(n): g for n, g in adapter_grads(model).items()}
                     frozen_with_grad = sorted(
-                        _unwrapped(n) for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None
+                        state_dict_name(n)
+                        for n, p in model.named_parameters()
+                        if not p.requires_grad and p.grad is not None
                     )
             else:
                 grads = adapter_grads(model)  # collective under FSDP2 (full_tensor): every rank calls it

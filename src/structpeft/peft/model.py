@@ -14,7 +14,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+    _maybe_include_all_linear_layers,
+)
 from peft.utils.integrations import _skip_init_on_device
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -151,23 +157,15 @@ class StructuredTuner(BaseTuner):
         raises :class:`~structpeft.StateDictError` instead of saving an empty adapter (an empty one is what
         other ranks get from a rank-0-only full state dict, and they save nothing)."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        prefixes: set[str] = set()
-        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-        for name, module in layers:
-            attrs = [n for n, _ in module.named_children()] + [n for n, _ in module.named_parameters(recurse=False)]
-            attrs += [n for n, _ in module.named_buffers(recurse=False)]
-            prefixes.update(f"{state_dict_name(name)}.{a}" for a in attrs if a != "base_layer")
-        for key, value in state_dict.items():
-            parts = key.split(".")
-            if key not in selected and any(".".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1)):
-                selected[key] = value
-        if state_dict and layers and not selected:
+        # PEFT's own prefixes (named_modules() spelling), respelled as the state dict spells them
+        prefixes = {state_dict_name(p) for p in _get_tuner_state_dict_key_prefixes(model)}
+        selected.update(_filter_state_dict_by_key_prefixes(state_dict, prefixes))
+        if state_dict and prefixes and not selected:
             sample = ", ".join(sorted(state_dict)[:3])
             raise StateDictError(
                 f"the state dict to save ({len(state_dict)} entries, e.g. {sample}) holds none of adapter "
-                f"{adapter_name!r}'s {cls.prefix}* tensors of its {len(layers)} layers (e.g. "
-                f"{state_dict_name(layers[0][0])}.{cls.prefix}op...); pass the whole model's state dict (under FSDP: "
-                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                f"{adapter_name!r}'s {cls.prefix}* tensors (e.g. under {min(prefixes)}); pass the whole model's "
+                "state dict (under FSDP: torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
                 "options=StateDictOptions(full_state_dict=True))), or none"
             )
         return selected
