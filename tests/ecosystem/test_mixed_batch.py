@@ -213,13 +213,18 @@ def test_generate_encoder_decoder_with_beams():
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
-        initializer_factor=20.0,  # large random weights: generations differ between the adapters
     )
     base = seeded(lambda: T5ForConditionalGeneration(cfg))
-    model = get_peft_model(
-        base, SurmConfig(structure="circulant", target_modules=["q", "v"], init_weights=False), adapter_name="a"
-    )
-    model.add_adapter("b", SurmConfig(structure="kronecker", target_modules=["q", "v", "o"], init_weights=False))
+    # every weight drawn here, not by transformers' initialiser or the global RNG after it (both differ between
+    # transformers versions): base N(0, 0.5²), then the adapters N(0, 1), so that the three generations differ
+    gen = torch.Generator().manual_seed(0)
+    for p in base.parameters():
+        p.normal_(0.0, 0.5, generator=gen)
+    model = get_peft_model(base, SurmConfig(structure="circulant", target_modules=["q", "v"]), adapter_name="a")
+    model.add_adapter("b", SurmConfig(structure="kronecker", target_modules=["q", "v", "o"]))
+    for name, p in model.named_parameters():
+        if "surm_op" in name:
+            p.normal_(0.0, 1.0, generator=gen)
     model.eval()
     ids = torch.randint(2, 40, (3, 5), generator=torch.Generator().manual_seed(0))
     names = ["a", BASE, "b"]
@@ -234,5 +239,11 @@ def test_generate_encoder_decoder_with_beams():
             model.set_adapter(name)
             alone.append(model.generate(input_ids=ids[i : i + 1], **kwargs)[0])
     for i, row in enumerate(alone):
-        assert torch.equal(mixed[i], row), (names[i], mixed[i], row)
+        # a row that finished early is filled up to the batch's length (with EOS by transformers 4.56, seen with
+        # other weights; the pad id is accepted too), so compare the generation itself and require filler after it
+        n = row.shape[0]
+        assert torch.equal(mixed[i, :n], row), (names[i], mixed[i], row)
+        filler = set(mixed[i, n:].tolist())
+        assert filler <= {cfg.pad_token_id, cfg.eos_token_id}, (names[i], mixed[i], row)
+        assert n == mixed.shape[1] or row[-1].item() == cfg.eos_token_id, (names[i], mixed[i], row)
     assert len({tuple(row.tolist()) for row in alone}) == 3  # the three generations differ
