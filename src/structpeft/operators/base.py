@@ -175,8 +175,10 @@ class DenseDeltaMixin:
         return tuple(next(grads) if p.requires_grad else None for p in params)
 
     def _device_type(self) -> str:
-        p = next(self.parameters(), None)
-        return p.device.type if p is not None else "cpu"
+        # a loop rather than next(iterator, default): older dynamo (torch 2.8) breaks the graph on the latter
+        for p in self.parameters():
+            return p.device.type
+        return "cpu"
 
 
 class StructuredOperator(DenseDeltaMixin, nn.Module):
