@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -28,13 +28,7 @@ def _requirements(section: str) -> list[Requirement]:
     text = (ROOT / "pyproject.toml").read_text()
     match = re.search(rf"^{re.escape(section)} = \[(.*?)^\]", text, flags=re.S | re.M)
     assert match, f"no array {section!r} in pyproject.toml"
-    out = []
-    for item in re.findall(r'"([^"]+)"', match.group(1)):
-        try:
-            out.append(Requirement(item))
-        except InvalidRequirement:
-            continue
-    return out
+    return [Requirement(item) for item in re.findall(r'"([^"]+)"', match.group(1))]
 
 
 def _lower_bound(req: Requirement) -> Version | None:
