@@ -17,7 +17,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 from .errors import ConfigError, SelectionError, ShapeError
 
@@ -111,6 +111,14 @@ def lora_parameter_count(out_features: int, in_features: int, r: int) -> int:
     in_features = _positive_int("in_features", in_features, ShapeError)
     r = _positive_int("r", r, ConfigError)
     return r * (in_features + out_features)
+
+
+@overload
+def budget_to_parameters(budget: str | int | ParameterBudget, out_features: int, in_features: int) -> int: ...
+
+
+@overload
+def budget_to_parameters(budget: None, out_features: int, in_features: int) -> None: ...
 
 
 def budget_to_parameters(budget: str | int | ParameterBudget | None, out_features: int, in_features: int) -> int | None:

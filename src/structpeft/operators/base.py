@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -121,6 +122,14 @@ class DenseDeltaMixin:
     parameters cannot change.
     """
 
+    if TYPE_CHECKING:  # provided by nn.Module and by the concrete operator
+
+        def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+        def to_dense(self) -> torch.Tensor: ...
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
     def delta_weight(self, cache: bool = True) -> torch.Tensor:
         """ΔW (out × in) in the compute dtype (float32 at least; float64 for float64 parameters), built with
         autocast disabled (a bf16 autocast would round the block products). With ``cache`` the result is kept
@@ -133,7 +142,7 @@ class DenseDeltaMixin:
 
         return self.cached("delta_weight", build) if cache else build()
 
-    def cached(self, name: str, build) -> torch.Tensor:
+    def cached(self, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``build()``, memoised under ``name`` while the operator's parameters are frozen for this call.
 
         A value is reused only if no autograd graph is being recorded through the parameters (grad disabled, or
@@ -171,7 +180,7 @@ class DenseDeltaMixin:
         with torch.enable_grad(), torch.autocast(self._device_type(), enabled=False):
             product = getattr(self, "fast_forward", None) or self.forward
             y = product(x.detach().to(dtype))
-            grads = iter(torch.autograd.grad(y, trainable, g.to(y.dtype), allow_unused=True)) if trainable else None
+            grads = iter(torch.autograd.grad(y, trainable, g.to(y.dtype), allow_unused=True) if trainable else ())
         return tuple(next(grads) if p.requires_grad else None for p in params)
 
     def _device_type(self) -> str:
@@ -201,7 +210,8 @@ class StructuredOperator(DenseDeltaMixin, nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def num_parameters(cls, out_features: int, in_features: int, **options: Any) -> int:
+    def num_parameters(cls, out_features: int, in_features: int, *args: Any, **options: Any) -> int:
+        """The parameter count for a layer of this shape with these options (each structure names its own)."""
         raise NotImplementedError
 
     @classmethod
@@ -307,7 +317,7 @@ def largest_block_size_within(
     out_features: int,
     in_features: int,
     n_params: int,
-    params_per_block,
+    params_per_block: Callable[[int], int],
     exact_tolerance: float = EXACT_TILING_TOLERANCE,
 ) -> int:
     """The block size b whose parameter count is the largest one not above ``n_params``, preferring exact tilings.

@@ -129,7 +129,7 @@ def _time_paths(
     # a dense output gradient, as training's: ``y.sum().backward()`` would send an expanded (stride-0) tensor of
     # ones, on which reshapes and matmuls in the backward cost other than on a real gradient
     g = torch.randn(tokens, out_features, device=device)
-    op.compute_mode = "fast"
+    op.compute_mode = "fast"  # type: ignore[assignment]  # a plain attribute, typed by nn.Module.__getattr__
     from_base = getattr(op, "forward_from_base", None)
 
     def base() -> None:

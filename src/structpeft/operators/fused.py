@@ -73,7 +73,8 @@ def records_grad(weight: torch.Tensor, ops: Sequence[nn.Module]) -> bool:
 def _fold(weight: torch.Tensor, terms: Sequence[tuple[nn.Module, float]], cache: bool) -> torch.Tensor:
     w = weight
     for op, scale in terms:
-        w = w + (op.delta_weight(cache=cache) * scale).to(weight.dtype)
+        delta = op.delta_weight(cache=cache)  # type: ignore[operator]  # nn.Module's __getattr__ hides the method
+        w = w + (delta * scale).to(weight.dtype)
     return w
 
 
@@ -114,14 +115,14 @@ class _HybridLinear(torch.autograd.Function):
     """y = x·W_effᵀ + b for x (N × in); backward: ∂x = g·W_eff, ∂b = Σ g, ∂θ_a = s_a·``op_a.param_grads(x, g)``."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, terms, *params):  # type: ignore[override]
+    def forward(ctx, x, w, bias, terms, *params):
         ctx.save_for_backward(x, w)
         ctx.terms = terms
         return nn.functional.linear(x, w, bias)  # under autocast: in the autocast dtype, as the base layer's
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, w = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:

@@ -36,6 +36,15 @@ class SkeletonOperator(DenseDeltaMixin, nn.Module):
     """ΔW = C·U·R (see the module docstring); built from the frozen (out × in) weight and the indices I, J."""
 
     structure = "skeleton"
+    # buffers (registered in __init__)
+    col_idx: torch.Tensor
+    row_idx: torch.Tensor
+    cols: torch.Tensor
+    rows: torch.Tensor
+    row_scale: torch.Tensor
+    row_bias: torch.Tensor | None
+    # set by the PMSS layer (PmssConfig.fold_inference); read by the layer's inference fold
+    fold_inference: bool
 
     def __init__(
         self,
@@ -149,7 +158,7 @@ class _GatherAdd(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base_out, core, cols, row_idx, row_bias, row_scale, scale):  # type: ignore[override]
+    def forward(ctx, base_out, core, cols, row_idx, row_bias, row_scale, scale):
         z = base_out.reshape(-1, base_out.shape[-1])
         xr = z.index_select(1, row_idx)  # (tokens, k_out)
         v = core * row_scale  # U·D_r
@@ -160,7 +169,7 @@ class _GatherAdd(torch.autograd.Function):
         return y.view(base_out.shape)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         xr, v, cols, row_idx, row_bias, row_scale = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gh = g @ (cols * ctx.scale)  # (tokens, k_in)
