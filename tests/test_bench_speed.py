@@ -149,6 +149,14 @@ def test_overhead_without_repetitions_uses_the_medians():
     assert speed.overhead_ratio_interval(results, "lora-r8", "lora-r8", "train") is None
 
 
+def test_check_targets_without_the_base_skips_the_overhead_comparisons():
+    # `--methods surm-circulant c3a-b24` (no "base"): the overheads are unknown, so they are not judged
+    results = _results({"surm-circulant": [12.0, 13.0, 11.0], "c3a-b24": [15.0, 16.0, 14.0]})
+    assert speed.overhead(results, "surm-circulant", "train") is None
+    assert speed.check_targets(results, speed.MODELS["minilm"]) == []
+    assert "| surm-circulant |" in speed.table(results)
+
+
 def test_bench_speed_setting_states_hardware_and_threads(tmp_path):
     args = ["bench", "speed", "--quick", "--reps", "1", "--cases", "infer", "--methods", "base", "lora-r8"]
     assert main([*args, "--threads", "1", "--out", str(tmp_path)]) == 0

@@ -45,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
 
@@ -388,9 +388,10 @@ def _saved_bytes(d: Path) -> int:
 def _probe_value(model: Any, tokenizer: Any, f: Forgetting, seed: int) -> float:
     from ..cli import _common as C
     from ..cli._baseline import probe_accuracy
-    from ..data import load_data
+    from ..data import ClassificationData, load_data
 
     data = load_data(f.data, max_train=f.max_train, max_test=f.max_test, seed=seed)
+    assert isinstance(data, ClassificationData)  # the probe sets (TASKS) are built-in classification sets
     train = C.tokenize_classification(tokenizer, data.train_texts, data.train_pairs, data.train_labels, f.max_length)
     test = C.tokenize_classification(tokenizer, data.test_texts, data.test_pairs, data.test_labels, f.max_length)
     collator = C.make_collator("classification", tokenizer)
@@ -401,9 +402,10 @@ def _lm_loss(model: Any, tokenizer: Any, f: Forgetting, seed: int) -> float:
     """Mean token cross-entropy of a causal LM on ``f.max_test`` BBC articles (first ``f.max_length`` tokens)."""
     import torch
 
-    from ..data import load_data
+    from ..data import ClassificationData, load_data
 
     data = load_data(f.data, max_train=1, max_test=f.max_test, seed=seed)
+    assert isinstance(data, ClassificationData)  # the text sets (TASKS) are built-in classification sets
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
@@ -918,7 +920,7 @@ def _answer_loss_note(best: Cell, loras: Sequence[Cell]) -> str:
     loras = [c for c in loras if c.answer_loss is not None]
     if best.answer_loss is None or not loras:
         return ""
-    lora = min(loras, key=lambda c: c.answer_loss)
+    lora = min(loras, key=lambda c: cast(float, c.answer_loss))  # not None: filtered above
     return (
         f"; teacher-forced loss of the test answers {best.answer_loss:.4f} vs {lora.method} {lora.answer_loss:.4f} "
         "nats per token (lower is better)"
@@ -1030,7 +1032,7 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
                     xs = [c.trainable_percent for c in fc]
                 else:
                     fc = [c for c in fc if c.step_time_s]
-                    xs = [c.step_time_s for c in fc]
+                    xs = [cast(float, c.step_time_s) for c in fc]  # not None: filtered above
                 if not fc:
                     continue
                 ys = [100 * c.accuracy for c in fc]

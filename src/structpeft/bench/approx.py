@@ -70,7 +70,10 @@ import torch
 from ..errors import ConfigError
 from ..operators import StructuredOperator, get_operator_class
 from ..operators.base import largest_block_size_within
+from ..operators.circulant import CirculantOperator
 from ..operators.kronecker import KroneckerOperator
+from ..operators.ldr import LDROperator
+from ..operators.toeplitz import ToeplitzOperator
 
 __all__ = [
     "METHODS",
@@ -132,14 +135,14 @@ def _diagonal_means(target: torch.Tensor, block_size: int, index: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------- closed-form fits
-def circulant_projection(target: torch.Tensor, block_size: int | None = None) -> StructuredOperator:
+def circulant_projection(target: torch.Tensor, block_size: int | None = None) -> CirculantOperator:
     """The block-circulant matrix of block size b nearest to ``target`` in Frobenius norm, as an operator.
 
     circ(c)[a, s] = c[(a − s) mod b]: each parameter c_ij[d] multiplies the entries of block (i, j) on the wrapped
     diagonal d, so the orthogonal projection onto this linear space sets c_ij[d] to the mean of T over them.
     """
     out_f, in_f = target.shape
-    op = get_operator_class("circulant")(out_f, in_f, block_size=block_size)
+    op = CirculantOperator(out_f, in_f, block_size=block_size)
     b = op.block_size
     index = (torch.arange(b)[:, None] - torch.arange(b)[None, :]) % b
     with torch.no_grad():
@@ -147,11 +150,11 @@ def circulant_projection(target: torch.Tensor, block_size: int | None = None) ->
     return op
 
 
-def toeplitz_projection(target: torch.Tensor, block_size: int | None = None) -> StructuredOperator:
+def toeplitz_projection(target: torch.Tensor, block_size: int | None = None) -> ToeplitzOperator:
     """The block-Toeplitz matrix (one Toeplitz factor per block) nearest to ``target``: T(v)[a, s] =
     v[a − s + b − 1], so each of the 2b − 1 diagonals of each block is set to the mean of T over it."""
     out_f, in_f = target.shape
-    op = get_operator_class("toeplitz")(out_f, in_f, block_size=block_size, num_factors=1)
+    op = ToeplitzOperator(out_f, in_f, block_size=block_size, num_factors=1)
     b = op.block_size
     index = torch.arange(b)[:, None] - torch.arange(b)[None, :] + b - 1
     with torch.no_grad():
@@ -198,10 +201,11 @@ def kronecker_sum_projection(
     return dense, lefts, rights
 
 
-def kronecker_projection(target: torch.Tensor, factor_shape: tuple[int, int]) -> StructuredOperator:
+def kronecker_projection(target: torch.Tensor, factor_shape: tuple[int, int]) -> KroneckerOperator:
     """The single Kronecker product L ⊗ R of the given factor shape nearest to ``target`` (best rank 1 of 𝓡(T))."""
     _, lefts, rights = kronecker_sum_projection(target.float(), factor_shape, 1)
-    op = get_operator_class("kronecker")(target.shape[0], target.shape[1], factor_shape=tuple(factor_shape))
+    o1, i1 = factor_shape  # a pair: kronecker_sum_projection has checked it
+    op = KroneckerOperator(target.shape[0], target.shape[1], factor_shape=(o1, i1))
     with torch.no_grad():
         op.left.copy_(lefts[0])
         op.right.copy_(rights[0])
@@ -327,10 +331,10 @@ def normalise(target: torch.Tensor) -> tuple[torch.Tensor, float]:
     return target.float() / scale, scale
 
 
-def toeplitz2_warm_start(target: torch.Tensor, block_size: int | None) -> StructuredOperator:
+def toeplitz2_warm_start(target: torch.Tensor, block_size: int | None) -> ToeplitzOperator:
     """A two-factor Toeplitz operator equal to the one-factor projection: T₂·T₁ with T₁ = I, T₂ = projection."""
     single = toeplitz_projection(target, block_size)
-    op = get_operator_class("toeplitz")(target.shape[0], target.shape[1], block_size=single.block_size, num_factors=2)
+    op = ToeplitzOperator(target.shape[0], target.shape[1], block_size=single.block_size, num_factors=2)
     b = op.block_size
     with torch.no_grad():
         op.weight.zero_()
@@ -339,12 +343,10 @@ def toeplitz2_warm_start(target: torch.Tensor, block_size: int | None) -> Struct
     return op
 
 
-def ldr_warm_start(
-    target: torch.Tensor, block_size: int | None, rank: int, generator: torch.Generator
-) -> StructuredOperator:
+def ldr_warm_start(target: torch.Tensor, block_size: int | None, rank: int, generator: torch.Generator) -> LDROperator:
     """An LDR operator equal to the circulant projection at its block size: term 0 = circ(c)·skew(e₀) with skew(e₀)
     = I; terms 1.. have circ = 0 (so they add nothing) and random skew ~ N(0, 1/b) (so their circ gets gradient)."""
-    op = get_operator_class("ldr")(target.shape[0], target.shape[1], block_size=block_size, displacement_rank=rank)
+    op = LDROperator(target.shape[0], target.shape[1], block_size=block_size, displacement_rank=rank)
     circ = circulant_projection(target, op.block_size)
     b = op.block_size
     with torch.no_grad():
@@ -486,7 +488,7 @@ class Point:
 Fitter = Callable[[torch.Tensor, int, Settings, str], Point]
 
 
-def block_size_for(structure: str, shape: tuple[int, int], budget: int, **fixed: Any) -> int:
+def block_size_for(structure: str, shape: tuple[int, ...], budget: int, **fixed: Any) -> int:
     """The block size of a block-grid structure for an approximation budget: the largest parameter count within
     ``budget`` among block sizes b that divide both out and in (no zero padding: in a padded grid some parameters
     only touch cropped entries), else the largest count of any b: the operators' budget rule with every exact
@@ -580,7 +582,8 @@ def _kronecker(target: torch.Tensor, budget: int, settings: Settings, desc: str)
     op = kronecker_projection(target, shape)
     with torch.no_grad():
         dense = op.to_dense()
-    count = KroneckerOperator.num_parameters(*target.shape, factor_shape=shape)
+    out_f, in_f = target.shape
+    count = KroneckerOperator.num_parameters(out_f, in_f, factor_shape=shape)
     return Point(count, dense, "closed form (rank 1 of the rearrangement; best exact factor shape)", op.options)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..budget import budget_to_parameters
-from ..operators import get_operator_class
+from ..operators import StructuredOperator, get_operator_class
 from .speed import time_interleaved
 
 # (label, out, in, rows, structure, options or None for LoRA r=8's budget)
@@ -33,7 +33,7 @@ CASES: tuple[tuple[str, int, int, int, str, dict[str, Any] | None], ...] = (
 )
 
 
-def _time_case(op: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, reps: int) -> dict[str, float]:
+def _time_case(op: StructuredOperator, x: torch.Tensor, g: torch.Tensor, reps: int) -> dict[str, float]:
     """Median ms of gᵀx and of ``op.param_grads(x, g)``, interleaved, after one warm-up round."""
     fns = {"gtx": lambda: g.T @ x, "param_grads": lambda: op.param_grads(x, g)}
     times = time_interleaved(fns, reps, warmup=1, sync=lambda: None)

@@ -117,10 +117,10 @@ def _speed_header(speed: dict[str, Any]) -> list[str]:
         f"{st.get('cpu_count')} CPU cores ({st.get('hardware')}), {st.get('threads')} threads, "
         f"torch {st.get('torch')}, device {st.get('device')}."
     )
-    load = st.get("load_average_start"), st.get("load_average_end")
-    if all(load):
-        line += f" Load average (1 min) at start / end: {load[0][0]} / {load[1][0]}"
-        line += " — other jobs were running, timings are noisy." if max(load[0][0], load[1][0]) > 2.5 else "."
+    start, end = st.get("load_average_start"), st.get("load_average_end")
+    if start and end:
+        line += f" Load average (1 min) at start / end: {start[0]} / {end[0]}"
+        line += " — other jobs were running, timings are noisy." if max(start[0], end[0]) > 2.5 else "."
     return [line]
 
 

@@ -60,17 +60,19 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS, PATHS, auto_paths
 
-MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-SMOLLM2_SHAPE = dict(
+MINILM_SHAPE: dict[str, Any] = dict(
+    hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+)
+SMOLLM2_SHAPE: dict[str, Any] = dict(
     hidden_size=576,
     intermediate_size=1536,
     num_hidden_layers=30,
@@ -164,11 +166,12 @@ def build_base(model: str = "minilm", seed: int = 0, dtype: torch.dtype = torch.
     if model == "smollm2":
         from transformers import LlamaConfig, LlamaModel
 
-        return LlamaModel(LlamaConfig(**SMOLLM2_SHAPE)).to(dtype).eval()
+        llama = LlamaModel(LlamaConfig(**SMOLLM2_SHAPE))
+        return llama.to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to by @wraps(Module.to)
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(**MINILM_SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertModel(cfg).to(dtype).eval()
+    return BertModel(cfg).to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to by @wraps(Module.to)
 
 
 def compute_tokens(cases: dict[str, Case]) -> int | None:
@@ -215,7 +218,7 @@ def build(
             info["merged_max_abs_diff"] = float((after - before).abs().max())
             info["merged_output_scale"] = float(before.abs().max())
     if method.endswith("-compiled"):
-        net = torch.compile(net)
+        net = cast(nn.Module, torch.compile(net))  # an OptimizedModule: torch.compile of a module is a module
     return net
 
 
@@ -225,7 +228,7 @@ def trainable(model: nn.Module) -> int:
 
 def _input_embeddings(model: nn.Module) -> nn.Module:
     inner = getattr(model, "_orig_mod", model)
-    return inner.get_input_embeddings()
+    return inner.get_input_embeddings()  # type: ignore[operator]  # Module.__getattr__ is typed Tensor | Module
 
 
 def make_step(model: nn.Module, case: Case, device: torch.device) -> Callable[[], None]:
@@ -290,7 +293,10 @@ def other_path_layers(layer: nn.Module) -> tuple[str, list[tuple[nn.Module, str]
     modules = dict(layer.named_modules())
     chosen = sorted({modules[name].compute_mode for name in ops})
     operators = getattr(layer, "operators", {})
-    folds = bool(operators) and not any(layer.is_adapter_placement(a) for a in operators)
+    folds = bool(operators) and not any(
+        layer.is_adapter_placement(a)  # type: ignore[operator]  # Module.__getattr__ is typed Tensor | Module
+        for a in operators
+    )
     offered = [set(auto_paths(type(modules[name]), folds)) for name in ops]
     others = []
     for mode in (p for p in PATHS if all(p in paths for paths in offered)):
@@ -309,7 +315,7 @@ def make_layer_step(layer: nn.Module, case: Case, device: torch.device) -> Calla
     base = getattr(layer, "base_layer", layer)
     while hasattr(base, "base_layer"):
         base = base.base_layer
-    n_in = base.in_features if isinstance(base, nn.Linear) else base.weight.shape[0]
+    n_in = base.in_features if isinstance(base, nn.Linear) else cast(torch.Tensor, base.weight).shape[0]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case.batch * case.seq, n_in, generator=gen).to(device)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -337,7 +343,7 @@ def make_layer_step(layer: nn.Module, case: Case, device: torch.device) -> Calla
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], None]], reps: int, warmup: int, sync: Callable[[], None]
+    steps: Mapping[str, Callable[[], object]], reps: int, warmup: int, sync: Callable[[], None]
 ) -> dict[str, list[float]]:
     from tqdm.auto import tqdm
 
@@ -389,7 +395,7 @@ def _memory_probe(method: str, args: argparse.Namespace) -> None:
         step()  # compile outside the measurement
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        before: float = torch.cuda.memory_allocated()
         step()
         print((torch.cuda.max_memory_allocated() - before) / 2**20)
     else:
@@ -551,8 +557,8 @@ def overhead_ratio_interval(
     return lo, hi
 
 
-def _ratio_text(results: dict[str, Any], method: str, reference: str, case: str) -> str:
-    ov, ref = overhead(results, method, case), overhead(results, reference, case)
+def _ratio_text(results: dict[str, Any], method: str, reference: str, case: str, ov: float, ref: float) -> str:
+    """``ov`` / ``ref``: the overheads of ``method`` and ``reference`` for ``case`` (see :func:`overhead`)."""
     text = f"{ov / ref:.2f}x {reference}'s overhead ({100 * ov:+.1f}% vs {100 * ref:+.1f}%"
     ci = overhead_ratio_interval(results, method, reference, case)
     return text + (f"; 90% interval {ci[0]:.2f}-{ci[1]:.2f})" if ci else ")")
@@ -575,12 +581,13 @@ def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, An
         if not lora_ov or lora_ov <= 0:
             continue
         for m in ours:
-            if f"{case}_ms" in methods[m]:
+            ov = overhead(results, m, case)
+            if ov is not None:  # the method's {case}_ms was measured (the base's is: lora_ov is not None)
                 out.append(
                     {
                         "target": f"{m}: {train} overhead <= LoRA r8's{label}",
-                        "value": _ratio_text(results, m, "lora-r8", case),
-                        "met": overhead(results, m, case) <= lora_ov,
+                        "value": _ratio_text(results, m, "lora-r8", case, ov, lora_ov),
+                        "met": ov <= lora_ov,
                     }
                 )
     for case, label in levels:
@@ -588,6 +595,8 @@ def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, An
             if not (f"{case}_ms" in methods.get(ours_m, {}) and f"{case}_ms" in methods.get(theirs, {})):
                 continue
             a, b = overhead(results, ours_m, case), overhead(results, theirs, case)
+            if a is None or b is None:
+                continue  # no base time: the overheads were not measured
             step = methods[theirs][f"{case}_ms"] / methods[ours_m][f"{case}_ms"]
             ratio = b / a if a > 0 else float("inf")
             out.append(
@@ -628,7 +637,10 @@ def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, An
     merged = "surm-circulant-merged"
     if merged in methods and "base" in methods:
         for case in [c for c in (infer, train) if c]:
-            r = 1 + overhead(results, merged, case)
+            ov = overhead(results, merged, case)
+            if ov is None:
+                continue
+            r = 1 + ov
             out.append({"target": f"merged {case} ratio 1.00 (+-0.03)", "value": f"{r:.2f}", "met": abs(r - 1) <= 0.03})
         if "merged_max_abs_diff" in methods[merged]:
             d, s = methods[merged]["merged_max_abs_diff"], methods[merged]["merged_output_scale"]

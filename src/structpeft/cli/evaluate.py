@@ -183,7 +183,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         )
         n_test = len(data.test_prompts)
 
-    recorded = metrics.get("accuracy") if isinstance(metrics, dict) else None
+    saved: dict[str, Any] = metrics if isinstance(metrics, dict) else {}
+    recorded = saved.get("accuracy")
     elapsed = time.perf_counter() - t_start
     print(
         f"accuracy: {value:.4f}  ({task}, {n_test} test examples, {method}, reloaded from {run_dir}) [{elapsed:.0f} s]"
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     else:
         same = "identical" if value == recorded else f"differs by {value - recorded:+.6f}"
         print(f"metrics.json: {recorded:.4f} ({same})")
-        base = metrics.get("baseline_accuracy")
+        base = saved.get("baseline_accuracy")
         if base is not None:
-            print(f"baseline: {base:.4f} ({(metrics.get('baseline') or {}).get('description', 'frozen baseline')})")
+            print(f"baseline: {base:.4f} ({(saved.get('baseline') or {}).get('description', 'frozen baseline')})")
     return 0

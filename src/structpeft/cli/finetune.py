@@ -301,7 +301,8 @@ def _in_head(name: str, head: list[str]) -> bool:
 def _optimizer(model: Any, head: list[str], lr: float, head_lr: float) -> Any:
     import torch
 
-    head_params, other = [], []
+    head_params: list[torch.nn.Parameter] = []
+    other: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -661,7 +662,10 @@ def _epoch_log(history: list[dict[str, Any]], task: str) -> list[dict[str, Any]]
     for entry in history:
         if "eval_loss" not in entry:
             continue
-        row = {"epoch": round(float(entry.get("epoch", 0.0)), 4), "step": int(entry.get("step", 0))}
+        row: dict[str, float | None] = {
+            "epoch": round(float(entry.get("epoch", 0.0)), 4),
+            "step": int(entry.get("step", 0)),
+        }
         row["accuracy"] = float(entry["eval_accuracy"]) if "eval_accuracy" in entry else None
         row["loss"] = float(entry["eval_loss"])
         out.append(row)

@@ -176,7 +176,11 @@ def c3a_block_size(model: Any, targets: list[str], budget: Any) -> int:
     for o, i in shapes.values():
         g = math.gcd(g, math.gcd(o, i))
     divisors = [d for d in range(1, g + 1) if g % d == 0]
-    need = max(o * i / budget_to_parameters(budget, o, i) for o, i in shapes.values())
+    need = 0.0
+    for o, i in shapes.values():
+        n_params = budget_to_parameters(budget, o, i)
+        assert n_params is not None  # resolve_hparams sets a budget whenever the block size is not given
+        need = max(need, o * i / n_params)
     fitting = [d for d in divisors if d >= need]
     return fitting[0] if fitting else divisors[-1]
 
@@ -206,6 +210,7 @@ def apply_method(model: Any, hp: dict[str, Any], task: str, head: list[str], tar
         common["task_type"] = "CAUSAL_LM"
     if head:
         common["modules_to_save"] = list(head)
+    config: peft.PeftConfig
     if m == "surm":
         config = structpeft.SurmConfig(
             structure=hp["structure"],

@@ -14,6 +14,7 @@ SNLI is licensed CC BY-SA 4.0 (Bowman et al., 2015).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -104,7 +105,7 @@ def _extract(tarball: Path, staging: Path) -> dict[str, dict[str, object]]:
                 lines = 0
                 # Write under our own name (no path from the archive is used).
                 with src, open(staging / fname, "wb") as out:
-                    for chunk in iter(lambda src=src: src.read(1 << 20), b""):
+                    for chunk in iter(functools.partial(src.read, 1 << 20), b""):
                         h.update(chunk)
                         lines += chunk.count(b"\n")
                         out.write(chunk)

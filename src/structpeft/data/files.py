@@ -241,7 +241,7 @@ def load_file(
     p = str(Path(path).expanduser())
     rows, columns = read_records(p)
     task = _detect_task(p, columns, task, label_column, prompt_column, answer_column)
-    wanted = (
+    wanted: dict[str, str | None] = (
         {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
         if task == "classification"
         else {"prompt_column": prompt_column, "answer_column": answer_column}
