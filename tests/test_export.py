@@ -84,3 +84,10 @@ def test_bad_arguments_raise_before_writing(kwargs, tmp_path):
     with pytest.raises(ConfigError):
         structpeft.to_lora(model, str(tmp_path / "lora"), **kwargs)
     assert not os.path.exists(tmp_path / "lora")
+
+
+def test_unknown_adapter_name_names_the_valid_ones_before_writing(tmp_path):
+    model = get_peft_model(_base(), CONFIGS["surm-circulant"]())
+    with pytest.raises(ConfigError, match=r"adapter_name='other'.*\['default'\]"):
+        structpeft.to_lora(model, str(tmp_path / "lora"), adapter_name="other", rank=2)
+    assert not os.path.exists(tmp_path / "lora")

@@ -16,12 +16,19 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedLayerError
-from .peft.layer import StructuredLayer
+from .peft.layer import StructuredLayer, base_weight
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from .peft.config import SurmConfig
+    from .peft.pmss import PmssConfig
 
 
 @dataclass
@@ -49,7 +56,7 @@ def _factorise(
 
 
 def to_lora(
-    model: nn.Module,
+    model: PeftModel,
     output_dir: str,
     *,
     adapter_name: str = "default",
@@ -72,12 +79,16 @@ def to_lora(
         raise ConfigError(f"rank={rank!r} is invalid: expected an integer >= 1")
     if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
         raise ConfigError(f"energy={energy!r} is invalid: expected a number in (0, 1]")
+    if adapter_name not in model.peft_config:
+        raise ConfigError(
+            f"adapter_name={adapter_name!r} is not an adapter of this model; valid: {sorted(model.peft_config)}"
+        )
     config = model.peft_config[adapter_name]
     prefix = "base_model.model."
     tensors: dict[str, torch.Tensor] = {}
     reports: list[LayerExport] = []
     rank_pattern: dict[str, int] = {}
-    for path, layer in model.base_model.model.named_modules():
+    for path, layer in cast(nn.Module, model.base_model.model).named_modules():
         if not isinstance(layer, StructuredLayer) or adapter_name not in layer.operators:
             continue
         if (
@@ -88,6 +99,7 @@ def to_lora(
                 f"layer {path!r}: an adapter block with a bias cannot be expressed as LoRA (LoRA has no bias term)"
             )
         base = layer.get_base_layer()
+        weight = base_weight(base)
         if layer.kind == "conv2d" and base.groups != 1:
             raise UnsupportedLayerError(f"layer {path!r}: Conv2d with groups={base.groups} has no LoRA equivalent")
         with torch.no_grad():
@@ -96,16 +108,18 @@ def to_lora(
                 delta = delta.T
             delta = delta.reshape(delta.shape[0], -1)
             b, a, r, err = _factorise(delta, rank, energy)
-        dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         if layer.kind == "conv2d":
-            a = a.reshape(r, *base.weight.shape[1:])
+            a = a.reshape(r, *weight.shape[1:])
             b = b.reshape(b.shape[0], r, 1, 1)
         tensors[f"{prefix}{path}.lora_A.weight"] = a.to(dtype).contiguous()
         tensors[f"{prefix}{path}.lora_B.weight"] = b.to(dtype).contiguous()
         rank_pattern[path] = r
-        reports.append(LayerExport(path, tuple(delta.shape), r, err))
+        reports.append(LayerExport(path, (delta.shape[0], delta.shape[1]), r, err))
     if not reports:
         raise ConfigError(f"adapter {adapter_name!r} has no structured layers to export")
+    # structured layers hold the adapter: its config is a structured method's
+    structured = cast("SurmConfig | PmssConfig", config)
     for name, tensor in model.state_dict().items():  # modules_to_save copies, keyed as PEFT saves them
         marker = f".modules_to_save.{adapter_name}."
         if marker in name:
@@ -117,10 +131,10 @@ def to_lora(
         target_modules=sorted(rank_pattern),
         rank_pattern={f"^{k}$": v for k, v in rank_pattern.items()},
         alpha_pattern={f"^{k}$": v for k, v in rank_pattern.items()},
-        modules_to_save=config.modules_to_save,
+        modules_to_save=structured.modules_to_save,
         fan_in_fan_out=any(x.kind == "conv1d" for _, x in _layers(model, adapter_name)),
-        base_model_name_or_path=config.base_model_name_or_path,
-        task_type=config.task_type,
+        base_model_name_or_path=structured.base_model_name_or_path,
+        task_type=structured.task_type,
     )
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -139,9 +153,9 @@ def to_lora(
     return reports
 
 
-def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, StructuredLayer]]:
+def _layers(model: PeftModel, adapter_name: str) -> list[tuple[str, StructuredLayer]]:
     return [
         (p, m)
-        for p, m in model.base_model.model.named_modules()
+        for p, m in cast(nn.Module, model.base_model.model).named_modules()
         if isinstance(m, StructuredLayer) and adapter_name in m.operators
     ]

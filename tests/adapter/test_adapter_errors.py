@@ -102,3 +102,15 @@ def test_bottleneck_too_wide_for_one_of_several_targets_changes_nothing():
     with pytest.raises(ShapeError, match=r"bottleneck=7.*n=6.*conv0"):
         get_peft_model(model, case.config("toeplitz", "bottleneck", bottleneck=7))
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_bottleneck_form_set_after_construction_without_a_width_is_a_config_error():
+    """adapter_form switched to 'bottleneck' on a built config, bottleneck left None: the constructor's
+    ConfigError naming bottleneck=None, before any replacement (was a TypeError comparing None with an int)."""
+    config = _adapter(placement="adapter", adapter_form="square")
+    config.adapter_form = "bottleneck"
+    model = CASES_BY_ID["bert-like"].model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"bottleneck=None.*integer width"):
+        get_peft_model(model, config)
+    assert_same_snapshot(before, snapshot(model))

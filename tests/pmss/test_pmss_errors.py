@@ -59,6 +59,32 @@ def test_values_set_after_construction_are_checked_before_the_model_changes(fiel
     assert cfg.layer_options == {}
 
 
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        # k_out alone was ignored: the layers were silently sized by the budget instead
+        pytest.param({"k_in": None}, r"k_in=None.*k_out=2.*give both or neither", id="k_out-without-k_in"),
+        pytest.param({"k_out": None}, r"k_in=2.*k_out=None.*give both or neither", id="k_in-without-k_out"),
+        pytest.param(
+            {"k_in": None, "k_out": None, "budget": None}, r"budget=None and k_in/k_out unset", id="no-size-at-all"
+        ),
+    ],
+)
+def test_sizes_set_after_construction_are_checked_like_in_the_constructor(changes, message):
+    """k_in / k_out / budget changed on the config after ``__post_init__``: the constructor's ConfigError, before
+    any replacement (not a layer sized by something else, nor an error about a derived value)."""
+    case = CASES_BY_ID["linear-mlp"]
+    cfg = case.config(k_in=2, k_out=2)
+    for field, value in changes.items():
+        setattr(cfg, field, value)
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=message):
+        get_peft_model(model, cfg)
+    assert_same_snapshot(before, snapshot(model))
+    assert cfg.layer_options == {}
+
+
 def test_unsupported_target_type_names_it():
     from structpeft import UnsupportedLayerError
 

@@ -16,10 +16,14 @@ merged and :class:`~structpeft.errors.MergeError` says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import cast
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError, MergeError
+from ..operators.base import StructuredOperator
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
@@ -45,7 +49,7 @@ class AdapterBlock(nn.Module):
 
     def __init__(
         self,
-        operators: dict[str, nn.Module],
+        operators: Mapping[str, StructuredOperator],
         activation: str,
         n_features: int,
         with_bias: bool,
@@ -78,9 +82,13 @@ class AdapterBlock(nn.Module):
                 "the base weight; use activation='identity' to merge, or keep the adapter unmerged"
             )
 
+    def _operator(self, role: str) -> StructuredOperator:
+        """The structured operator of ``role`` ("op"; "down" / "up")."""
+        return cast(StructuredOperator, self.ops[role])
+
     def linear_map(self, scale: float) -> torch.Tensor:
         """M (n × n) with adapter(h) = M h + bias; :class:`MergeError` if the activation is non-linear."""
         self.check_linear()
         if self.form == "square":
-            return self.ops["op"].to_dense() * scale
-        return self.ops["up"].to_dense() @ self.ops["down"].to_dense() * scale
+            return self._operator("op").to_dense() * scale
+        return self._operator("up").to_dense() @ self._operator("down").to_dense() * scale

@@ -12,13 +12,22 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from peft.config import PeftConfig
 
 from ..errors import ConfigError
 from ..operators import OPERATORS, get_operator_class
 from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS
+
+if TYPE_CHECKING:
+    from ..operators.kronecker import KroneckerOperator
+
+    # the mixin is always combined with PeftConfig (``class SurmConfig(StructPeftConfigMixin, PeftConfig)``): typed as
+    # its subclass, so that its ``super()`` calls resolve to PeftConfig's methods
+    _MixinBase = PeftConfig
+else:
+    _MixinBase = object
 
 SURM_PEFT_TYPE = "SURM"
 
@@ -85,7 +94,7 @@ def _check_compute(value: Any, tokens: Any = DEFAULT_COMPUTE_TOKENS, fold_infere
         raise ConfigError(f"fold_inference={fold_inference!r} is invalid: expected True or False")
 
 
-class StructPeftConfigMixin:
+class StructPeftConfigMixin(_MixinBase):
     """Shared behaviour of structpeft configs: adapter-file validation on ``from_pretrained``."""
 
     param_prefix: ClassVar[str] = ""
@@ -137,14 +146,14 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         default="circulant",
         metadata={"help": f"Structure of ΔW, one of {sorted(OPERATORS)}."},
     )
-    target_modules: list[str] | str | None = field(
+    target_modules: list[str] | set[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (suffix match) or a regex (full match) of the layers to adapt, or 'all-linear'. "
             "None uses the preset for the model type (BERT: query, value; LLaMA: q_proj, v_proj; GPT-2: c_attn)."
         },
     )
-    exclude_modules: list[str] | str | None = field(
+    exclude_modules: list[str] | set[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex of layers NOT to adapt."}
     )
     layers_to_transform: list[int] | int | None = field(
@@ -276,7 +285,8 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
             fs = probe["factor_shape"]
             if not isinstance(fs, (list, tuple)) or len(fs) != 2:
                 raise ConfigError(f"factor_shape={fs!r} is invalid: expected a pair [o1, i1] or None")
-            get_operator_class(self.structure).resolve_factor_shape(max(fs[0], 1), max(fs[1], 1), fs)
+            kronecker = cast("type[KroneckerOperator]", get_operator_class(self.structure))  # factor_shape's structure
+            kronecker.resolve_factor_shape(max(fs[0], 1), max(fs[1], 1), fs)
         else:
             get_operator_class(self.structure).num_parameters(8, 8, **probe)
 

@@ -26,7 +26,7 @@ tuner injects ``adapter_names`` into every structured layer (``StructuredTuner._
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -35,7 +35,9 @@ from torch import nn
 from ..errors import MergeError, MixedBatchError, UnsupportedLayerError
 from ..operators.base import _compiling
 from ..operators.fused import FOLDABLE_DTYPES, FOLDED_MODES, folded_linear, hybrid_linear, records_grad
+from .adapter import AdapterBlock
 
+Conv1D: type[nn.Module] | None
 try:  # transformers is optional
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - exercised only without transformers
@@ -44,6 +46,30 @@ except ImportError:  # pragma: no cover - exercised only without transformers
 SUPPORTED_LAYER_TYPES = "torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d"
 # in a mixed-adapter batch (``model(..., adapter_names=[...])``), the name of "no adapter" (PEFT's convention)
 MIXED_BATCH_BASE = "__base__"
+
+
+class DeltaOperator(Protocol):
+    """What a layer calls on a ΔW-placed operator (a structured operator, PMSS's skeleton operator)."""
+
+    def to_dense(self) -> torch.Tensor: ...
+
+
+class FromBaseOperator(Protocol):
+    """An operator that reads its input product from the base layer's output (PMSS's skeleton operator)."""
+
+    def forward_from_base(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor: ...
+
+    def add_from_base(self, base_out: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The ``weight`` of a supported base layer (a Parameter; ``nn.Module.__getattr__`` types it Tensor | Module)."""
+    return cast(torch.Tensor, module.weight)
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    """The ``bias`` of a supported base layer (a Parameter or None)."""
+    return cast("torch.Tensor | None", module.bias)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -61,11 +87,13 @@ def delta_shape(module: nn.Module) -> tuple[int, int]:
     """The (out, in') shape of ΔW for a supported base layer; :class:`UnsupportedLayerError` otherwise."""
     kind = layer_kind(module)
     if kind == "linear":
-        return module.out_features, module.in_features
+        linear = cast(nn.Linear, module)
+        return linear.out_features, linear.in_features
     if kind == "conv1d":
-        return module.weight.shape[1], module.weight.shape[0]
+        w = base_weight(module)
+        return w.shape[1], w.shape[0]
     if kind == "conv2d":
-        w = module.weight
+        w = base_weight(module)
         return w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
     raise UnsupportedLayerError(
         f"cannot wrap a module of type {type(module).__module__}.{type(module).__qualname__}; "
@@ -76,7 +104,7 @@ def delta_shape(module: nn.Module) -> tuple[int, int]:
 def weight_2d(module: nn.Module) -> torch.Tensor:
     """The base weight as the (out, in') matrix ΔW is added to (a view, no copy)."""
     kind = layer_kind(module)
-    w = module.weight
+    w = base_weight(module)
     if kind == "conv1d":
         return w.T
     if kind == "conv2d":
@@ -122,7 +150,7 @@ class StructuredLayer(BaseTunerLayer):
     def dropouts(self) -> nn.ModuleDict:
         return getattr(self, self.dropout_attr)
 
-    def _build_operator(self, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module:
+    def _build_operator(self, adapter_name: str, config: Any, options: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
     def _recorded_compute(self, config: Any) -> dict[str, str]:
@@ -150,7 +178,7 @@ class StructuredLayer(BaseTunerLayer):
         if self.kind == "conv1d":
             return dense_2d.T
         if self.kind == "conv2d":
-            return dense_2d.reshape(base.weight.shape)
+            return dense_2d.reshape(base_weight(base).shape)
         return dense_2d
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -161,26 +189,29 @@ class StructuredLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if self.is_adapter_placement(adapter_name):
             w0, _ = self._unmerged_weights(list(self.merged_adapters))
-            m = self.operators[adapter_name].linear_map(self.scalings[adapter_name])
+            m = cast(AdapterBlock, self.operators[adapter_name]).linear_map(self.scalings[adapter_name])
             dense = m.to(w0) @ w0
         else:
-            dense = self.operators[adapter_name].to_dense() * self.scalings[adapter_name]
-        return self._to_base_layout(dense).to(base.weight.dtype)
+            dense = cast(DeltaOperator, self.operators[adapter_name]).to_dense() * self.scalings[adapter_name]
+        return self._to_base_layout(dense).to(base_weight(base).dtype)
 
     def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(D, M, c): the sum of s·ΔW of the ΔW-placed adapters, of the adapter maps M, of the adapter biases."""
-        d = m = c = None
+        d: torch.Tensor | None = None
+        m: torch.Tensor | None = None
+        c: torch.Tensor | None = None
         for name in names:
             if name not in self.operators:
                 continue
             op, scale = self.operators[name], self.scalings[name]
             if self.is_adapter_placement(name):
-                m_a = op.linear_map(scale).double()
+                block = cast(AdapterBlock, op)
+                m_a = block.linear_map(scale).double()
                 m = m_a if m is None else m + m_a
-                if op.bias is not None:
-                    c = op.bias.double() if c is None else c + op.bias.double()
+                if block.bias is not None:
+                    c = block.bias.double() if c is None else c + block.bias.double()
             else:
-                d_a = op.to_dense().double() * scale
+                d_a = cast(DeltaOperator, op).to_dense().double() * scale
                 d = d_a if d is None else d + d_a
         return d, m, c
 
@@ -192,7 +223,8 @@ class StructuredLayer(BaseTunerLayer):
         """
         base = self.get_base_layer()
         w = weight_2d(base).detach().double()
-        b = None if getattr(base, "bias", None) is None else base.bias.detach().double()
+        bias = getattr(base, "bias", None)
+        b = None if bias is None else bias.detach().double()
         d, m, c = self._merge_terms(merged)
         if d is not None:
             w = w - d
@@ -214,17 +246,17 @@ class StructuredLayer(BaseTunerLayer):
             # ΔW placement only: plain addition / subtraction in the base dtype (bit-stable, no solve)
             w2 = weight_2d(base).detach().clone()
             for name in new_names:
-                w2 = w2 + (self.operators[name].to_dense() * self.scalings[name]).to(w2.dtype)
+                w2 = w2 + (cast(DeltaOperator, self.operators[name]).to_dense() * self.scalings[name]).to(w2.dtype)
             new_w, new_b = self._to_base_layout(w2), None
         else:
             w0, b0 = self._unmerged_weights(previous)
             d, m, c = self._merge_terms(names)
             w = w0 + (0 if d is None else d) + (0 if m is None else m @ w0)
-            new_w = self._to_base_layout(w).to(base.weight.dtype)
+            new_w = self._to_base_layout(w).to(base_weight(base).dtype)
             new_b = None
             if b0 is not None:
                 b = b0 + (0 if m is None else m @ b0) + (0 if c is None else c)
-                new_b = b.to(base.bias.dtype)
+                new_b = b.to(cast(torch.Tensor, base.bias).dtype)  # b0 is not None: the base layer has a bias
         if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
             raise MergeError(
                 f"merging adapter(s) {new_names} into {self.module_path or type(base).__name__} would give "
@@ -239,7 +271,7 @@ class StructuredLayer(BaseTunerLayer):
         if not self.is_adapter_placement(adapter_name):
             return
         try:
-            self.operators[adapter_name].check_linear()
+            cast(AdapterBlock, self.operators[adapter_name]).check_linear()
         except MergeError as err:
             raise MergeError(f"adapter {adapter_name!r} on {self.module_path or 'this layer'}: {err}") from None
         base = self.get_base_layer()
@@ -270,13 +302,13 @@ class StructuredLayer(BaseTunerLayer):
         merged = list(self.merged_adapters)
         if any(self.is_adapter_placement(n) for n in merged if n in self.operators):
             w0, b0 = self._unmerged_weights(merged)
-            base.weight.data = self._to_base_layout(w0).to(base.weight.dtype).contiguous()
+            base.weight.data = self._to_base_layout(w0).to(base_weight(base).dtype).contiguous()
             if b0 is not None:
-                base.bias.data = b0.to(base.bias.dtype)
+                base.bias.data = b0.to(cast(torch.Tensor, base.bias).dtype)  # b0 is not None: the base has a bias
         else:
             for name in reversed(merged):
                 if name in self.operators:
-                    base.weight.data -= self.get_delta_weight(name)
+                    base_weight(base).data -= self.get_delta_weight(name)
         self.merged_adapters.clear()
 
     # --------------------------------------------------------------------------------------------- forward
@@ -285,15 +317,16 @@ class StructuredLayer(BaseTunerLayer):
         dropout = self.dropouts[name]
         scale = self.scalings[name]
         if self.is_adapter_placement(name):
+            block = cast(AdapterBlock, op)
             if self.kind == "conv2d":  # channels are dim 1
-                return op.transform(dropout(base_out).movedim(1, -1), scale).movedim(-1, 1)
-            return op.transform(dropout(base_out), scale)
+                return block.transform(dropout(base_out).movedim(1, -1), scale).movedim(-1, 1)
+            return block.transform(dropout(base_out), scale)
         if self.kind == "conv2d":
-            base = self.get_base_layer()
-            delta = (op.to_dense() * scale).reshape(base.weight.shape).to(x.dtype)
-            return base._conv_forward(dropout(x), delta, None)
+            conv = cast(nn.Conv2d, self.get_base_layer())
+            delta = (cast(DeltaOperator, op).to_dense() * scale).reshape(conv.weight.shape).to(x.dtype)
+            return conv._conv_forward(dropout(x), delta, None)
         if isinstance(dropout, nn.Identity) and hasattr(op, "forward_from_base"):
-            return op.forward_from_base(x, base_out) * scale
+            return cast(FromBaseOperator, op).forward_from_base(x, base_out) * scale
         return op(dropout(x)) * scale
 
     def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
@@ -333,7 +366,7 @@ class StructuredLayer(BaseTunerLayer):
         with ``compute_mode`` "dense" or "hybrid" (or, in inference, ``fold_inference``), no dropout, on a float32 /
         float64 Linear or Conv1D; else None."""
         base = self.get_base_layer()
-        if self.kind not in ("linear", "conv1d") or base.weight.dtype not in FOLDABLE_DTYPES:
+        if self.kind not in ("linear", "conv1d") or base_weight(base).dtype not in FOLDABLE_DTYPES:
             return None
         terms = []
         for name in self.active_adapters:
@@ -347,7 +380,7 @@ class StructuredLayer(BaseTunerLayer):
         if all(getattr(op, "compute_mode", "fast") in FOLDED_MODES for op, _ in terms):
             return terms
         inference_fold = all(getattr(op, "fold_inference", False) for op, _ in terms)
-        if inference_fold and not _compiling() and not records_grad(base.weight, [op for op, _ in terms]):
+        if inference_fold and not _compiling() and not records_grad(base_weight(base), [op for op, _ in terms]):
             return terms  # fast-path adapters in inference: the cached W_eff (one weight copy, base speed)
         return None
 
@@ -358,7 +391,7 @@ class StructuredLayer(BaseTunerLayer):
         ops = [op for op, _ in terms]
         if any(getattr(op, "compute_mode", "fast") != "hybrid" for op in ops):
             return False
-        weight = self.get_base_layer().weight
+        weight = base_weight(self.get_base_layer())
         return not weight.requires_grad and not _compiling() and records_grad(weight, ops)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -375,15 +408,15 @@ class StructuredLayer(BaseTunerLayer):
         if terms:  # dense ΔWs folded into the base matmul (see structpeft.operators.fused)
             base = self.get_base_layer()
             if self._trains_hybrid(terms):
-                return hybrid_linear(x, weight_2d(base), base.bias, terms)
-            return folded_linear(x, weight_2d(base), base.bias, terms, owner=self)
+                return hybrid_linear(x, weight_2d(base), base_bias(base), terms)
+            return folded_linear(x, weight_2d(base), base_bias(base), terms, owner=self)
         result = self.base_layer(x, *args, **kwargs)
         base_out = result
         for name in self.active_adapters:
             if name not in self.operators:
                 continue
             if result is base_out and self._adds_from_base(name):  # one fused op: base_out + s·op(x)
-                result = self.operators[name].add_from_base(base_out, self.scalings[name])
+                result = cast(FromBaseOperator, self.operators[name]).add_from_base(base_out, self.scalings[name])
                 continue
             delta = self._adapter_output(name, x, base_out)
             result = result + delta.to(result.dtype)

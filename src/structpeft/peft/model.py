@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..operators import get_operator_class
 from .config import SurmConfig
-from .layer import MIXED_BATCH_BASE, StructuredLayer, delta_shape
+from .layer import MIXED_BATCH_BASE, StructuredLayer, base_weight, delta_shape
 from .surm_layer import SurmLayer, SurmWrapper
 
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -96,7 +96,8 @@ def measure_compute(base: nn.Module, choose: Callable[[torch.device | str], str]
     """Run a layer's compute-path timing, ``choose(device)`` (see :mod:`structpeft.operators.dispatch`), on the
     base weight's device (the CPU for a meta base). The timing runs a backward on real tensors: also under
     torch.no_grad / inference_mode, and under PEFT's low_cpu_mem_usage (which puts new parameters on meta)."""
-    device = base.weight.device if base.weight.device.type != "meta" else "cpu"
+    weight = base_weight(base)
+    device = weight.device if weight.device.type != "meta" else "cpu"
     with _skip_init_on_device(), torch.inference_mode(False), torch.enable_grad():
         return choose(device)
 
@@ -104,6 +105,7 @@ def measure_compute(base: nn.Module, choose: Callable[[torch.device | str], str]
 class StructuredTuner(BaseTuner):
     """Shared tuner logic; subclasses set ``prefix``, ``tuner_layer_cls``, ``wrapper_cls``, ``resolve_layer``."""
 
+    tuner_layer_cls: type[StructuredLayer]
     wrapper_cls: type[nn.Module]
     target_module_mapping = TARGET_PRESETS
 
@@ -125,8 +127,8 @@ class StructuredTuner(BaseTuner):
         return peft_config
 
     # ------------------------------------------------------------------------------------ per-method hooks
-    def resolve_layer(self, config: Any, key: str, base: nn.Module) -> dict[str, Any]:
-        """The resolved options for the module at ``key`` (recorded in ``config.layer_options[key]``)."""
+    def resolve_layer(self, config: Any, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
+        """The resolved options for the module at ``key`` (recorded in ``config.layer_options[key]`` if ``record``)."""
         raise NotImplementedError
 
     @classmethod
@@ -222,18 +224,22 @@ class StructuredTuner(BaseTuner):
         handles: list[Any] = []
         try:
             for module in self.model.modules():
-                if isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper)):
+                if self._takes_adapter_names(module):
                     inject(module, names)
             encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
             if len(names) != len(adapter_names) and encoder is not None and encoder is not self.model:
                 # the encoder runs once per input (not per beam): its hooks, registered last, override
                 for module in encoder.modules():
-                    if isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper)):
+                    if self._takes_adapter_names(module):
                         inject(module, list(adapter_names))
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _takes_adapter_names(self, module: nn.Module) -> bool:
+        """True for the modules whose forward takes ``adapter_names``: structured layers, ``modules_to_save``."""
+        return isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper))
 
     # --------------------------------------------------------------------------------------- validation
     def _targets(self, config: Any, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -294,20 +300,20 @@ class StructuredTuner(BaseTuner):
     # --------------------------------------------------------------------------------------------- creation
     def _create_and_replace(
         self,
-        config: Any,
+        peft_config: Any,
         adapter_name: str,
         target: nn.Module,
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        **optional_kwargs: Any,
+        parameter_name: str | None = None,
     ) -> None:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        options = self.resolve_layer(config, current_key, base, record=True)
+        options = self.resolve_layer(peft_config, current_key, base, record=True)
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, config, options=options)
+            target.update_layer(adapter_name, peft_config, options=options)
             return
-        new_module = self.wrapper_cls(target, adapter_name, config, module_path=current_key, options=options)
+        new_module = self.wrapper_cls(target, adapter_name, peft_config, module_path=current_key, options=options)
         new_module.train(target.training)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -344,6 +350,10 @@ class SurmModel(StructuredTuner):
                 roles = {"op": (out_features, out_features)}
             else:
                 m = config.bottleneck
+                if m is None:  # checked by __post_init__: set to None on the config afterwards
+                    raise ConfigError(
+                        "bottleneck=None is invalid: adapter_form='bottleneck' needs an integer width >= 1"
+                    )
                 if m >= out_features:
                     raise ShapeError(
                         f"bottleneck={m} must be smaller than the width n={out_features} of module {key!r}"
@@ -404,7 +414,7 @@ class SurmModel(StructuredTuner):
         self._check_mergeable(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
-    def _unload_and_optionally_merge(
+    def _unload_and_optionally_merge(  # type: ignore[override]  # PEFT annotates -> None but returns self.model
         self,
         merge: bool = True,
         progressbar: bool = False,
@@ -413,6 +423,6 @@ class SurmModel(StructuredTuner):
     ) -> nn.Module:
         if merge:
             self._check_mergeable(adapter_names)
-        return super()._unload_and_optionally_merge(
+        return super()._unload_and_optionally_merge(  # type: ignore[return-value]  # PEFT: -> None, returns the model
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from peft.config import PeftConfig
@@ -34,7 +34,7 @@ from .config import (
     _check_number,
     _check_target_modules,
 )
-from .layer import StructuredLayer, delta_shape, weight_2d
+from .layer import StructuredLayer, base_bias, delta_shape, weight_2d
 from .model import StructuredTuner, measure_compute
 
 PMSS_PEFT_TYPE = "PMSS"
@@ -47,14 +47,14 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
 
     param_prefix: ClassVar[str] = "pmss_"
 
-    target_modules: list[str] | str | None = field(
+    target_modules: list[str] | set[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (suffix match) or a regex, or 'all-linear' (the PiSSA / PMSS protocol). None: "
             "the preset for the model type (BERT: query, value; LLaMA: q_proj, v_proj)."
         },
     )
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules NOT to adapt."})
+    exclude_modules: list[str] | set[str] | str | None = field(default=None, metadata={"help": "Modules NOT to adapt."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     selection: str = field(
@@ -150,13 +150,17 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
 
     def layer_k(self, out_features: int, in_features: int) -> tuple[int, int]:
         """(k_in, k_out) for a layer: the explicit values, or the budget rule of :mod:`structpeft.budget`."""
-        if self.k_in is not None:
+        # __post_init__ checked these; the checks are repeated for values set on the config afterwards
+        if self.k_in is not None or self.k_out is not None:
+            if self.k_in is None or self.k_out is None:
+                raise ConfigError(f"k_in={self.k_in!r}, k_out={self.k_out!r}: give both or neither")
             return self.k_in, self.k_out
+        if self.budget is None:
+            raise ConfigError("budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out")
         from ..budget import budget_to_parameters, pmss_k_for_budget
 
-        return pmss_k_for_budget(
-            budget_to_parameters(self.budget, out_features, in_features), out_features, in_features
-        )
+        n_params = budget_to_parameters(self.budget, out_features, in_features)
+        return pmss_k_for_budget(n_params, out_features, in_features)
 
 
 def _checksum(w2d: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> str:
@@ -174,7 +178,7 @@ class PmssLayer(StructuredLayer):
 
     def _build_operator(self, adapter_name: str, config: PmssConfig, options: dict[str, Any]) -> SkeletonOperator:
         base = self.get_base_layer()
-        bias = base.bias if self.kind in ("linear", "conv1d") else None
+        bias = base_bias(base) if self.kind in ("linear", "conv1d") else None
         op = SkeletonOperator(
             weight_2d(base), options["col_idx"], options["row_idx"], config.skeleton_scaling, bias=bias
         )
@@ -189,7 +193,7 @@ class PmssLayer(StructuredLayer):
         super().unmerge()
         w2d = weight_2d(self.get_base_layer())
         for name in names:
-            op = self.operators[name]
+            op = cast(SkeletonOperator, self.operators[name])  # PMSS's operators
             if op.skeleton_scaling != "none":
                 continue
             drift = (w2d[:, op.col_idx].float() - op.cols.float()).abs().max().item()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ..operators import get_operator_class
+from ..operators import StructuredOperator, get_operator_class
 from .adapter import AdapterBlock
-from .layer import StructuredLayer
+from .layer import StructuredLayer, base_weight
 
 
 class SurmLayer(StructuredLayer):
@@ -27,11 +27,12 @@ class SurmLayer(StructuredLayer):
         module = build_surm_module(config, options, self.out_features, self.in_features, with_bias)
         compute = self._recorded_compute(config)
         for role, op in module.ops.items() if isinstance(module, AdapterBlock) else [("delta", module)]:
-            op.compute_mode = compute.get(role, "fast")
-            op.fold_inference = config.fold_inference
+            operator = cast(StructuredOperator, op)  # build_surm_module builds structured operators
+            operator.compute_mode = compute.get(role, "fast")
+            operator.fold_inference = config.fold_inference
         if any(p.is_meta for p in module.parameters()):  # PEFT's low_cpu_mem_usage: filled by the state dict load
             return module
-        return module.to(base.weight.device)
+        return module.to(base_weight(base).device)
 
 
 def build_surm_module(
