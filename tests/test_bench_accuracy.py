@@ -366,3 +366,20 @@ def test_terminating_the_sweep_stops_its_running_worker(tmp_path):
     assert parent.wait(timeout=60) != 0  # interrupted, not finished
     with pytest.raises(ProcessLookupError):  # reaped by the sweep: no such process any more
         os.kill(worker, 0)
+
+
+def test_quarter_target_states_the_standard_error_of_the_gap_when_both_sides_have_seeds():
+    rs = [_result("bbc", "lora-r8-lr2e-3", "LoRA lr 2e-3", s, a, 73728) for s, a in enumerate((0.90, 0.92, 0.94))] + [
+        _result("bbc", "surm-circulant-lora2", "SURM circulant", s, a, 18432) for s, a in enumerate((0.91, 0.93))
+    ]
+    cells = A.summarise(rs, A.plan(["bbc"], [0, 1, 2]))
+    by_method = {c.method: c for c in cells}
+    # sqrt(0.02² / 3 + 0.01414² / 2) = 0.01528 -> 1.53 points
+    se = A.gap_standard_error(by_method["surm-circulant-lora2"], by_method["lora-r8-lr2e-3"])
+    assert se == pytest.approx(100 * (0.02**2 / 3 + 0.02**2 / 2 / 2) ** 0.5)
+    quarter = next(t for t in A.check_targets(cells) if "1/4" in t["target"])
+    assert "+0.00 points, standard error of the difference 1.53; 2 / 3 seeds" in quarter["detail"]
+    # one seed on a side: no standard error, the gap and the seed counts only
+    one = A.summarise(rs[:1] + rs[3:4], A.plan(["bbc"], [0]))
+    quarter = next(t for t in A.check_targets(one) if "1/4" in t["target"])
+    assert "standard error" not in quarter["detail"] and "; 1 / 1 seeds" in quarter["detail"]

@@ -798,6 +798,20 @@ def _best_against(candidates: Sequence[Cell], reference: Cell) -> tuple[Cell | N
     return best, 100 * (best.accuracy - reference.accuracy)
 
 
+def gap_standard_error(a: Cell, b: Cell) -> float | None:
+    """The standard error of the difference of two cells' mean accuracies, in points: sqrt(s_a²/n_a + s_b²/n_b)
+    with s the sample std over seeds (independent seeds); None unless both cells have at least two seeds."""
+    if a.n < 2 or b.n < 2:
+        return None
+    return 100 * math.sqrt(a.accuracy_std**2 / a.n + b.accuracy_std**2 / b.n)
+
+
+def _gap_text(gap: float, best: Cell, ref: Cell) -> str:
+    se = gap_standard_error(best, ref)
+    spread = f", standard error of the difference {se:.2f}" if se is not None else ""
+    return f"{gap:+.2f} points{spread}; {best.n} / {ref.n} seeds"
+
+
 def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """The issue's targets, each met / missed (or not measured) with its numbers."""
     out = []
@@ -825,8 +839,7 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                         "met": gap >= -0.5,
                         "detail": f"best {best.method} ({best.adapter_params:,} vs {lora.adapter_params:,} "
                         f"parameters): {100 * best.accuracy:.2f} ± {100 * best.accuracy_std:.2f} vs {lora.method} "
-                        f"{100 * lora.accuracy:.2f} ± {100 * lora.accuracy_std:.2f} ({gap:+.2f} points; "
-                        f"{best.n} / {lora.n} seeds)",
+                        f"{100 * lora.accuracy:.2f} ± {100 * lora.accuracy_std:.2f} ({_gap_text(gap, best, lora)})",
                     }
                 )
             out += _same_module_targets(task, cs, loras)
@@ -908,8 +921,7 @@ def _same_module_targets(task: str, cs: dict[str, Cell], loras: Sequence[Cell]) 
                 "met": gap >= -0.5,
                 "detail": f"best {best.method} ({best.adapter_params:,} vs {ref.adapter_params:,} parameters): "
                 f"{100 * best.accuracy:.2f} ± {100 * best.accuracy_std:.2f} vs {ref.method} "
-                f"{100 * ref.accuracy:.2f} ± {100 * ref.accuracy_std:.2f} ({gap:+.2f} points; "
-                f"{best.n} / {ref.n} seeds)",
+                f"{100 * ref.accuracy:.2f} ± {100 * ref.accuracy_std:.2f} ({_gap_text(gap, best, ref)})",
             }
         )
     return out
