@@ -167,11 +167,11 @@ def build_base(model: str = "minilm", seed: int = 0, dtype: torch.dtype = torch.
         from transformers import LlamaConfig, LlamaModel
 
         llama = LlamaModel(LlamaConfig(**SMOLLM2_SHAPE))
-        return llama.to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to by @wraps(Module.to)
+        return llama.to(dtype).eval()  # type: ignore[arg-type, unused-ignore]  # transformers: .to typed by @wraps
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(**MINILM_SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertModel(cfg).to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to by @wraps(Module.to)
+    return BertModel(cfg).to(dtype).eval()  # type: ignore[arg-type, unused-ignore]  # transformers: .to typed by @wraps
 
 
 def compute_tokens(cases: dict[str, Case]) -> int | None:

@@ -315,7 +315,7 @@ def load_base_model(model_dir: str, task: str, label_names: Sequence[str] | None
             )
             model.config.problem_type = "single_label_classification"
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]  # typed w/o output_loading_info
+            model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc, unused-ignore]  # untyped (model, info)
                 model_dir, dtype=torch.float32, local_files_only=True, output_loading_info=True
             )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
