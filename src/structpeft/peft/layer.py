@@ -33,7 +33,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..errors import MergeError, MixedBatchError, UnsupportedLayerError
-from ..operators.base import _compiling
+from ..operators.base import DenseDeltaMixin, _compiling
 from ..operators.fused import FOLDABLE_DTYPES, FOLDED_MODES, folded_linear, hybrid_linear, records_grad
 from .adapter import AdapterBlock
 
@@ -46,12 +46,6 @@ except ImportError:  # pragma: no cover - exercised only without transformers
 SUPPORTED_LAYER_TYPES = "torch.nn.Linear, transformers Conv1D, torch.nn.Conv2d"
 # in a mixed-adapter batch (``model(..., adapter_names=[...])``), the name of "no adapter" (PEFT's convention)
 MIXED_BATCH_BASE = "__base__"
-
-
-class DeltaOperator(Protocol):
-    """What a layer calls on a ΔW-placed operator (a structured operator, PMSS's skeleton operator)."""
-
-    def to_dense(self) -> torch.Tensor: ...
 
 
 class FromBaseOperator(Protocol):
@@ -192,7 +186,7 @@ class StructuredLayer(BaseTunerLayer):
             m = cast(AdapterBlock, self.operators[adapter_name]).linear_map(self.scalings[adapter_name])
             dense = m.to(w0) @ w0
         else:
-            dense = cast(DeltaOperator, self.operators[adapter_name]).to_dense() * self.scalings[adapter_name]
+            dense = cast(DenseDeltaMixin, self.operators[adapter_name]).to_dense() * self.scalings[adapter_name]
         return self._to_base_layout(dense).to(base_weight(base).dtype)
 
     def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -211,7 +205,7 @@ class StructuredLayer(BaseTunerLayer):
                 if block.bias is not None:
                     c = block.bias.double() if c is None else c + block.bias.double()
             else:
-                d_a = cast(DeltaOperator, op).to_dense().double() * scale
+                d_a = cast(DenseDeltaMixin, op).to_dense().double() * scale
                 d = d_a if d is None else d + d_a
         return d, m, c
 
@@ -246,7 +240,7 @@ class StructuredLayer(BaseTunerLayer):
             # ΔW placement only: plain addition / subtraction in the base dtype (bit-stable, no solve)
             w2 = weight_2d(base).detach().clone()
             for name in new_names:
-                w2 = w2 + (cast(DeltaOperator, self.operators[name]).to_dense() * self.scalings[name]).to(w2.dtype)
+                w2 = w2 + (cast(DenseDeltaMixin, self.operators[name]).to_dense() * self.scalings[name]).to(w2.dtype)
             new_w, new_b = self._to_base_layout(w2), None
         else:
             w0, b0 = self._unmerged_weights(previous)
@@ -323,7 +317,7 @@ class StructuredLayer(BaseTunerLayer):
             return block.transform(dropout(base_out), scale)
         if self.kind == "conv2d":
             conv = cast(nn.Conv2d, self.get_base_layer())
-            delta = (cast(DeltaOperator, op).to_dense() * scale).reshape(conv.weight.shape).to(x.dtype)
+            delta = (cast(DenseDeltaMixin, op).to_dense() * scale).reshape(conv.weight.shape).to(x.dtype)
             return conv._conv_forward(dropout(x), delta, None)
         if isinstance(dropout, nn.Identity) and hasattr(op, "forward_from_base"):
             return cast(FromBaseOperator, op).forward_from_base(x, base_out) * scale
