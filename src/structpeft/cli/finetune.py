@@ -254,7 +254,8 @@ class _StepLossTrainerMixin:
     step_losses: list[float]
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the mixin is only ever combined with transformers.Trainer (below), which defines training_step
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         self.step_losses.append(float(loss.detach().float().item()))
         return loss
 
