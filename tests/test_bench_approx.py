@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from structpeft.bench import approx
+from structpeft.bench import approx, fits
 from structpeft.operators import get_operator_class
 
 
@@ -77,7 +77,7 @@ def test_bad_arguments_are_argparse_errors_naming_the_value(argv, message, capsy
 @pytest.mark.parametrize("shape, block", [((24, 24), 8), ((20, 28), 8), ((12, 12), None)])
 def test_exactly_circulant_and_toeplitz_targets_are_recovered(shape, block):
     torch.manual_seed(1)
-    for structure, project in (("circulant", approx.circulant_projection), ("toeplitz", approx.toeplitz_projection)):
+    for structure, project in (("circulant", fits.circulant_projection), ("toeplitz", fits.toeplitz_projection)):
         kwargs = {"num_factors": 1} if structure == "toeplitz" else {}
         truth = get_operator_class(structure)(*shape, block_size=block, **kwargs)
         truth.reset_parameters(False)
@@ -85,21 +85,21 @@ def test_exactly_circulant_and_toeplitz_targets_are_recovered(shape, block):
             target = truth.to_dense()
         fitted = project(target, block)
         with torch.no_grad():
-            assert approx.relative_error(target, fitted.to_dense()) < 1e-6, structure
+            assert fits.relative_error(target, fitted.to_dense()) < 1e-6, structure
 
 
 def test_circulant_projection_is_optimal_and_not_beaten_by_gradient_fitting():
     target = _gaussian(16, 16, seed=3)
-    op = approx.circulant_projection(target, 4)
+    op = fits.circulant_projection(target, 4)
     dense = op.to_dense()
-    closed = approx.relative_error(target, dense)
+    closed = fits.relative_error(target, dense)
     # first-order optimality: the residual is orthogonal to the (linear) circulant space
     loss = (op.to_dense() - target).pow(2).sum()
     (grad,) = torch.autograd.grad(loss, op.weight)
     assert grad.abs().max() < 1e-5
     # Adam from zero reaches the same optimum at best (the problem is convex), never a better one
     gd = get_operator_class("circulant")(16, 16, block_size=4)
-    res = approx.fit_adam(gd, target / target.pow(2).mean().sqrt(), steps=300, lr=0.05)
+    res = fits.fit_adam(gd, target / target.pow(2).mean().sqrt(), steps=300, lr=0.05)
     assert closed <= res.best_error + 1e-5
     assert res.best_error == pytest.approx(closed, abs=2e-3)
 
@@ -108,20 +108,20 @@ def test_kronecker_projection_recovers_products_and_sums():
     torch.manual_seed(2)
     lefts, rights = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
     one = torch.kron(lefts[0], rights[0]).float()
-    op = approx.kronecker_projection(one, (4, 6))
+    op = fits.kronecker_projection(one, (4, 6))
     with torch.no_grad():
-        assert approx.relative_error(one, op.to_dense()) < 1e-6
+        assert fits.relative_error(one, op.to_dense()) < 1e-6
     three = sum(torch.kron(a, b) for a, b in zip(lefts, rights, strict=True))
-    dense, _, _ = approx.kronecker_sum_projection(three, (4, 6), terms=3)
-    assert approx.relative_error(three, dense) < 1e-10
-    dense2, _, _ = approx.kronecker_sum_projection(three, (4, 6), terms=2)
-    assert approx.relative_error(three, dense2) > 1e-3  # a rank-3 rearrangement needs 3 terms
+    dense, _, _ = fits.kronecker_sum_projection(three, (4, 6), terms=3)
+    assert fits.relative_error(three, dense) < 1e-10
+    dense2, _, _ = fits.kronecker_sum_projection(three, (4, 6), terms=2)
+    assert fits.relative_error(three, dense2) > 1e-3  # a rank-3 rearrangement needs 3 terms
     # the benchmark's Kronecker method searches the exact factor shapes within the budget and finds this one
     settings = approx.Settings(progress=False)
     point = approx.METHODS["kronecker"].fitter(one, 4 * 6 + 5 * 2, settings, "")
-    assert approx.relative_error(one, point.dense) < 1e-6
+    assert fits.relative_error(one, point.dense) < 1e-6
     with pytest.raises(approx.ConfigError, match="does not divide"):
-        approx.kronecker_sum_projection(one, (3, 6))
+        fits.kronecker_sum_projection(one, (3, 6))
 
 
 def test_lora_error_is_the_singular_value_tail_and_zero_on_a_low_rank_target():
@@ -132,10 +132,10 @@ def test_lora_error_is_the_singular_value_tail_and_zero_on_a_low_rank_target():
         point = approx.METHODS["lora"].fitter(target, rank * 50, settings, "")
         assert point.params == rank * 50
         expected = float(sigma[rank:].pow(2).sum().sqrt() / sigma.pow(2).sum().sqrt())
-        assert approx.relative_error(target, point.dense) == pytest.approx(expected, rel=1e-9)
+        assert fits.relative_error(target, point.dense) == pytest.approx(expected, rel=1e-9)
     low = _gaussian(30, 3, seed=5) @ _gaussian(3, 20, seed=6)
-    assert approx.relative_error(low, approx.lora_projection(low, 3)) < 1e-6  # float32 target
-    assert approx.relative_error(low, approx.skeleton_projection(low, 3)) < 1e-6  # CUR is exact at the rank
+    assert fits.relative_error(low, fits.lora_projection(low, 3)) < 1e-6  # float32 target
+    assert fits.relative_error(low, fits.skeleton_projection(low, 3)) < 1e-6  # CUR is exact at the rank
 
 
 def test_closed_form_errors_do_not_increase_with_parameters():
@@ -148,7 +148,7 @@ def test_closed_form_errors_do_not_increase_with_parameters():
                 point = approx.METHODS[method].fitter(target, int(rho * 96), settings, "")
             except approx.ConfigError:
                 continue
-            errors.append(approx.relative_error(target, point.dense))
+            errors.append(fits.relative_error(target, point.dense))
         assert len(errors) >= 4, method
         assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:], strict=False)), (method, errors)
 
@@ -158,16 +158,16 @@ def test_gradient_methods_start_from_their_projection_and_improve():
     settings = approx.Settings(steps=40, lr=0.03, progress=False)
     budget = 4 * 64
     b = approx.block_size_for("ldr", (32, 32), budget, displacement_rank=2)
-    circ = approx.relative_error(target, approx.circulant_projection(target, b).to_dense().detach())
+    circ = fits.relative_error(target, fits.circulant_projection(target, b).to_dense().detach())
     point = approx.METHODS["ldr-r2"].fitter(target, budget, settings, "")
     assert point.init_error == pytest.approx(circ, abs=1e-5)  # warm start = circulant projection
     assert point.params <= budget and point.options["displacement_rank"] == 2
-    assert approx.relative_error(target, point.dense) < circ - 1e-3
+    assert fits.relative_error(target, point.dense) < circ - 1e-3
     b = approx.block_size_for("toeplitz", (32, 32), budget, num_factors=2)
-    toep = approx.relative_error(target, approx.toeplitz_projection(target, b).to_dense().detach())
+    toep = fits.relative_error(target, fits.toeplitz_projection(target, b).to_dense().detach())
     point = approx.METHODS["toeplitz-f2"].fitter(target, budget, settings, "")
     assert point.init_error == pytest.approx(toep, abs=1e-5)
-    assert approx.relative_error(target, point.dense) < toep - 1e-3
+    assert fits.relative_error(target, point.dense) < toep - 1e-3
 
 
 def test_block_size_for_prefers_unpadded_grids():
