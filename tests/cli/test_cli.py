@@ -59,6 +59,32 @@ def _printed_accuracy(stdout: str) -> float:
     return float(m.group(1))
 
 
+def _assert_test_loss_reproduced(stdout: str) -> None:
+    """evaluate's test loss equals the one finetune recorded (to float rounding): a far finer check than the
+    accuracy that the reloaded model is the trained one (a dropped or zeroed adapter often keeps the accuracy)."""
+    m = re.search(r"^test loss: ([0-9.]+), metrics.json: ([0-9.]+) ", stdout, re.MULTILINE)
+    assert m, stdout
+    assert float(m.group(1)) == pytest.approx(float(m.group(2)), rel=1e-5, abs=1e-6), stdout
+
+
+def _assert_reloads_the_saved_adapter(out: Path) -> None:
+    """The model evaluate loads holds exactly the saved adapter tensors, and they are not all zero."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from structpeft.cli.evaluate import load_run_model
+
+    model, _, _ = load_run_model(out)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    assert sorted(loaded) == sorted(saved)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key].cpu(), value), key
+    adapter = [v for k, v in saved.items() if "classifier" not in k and v.is_floating_point()]
+    assert adapter and any(bool(v.abs().sum() > 0) for v in adapter)
+
+
 def _assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert code == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
@@ -150,7 +176,9 @@ def test_surm_evaluate_in_fresh_process_reproduces_metric(tmp_path, tiny_bert, k
     assert _printed_accuracy(proc.stdout) == _printed_accuracy(stdout)
     assert "(identical)" in proc.stdout, proc.stdout
     assert f"{recorded:.4f}" in proc.stdout
+    _assert_test_loss_reproduced(proc.stdout)
     assert sorted(p.name for p in out.iterdir()) == before  # evaluate writes nothing
+    _assert_reloads_the_saved_adapter(out)
 
 
 def test_lora_learns_and_reloads(tmp_path, tiny_bert, keyword_csv, capsys):
@@ -172,6 +200,8 @@ def test_lora_learns_and_reloads(tmp_path, tiny_bert, keyword_csv, capsys):
     assert code == 0, err
     assert "(identical)" in eval_out
     assert _printed_accuracy(eval_out) == _printed_accuracy(stdout)
+    _assert_test_loss_reproduced(eval_out)
+    _assert_reloads_the_saved_adapter(out)
 
 
 def test_head_only_saves_head_and_reloads_in_fresh_process(tmp_path, tiny_bert, keyword_csv, capsys):
@@ -479,6 +509,7 @@ def test_generation_with_a_causal_lm(tmp_path, tiny_llama, qa_jsonl, capsys):
     code, eval_out, err = _run(capsys, ["evaluate", str(out), "--no-progress"])
     assert code == 0, err
     assert "(identical)" in eval_out
+    _assert_reloads_the_saved_adapter(out)  # exact match on two problems would not notice a lost adapter
 
 
 @pytest.mark.parametrize("method", ["lokr", "vera", "pmss"])
@@ -496,6 +527,8 @@ def test_other_peft_methods_train_and_reload(method, tmp_path, tiny_bert, keywor
     assert code == 0, err
     assert "(identical)" in eval_out
     assert _printed_accuracy(eval_out) == _printed_accuracy(stdout)
+    _assert_test_loss_reproduced(eval_out)
+    _assert_reloads_the_saved_adapter(out)
 
 
 def test_surm_adapter_placement_targets_the_houlsby_positions(tmp_path, tiny_bert, keyword_csv, capsys):

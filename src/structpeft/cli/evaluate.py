@@ -165,11 +165,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     if task == "classification":
         test_ds = C.tokenize_classification(tokenizer, data.test_texts, data.test_pairs, data.test_labels, max_length)
-        value = C.evaluate_classification(model, tokenizer, test_ds, int(rc["eval_batch_size"]), int(rc["seed"]))[
-            "accuracy"
-        ]
+        scores = C.evaluate_classification(model, tokenizer, test_ds, int(rc["eval_batch_size"]), int(rc["seed"]))
+        value, loss = scores["accuracy"], scores["loss"]
         n_test = len(data.test_texts)
     else:
+        loss = None  # generation: exact match only (its test loss is not recorded at the final step)
         value, _ = C.generate_and_score(
             model,
             tokenizer,
@@ -194,6 +194,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     else:
         same = "identical" if value == recorded else f"differs by {value - recorded:+.6f}"
         print(f"metrics.json: {recorded:.4f} ({same})")
+        # the test loss is a far finer check than accuracy that the reloaded model is the trained one
+        epochs = saved.get("epochs") or []
+        recorded_loss = epochs[-1].get("loss") if epochs and isinstance(epochs[-1], dict) else None
+        if loss is not None and recorded_loss is not None and data_args == dict(rc["data_args"]):
+            same = "identical" if loss == recorded_loss else f"differs by {loss - recorded_loss:+.3g}"
+            print(f"test loss: {loss:.6f}, metrics.json: {recorded_loss:.6f} ({same})")
         base = saved.get("baseline_accuracy")
         if base is not None:
             print(f"baseline: {base:.4f} ({(saved.get('baseline') or {}).get('description', 'frozen baseline')})")
