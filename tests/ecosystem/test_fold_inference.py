@@ -119,17 +119,25 @@ def test_an_active_adapter_without_the_flag_keeps_the_layer_unfolded(method, fol
     ["bfloat16", "dropout", "adapter-placement"],
 )
 def test_cases_that_cannot_fold_keep_the_structured_product(case, folds):
-    if case == "adapter-placement":
-        config = surm_adapter(["fc1", "fc2"], fold_inference=True)
-        model = get_peft_model(seeded(MLP).double(), config)
-    elif case == "dropout":
-        model = get_peft_model(seeded(MLP).double(), METHODS["pmss"](dropout=0.1, fold_inference=True)).eval()
-    else:
-        model = get_peft_model(seeded(MLP), METHODS["surm-circulant"](compute="fast", fold_inference=True))
-        model = model.to(torch.bfloat16)
+    """In inference (eval mode) the flag changes nothing where the fold does not apply: no folded matmul, and the
+    output equals, bit for bit, that of the same model built without the flag."""
+
+    def build(fold: bool):
+        if case == "adapter-placement":
+            model = get_peft_model(seeded(MLP).double(), surm_adapter(["fc1", "fc2"], fold_inference=fold))
+        elif case == "dropout":
+            model = get_peft_model(seeded(MLP).double(), METHODS["pmss"](dropout=0.1, fold_inference=fold))
+        else:
+            config = METHODS["surm-circulant"](compute="fast", fold_inference=fold)
+            model = get_peft_model(seeded(MLP), config).to(torch.bfloat16)
+        return model.eval()
+
+    reference, model = build(False), build(True)
     x = _x().to(next(model.parameters()).dtype)
     with torch.no_grad():
-        assert torch.isfinite(model(x)).all()
+        expected, out = reference(x), model(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
     assert folds == []
 
 

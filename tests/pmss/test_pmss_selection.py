@@ -154,3 +154,5 @@ def test_reused_config_object_gets_a_fresh_selection():
     cfg.seed, cfg.k_in, cfg.k_out, cfg.layer_options = 2, 4, 4, {}
     model.add_adapter("b", cfg)
     assert tuple(pmss_layers(model)["lin0"].pmss_op["b"].core.shape) == (4, 4)
+    opts = recorded(cfg, "lin0")  # the skeleton of seed 2, not adapter a's (seed 1) reused
+    assert (opts["k_in"], opts["k_out"], opts["col_idx"], opts["row_idx"]) == _expected_options(model, cfg, "lin0")

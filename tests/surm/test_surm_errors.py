@@ -158,8 +158,11 @@ def test_load_onto_base_model_with_extra_target_layers(tmp_path):
     folder = _saved_adapter(ONE_PER_STRUCTURE[0], case, tmp_path / "adapter")  # the same for every structure
     torch.manual_seed(case.seed)
     larger = tiny_bert_cls(num_hidden_layers=3).eval()
-    warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
-    _fails_without_change(larger, lambda: PeftModel.from_pretrained(larger, folder), BaseModelMismatchError, "layer.2")
+    with warnings.catch_warnings():  # scoped: a bare filterwarnings would leak into later tests
+        warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
+        _fails_without_change(
+            larger, lambda: PeftModel.from_pretrained(larger, folder), BaseModelMismatchError, "layer.2"
+        )
 
 
 def _shape(module):
@@ -255,8 +258,9 @@ def test_adapter_file_of_another_structure(one_structure, tmp_path):
     other = ONE_PER_STRUCTURE[(names.index(one_structure.structure) + 1) % len(names)]
     folder = _swap_weights_file(one_structure, other, layer_case, tmp_path)
     base = layer_case.model()
-    warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
-    _fails_without_change(base, lambda: PeftModel.from_pretrained(base, folder), AdapterFileError, WEIGHTS)
+    with warnings.catch_warnings():  # scoped: a bare filterwarnings would leak into later tests
+        warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
+        _fails_without_change(base, lambda: PeftModel.from_pretrained(base, folder), AdapterFileError, WEIGHTS)
 
 
 @pytest.mark.parametrize("name", ["circ", "weight", "core", "ops"])
