@@ -202,7 +202,16 @@ def test_decoder_generate(one_structure):
     assert type(model).__name__ == "PeftModelForCausalLM"
     assert torch.equal(model.generate(input_ids=ids, **kwargs), expected)
     model = get_peft_model(_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM", init_weights=False))
-    assert model.generate(input_ids=ids, **kwargs).shape == (2, 9)
+    out = model.generate(input_ids=ids, **kwargs)
+    assert out.shape == (2, 9)
+    # with a non-zero ΔW, generate (KV cache, one new token per step) is greedy decoding of the adapted model's
+    # full forward
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(one_structure):
