@@ -91,3 +91,57 @@ def test_unknown_adapter_name_names_the_valid_ones_before_writing(tmp_path):
     with pytest.raises(ConfigError, match=r"adapter_name='other'.*\['default'\]"):
         structpeft.to_lora(model, str(tmp_path / "lora"), adapter_name="other", rank=2)
     assert not os.path.exists(tmp_path / "lora")
+
+
+def _listing(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_folder_with_other_files_is_refused_and_kept(tmp_path):
+    """Exporting into the folder of the structured adapter itself (or any folder with other files) must not replace
+    it: ConfigError naming the folder, every file kept byte for byte, nothing else written next to it."""
+    model = get_peft_model(_base(), CONFIGS["surm-circulant"]())
+    folder = tmp_path / "adapter"
+    model.save_pretrained(str(folder))
+    (folder / "notes.txt").write_text("mine")
+    before = _listing(folder)
+    with pytest.raises(ConfigError, match=r"output_dir=.*adapter.*not empty.*notes\.txt"):
+        structpeft.to_lora(model, str(folder), rank=2)
+    assert _listing(folder) == before
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary folder left behind
+
+
+def test_a_file_as_output_dir_is_refused(tmp_path):
+    model = get_peft_model(_base(), CONFIGS["surm-circulant"]())
+    path = tmp_path / "lora"
+    path.write_text("a file")
+    with pytest.raises(ConfigError, match="not a folder"):
+        structpeft.to_lora(model, str(path), rank=2)
+    assert path.read_text() == "a file"
+
+
+def test_an_earlier_export_or_an_empty_folder_is_replaced(tmp_path):
+    model = get_peft_model(_base(), CONFIGS["surm-circulant"]())
+    out = tmp_path / "lora"
+    out.mkdir()
+    structpeft.to_lora(model, str(out), rank=1)  # an empty folder
+    first = json.loads((out / "export_report.json").read_text())
+    structpeft.to_lora(model, str(out), rank=3)  # an earlier export: replaced as a whole
+    assert {r["rank"] for r in json.loads((out / "export_report.json").read_text())} == {3}
+    assert {r["rank"] for r in first} == {1}
+    assert sorted(os.listdir(tmp_path)) == ["lora"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)  # a normal folder, not a private temporary one
+
+
+def test_a_non_finite_adapter_names_the_layer_and_writes_nothing(tmp_path):
+    from structpeft.errors import MergeError
+
+    model = get_peft_model(_base(), CONFIGS["pmss"]())
+    core = next(p for n, p in model.named_parameters() if "layer.1.attention.self.value" in n and "pmss_" in n)
+    with torch.no_grad():
+        core.view(-1)[0] = float("nan")
+    with pytest.raises(MergeError, match=r"layer\.1\.attention\.self\.value.*non-finite"):
+        structpeft.to_lora(model, str(tmp_path / "lora"), rank=2)
+    assert os.listdir(tmp_path) == []

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnsupportedLayerError
+from .errors import ConfigError, MergeError, UnsupportedLayerError
 from .peft.layer import StructuredLayer, base_weight
 
 if TYPE_CHECKING:
@@ -68,7 +68,9 @@ def to_lora(
     Give exactly one of ``rank`` (a fixed rank per layer, capped at min(out, in')) or ``energy`` in (0, 1]
     (per-layer rank keeping that fraction of the squared singular values). Returns one :class:`LayerExport` per
     layer with its rank and relative error. ``modules_to_save`` weights (e.g. a classifier head) are copied.
-    The folder is written atomically (a temporary folder renamed into place).
+    The folder is written atomically (a temporary folder renamed into place); ``output_dir`` must be new, empty or
+    an earlier export (which is replaced): a folder holding anything else raises :class:`ConfigError` before any
+    work, so that nothing is lost. A non-finite ΔW raises :class:`MergeError` naming the layer.
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -83,6 +85,7 @@ def to_lora(
         raise ConfigError(
             f"adapter_name={adapter_name!r} is not an adapter of this model; valid: {sorted(model.peft_config)}"
         )
+    _check_output_dir(output_dir)
     config = model.peft_config[adapter_name]
     prefix = "base_model.model."
     tensors: dict[str, torch.Tensor] = {}
@@ -107,6 +110,11 @@ def to_lora(
             if layer.kind == "conv1d":
                 delta = delta.T
             delta = delta.reshape(delta.shape[0], -1)
+            if not bool(torch.isfinite(delta).all()):
+                raise MergeError(
+                    f"layer {path!r}: adapter {adapter_name!r} gives a non-finite ΔW (NaN / inf in its parameters); "
+                    "nothing was written"
+                )
             b, a, r, err = _factorise(delta, rank, energy)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         if layer.kind == "conv2d":
@@ -139,18 +147,49 @@ def to_lora(
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".to_lora-", dir=parent)
+    aside = None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # a normal folder's mode, not mkdtemp's 0700
         lora.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
-        with open(os.path.join(tmp, "export_report.json"), "w") as f:
+        with open(os.path.join(tmp, REPORT_FILE), "w") as f:
             json.dump([r.__dict__ for r in reports], f, indent=1)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
+        if os.path.exists(output_dir):  # an earlier export (_check_output_dir) or an empty folder: set aside first
+            aside = tempfile.mkdtemp(prefix=".to_lora-old-", dir=parent)
+            os.replace(output_dir, os.path.join(aside, "old"))
         os.replace(tmp, output_dir)
     except BaseException:
+        if aside is not None and not os.path.exists(output_dir):
+            os.replace(os.path.join(aside, "old"), output_dir)  # put the earlier folder back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     return reports
+
+
+REPORT_FILE = "export_report.json"
+# what an earlier export writes: a folder holding only these (or nothing) is replaced; anything else is kept
+EXPORT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", REPORT_FILE})
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """``output_dir`` must be new, empty, or an earlier export (it is replaced as a whole, atomically): a folder
+    with anything else, e.g. the structured adapter being exported, is refused before anything is computed."""
+    if not os.path.exists(output_dir):
+        return
+    if not os.path.isdir(output_dir):
+        raise ConfigError(f"output_dir={output_dir!r} exists and is not a folder; give a new or empty folder")
+    names = set(os.listdir(output_dir))
+    if names and not (REPORT_FILE in names and names <= EXPORT_FILES):
+        raise ConfigError(
+            f"output_dir={output_dir!r} is not empty and is not an earlier to_lora export (it holds "
+            f"{sorted(names)[:6]}{' ...' if len(names) > 6 else ''}); give a new or empty folder, so that nothing "
+            "in it is replaced"
+        )
 
 
 def _layers(model: PeftModel, adapter_name: str) -> list[tuple[str, StructuredLayer]]:
