@@ -276,18 +276,21 @@ def test_merge_twice_warns_and_changes_nothing():
         assert torch.equal(layer.get_base_layer().weight, weights[p])
 
 
+@pytest.mark.parametrize("which", ["first", "last"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_safe_merge_with_non_finite_core_raises_and_leaves_weights(layer_case, bad):
+def test_safe_merge_with_non_finite_core_raises_and_leaves_weights(layer_case, bad, which):
+    """Every layer is checked before any is merged: a bad core in the last layer leaves the first unmerged too."""
     model = get_peft_model(layer_case.model(), layer_case.config(init_weights=False))
     layers = pmss_layers(model)
-    first = next(iter(layers.values()))  # the first targeted layer in module order: nothing merged before it
+    bad_layer = list(layers.values())[0 if which == "first" else -1]
     with torch.no_grad():
-        first.pmss_op["default"].core[0, 0] = bad
+        bad_layer.pmss_op["default"].core[0, 0] = bad
     weights = {p: layer.get_base_layer().weight.detach().clone() for p, layer in layers.items()}
     with pytest.raises(MergeError, match="non-finite"):
         model.merge_adapter(safe_merge=True)
     with pytest.raises(MergeError, match="non-finite"):
         model.merge_and_unload(safe_merge=True)
+    assert list(pmss_layers(model)) == list(layers)  # nothing was unloaded
     for p, layer in layers.items():
         assert not layer.merged
         assert torch.equal(layer.get_base_layer().weight, weights[p])

@@ -205,13 +205,25 @@ def test_safe_merge_refuses_nan_adapter(structure, layer_case, which):
     assert isinstance(info.value, ValueError)
     assert path in str(info.value)
     assert torch.equal(layer.get_base_layer().weight, weights[path])
+    # every layer is checked before any is merged: a NaN in the last layer leaves the earlier ones unmerged too
+    assert not any(x.merged for x in layers.values())
+    for p, w in _base_weights(model).items():
+        assert torch.equal(w, weights[p]), p
+    with pytest.raises(MergeError):
+        model.merge_and_unload(safe_merge=True)
+    assert list(surm_layers(model)) == list(layers)  # nothing was unloaded either
+    for p, w in _base_weights(model).items():
+        assert torch.equal(w, weights[p]), p
+
+
+def test_safe_merge_names_a_non_finite_base_weight_as_the_cause(structure, layer_case):
+    model = get_peft_model(layer_case.model(), structure.config(layer_case, init_weights=False))
+    layer = next(iter(surm_layers(model).values()))
+    with torch.no_grad():
+        layer.get_base_layer().weight.view(-1)[0] = float("inf")
+    with pytest.raises(MergeError, match="base layer's weights already hold NaN/inf"):
+        model.merge_adapter(safe_merge=True)
     assert not layer.merged
-    if which == "first":  # nothing was merged before the bad layer: the whole model is untouched
-        for p, w in _base_weights(model).items():
-            assert torch.equal(w, weights[p]), p
-        with pytest.raises(MergeError):
-            model.merge_and_unload(safe_merge=True)
-        assert torch.equal(layer.get_base_layer().weight, weights[path])
 
 
 CONV_VARIANTS = {

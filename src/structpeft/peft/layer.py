@@ -231,8 +231,9 @@ class StructuredLayer(BaseTunerLayer):
                 b = torch.linalg.solve(eye + m, b[:, None])[:, 0]
         return w, b
 
-    def _set_weights(self, names: list[str], safe_merge: bool, new_names: list[str]) -> None:
-        """Write the base weight (and bias) for the merged set ``names``, computed from the unmerged base."""
+    def _merged_weights(self, names: list[str], new_names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight (and bias, or None where it does not change) with the set ``names`` merged, computed
+        from the unmerged base; ``new_names``, the part of ``names`` not merged yet. Writes nothing."""
         base = self.get_base_layer()
         previous = [n for n in names if n not in new_names]
         uses_map = any(self.is_adapter_placement(n) for n in names if n in self.operators)
@@ -251,11 +252,30 @@ class StructuredLayer(BaseTunerLayer):
             if b0 is not None:
                 b = b0 + (0 if m is None else m @ b0) + (0 if c is None else c)
                 new_b = b.to(cast(torch.Tensor, base.bias).dtype)  # b0 is not None: the base layer has a bias
-        if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
-            raise MergeError(
-                f"merging adapter(s) {new_names} into {self.module_path or type(base).__name__} would give "
-                "non-finite weights (NaN/inf in the adapter); the base weight was left unchanged"
-            )
+        return new_w, new_b
+
+    def check_finite_merge(self, new_names: list[str]) -> None:
+        """:class:`MergeError` if merging ``new_names`` (on top of the adapters merged already) would give non-finite
+        weights; changes nothing. Used by ``safe_merge`` on every layer before any layer is merged."""
+        new_w, new_b = self._merged_weights(self.merged_adapters + new_names, new_names)
+        if torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all()):
+            return
+        base = self.get_base_layer()
+        bias = getattr(base, "bias", None)
+        base_finite = bool(torch.isfinite(base_weight(base)).all())
+        base_finite = base_finite and (bias is None or bool(torch.isfinite(bias).all()))
+        cause = "NaN/inf in the adapter" if base_finite else "the base layer's weights already hold NaN/inf"
+        raise MergeError(
+            f"merging adapter(s) {new_names} into {self.module_path or type(base).__name__} would give non-finite "
+            f"weights ({cause}); safe_merge left every layer unchanged"
+        )
+
+    def _set_weights(self, names: list[str], safe_merge: bool, new_names: list[str]) -> None:
+        """Write the base weight (and bias) for the merged set ``names``, computed from the unmerged base."""
+        if safe_merge:
+            self.check_finite_merge(new_names)
+        new_w, new_b = self._merged_weights(names, new_names)
+        base = self.get_base_layer()
         base.weight.data = new_w.contiguous()
         if new_b is not None:
             base.bias.data = new_b

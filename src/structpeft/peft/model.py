@@ -323,6 +323,39 @@ class StructuredTuner(BaseTuner):
         """(module path, layer) of every structured layer in the model."""
         return [(k, m) for k, m in self.model.named_modules() if isinstance(m, self.tuner_layer_cls)]
 
+    def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool = False) -> None:
+        """MergeError, before any layer changes, if one of the adapters to merge cannot be merged into some layer
+        (a non-linear adapter block, an adapter block on a grouped Conv2d) or, with ``safe_merge``, would make some
+        layer's weights non-finite (so a NaN in the last layer does not leave the first ones merged)."""
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for _, layer in self.structured_layers():
+            for name in names:
+                if name in layer.operators:
+                    layer.check_mergeable(name)
+        if safe_merge:
+            for _, layer in self.structured_layers():
+                new = [n for n in names if n in layer.operators and n not in layer.merged_adapters]
+                if new:
+                    with torch.no_grad():
+                        layer.check_finite_merge(new)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(  # type: ignore[override]  # PEFT annotates -> None but returns self.model
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_mergeable(adapter_names, safe_merge)
+        return super()._unload_and_optionally_merge(  # type: ignore[return-value]  # PEFT: -> None, returns the model
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
 
 class SurmModel(StructuredTuner):
     """SURM tuner: ΔW of each targeted layer is a structured matrix (see :class:`SurmConfig`)."""
@@ -400,29 +433,3 @@ class SurmModel(StructuredTuner):
             options = cls.options_for_budget(*shape, n_params, **options)
         with torch.device("meta"):
             return cls(*shape, **options).options  # validates and resolves (no memory on meta)
-
-    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
-        """MergeError, before any layer changes, if one of the adapters to merge cannot be merged into some layer
-        (a non-linear adapter block, an adapter block on a grouped Conv2d)."""
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        for _, layer in self.structured_layers():
-            for name in names:
-                if name in layer.operators:
-                    layer.check_mergeable(name)
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._check_mergeable(adapter_names)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
-
-    def _unload_and_optionally_merge(  # type: ignore[override]  # PEFT annotates -> None but returns self.model
-        self,
-        merge: bool = True,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        if merge:
-            self._check_mergeable(adapter_names)
-        return super()._unload_and_optionally_merge(  # type: ignore[return-value]  # PEFT: -> None, returns the model
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
