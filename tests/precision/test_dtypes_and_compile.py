@@ -141,6 +141,58 @@ def test_inference_caches_follow_in_place_parameter_updates(compute):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def _fresh_output(model: nn.Module) -> torch.Tensor:
+    """The model's output computed without any cache: a deep copy carries none (caches live outside the module)."""
+    with torch.no_grad():
+        return copy.deepcopy(model)(input_ids=IDS).last_hidden_state
+
+
+CACHE_CASES = [
+    (m, c) for m in ("circulant", "toeplitz", "ldr", "kronecker", "pmss") for c in ("dense", "fast", "hybrid")
+]
+
+
+@pytest.mark.parametrize(("method", "compute"), CACHE_CASES)
+def test_inference_caches_follow_a_fused_optimiser_step(method, compute):
+    """torch's fused AdamW (transformers' default optimizer, ``adamw_torch_fused``) updates the parameters without
+    bumping their version counters: an evaluation after a step must still see the new parameters, in eval mode
+    (Trainer calls model.eval()) and without a mode switch at all."""
+    model = adapted(method, compute)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    for switch_modes in (True, False):
+        model.eval()
+        with torch.no_grad():
+            before = model(input_ids=IDS).last_hidden_state.clone()  # fills the caches
+        if switch_modes:
+            model.train()
+        model(input_ids=IDS).last_hidden_state.pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if switch_modes:
+            model.eval()
+        with torch.no_grad():
+            got = model(input_ids=IDS).last_hidden_state
+        assert not torch.allclose(got, before)
+        torch.testing.assert_close(got, _fresh_output(model), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compute", ["dense", "fast"])
+def test_inference_caches_follow_data_writes_across_a_mode_switch(compute):
+    """Writes through ``.data`` bypass the version counter too; the next train() / eval() drops what was cached."""
+    model = adapted("circulant", compute).eval()
+    ops = [m.surm_op["default"] for m in model.modules() if hasattr(m, "surm_op")]
+    with torch.no_grad():
+        before = model(input_ids=IDS).last_hidden_state.clone()
+    for op in ops:
+        op.weight.data.mul_(3.0)
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=IDS).last_hidden_state
+    assert not torch.allclose(got, before)
+    torch.testing.assert_close(got, _fresh_output(model), atol=1e-6, rtol=1e-5)
+
+
 def test_delta_weight_is_cached_only_outside_autograd():
     op = OPERATORS["ldr"](24, 40, block_size=8)
     op.reset_parameters(False)

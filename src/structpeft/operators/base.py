@@ -33,12 +33,40 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ConfigError, ShapeError
 
 # per-operator memo of :meth:`StructuredOperator.cached`, outside the module so that it is never copied, pickled or
 # saved with it, and dropped with the operator
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Part of every cache key (here and in :mod:`.fused`), next to each parameter's storage and version counter: the
+# updates of a parameter that its version counter misses. Torch's fused optimisers (``AdamW(fused=True)``,
+# transformers' default ``adamw_torch_fused``) and writes through ``.data`` change a parameter without bumping its
+# version, so an optimiser step counts here for each of its parameters that a cache has used (a global step hook),
+# and so does every ``train()`` / ``eval()`` of the operator that owns it.
+_MISSED_UPDATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def update_count(param: torch.Tensor) -> int:
+    """Updates of ``param`` that its version counter may have missed (see ``_MISSED_UPDATES``); part of the caches'
+    keys, and from now on counted for ``param``."""
+    return _MISSED_UPDATES.setdefault(param, 0)
+
+
+def _count_update(param: torch.Tensor) -> None:
+    _MISSED_UPDATES[param] = _MISSED_UPDATES.get(param, 0) + 1
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param in _MISSED_UPDATES:  # only parameters some cache has used
+                _count_update(param)
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -130,6 +158,13 @@ class DenseDeltaMixin:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def train(self, mode: bool = True) -> Any:
+        """``nn.Module.train``; the values cached before it are not reused after it (``model.eval()`` before an
+        evaluation sees the current parameters, however they were changed)."""
+        for param in self.parameters():
+            _count_update(param)
+        return super().train(mode)  # type: ignore[misc]  # nn.Module.train, next in the operators' MRO
+
     def delta_weight(self, cache: bool = True) -> torch.Tensor:
         """ΔW (out × in) in the compute dtype (float32 at least; float64 for float64 parameters), built with
         autocast disabled (a bf16 autocast would round the block products). With ``cache`` the result is kept
@@ -147,14 +182,17 @@ class DenseDeltaMixin:
 
         A value is reused only if no autograd graph is being recorded through the parameters (grad disabled, or
         no parameter requires grad), outside ``torch.compile`` tracing, and if every parameter still has the
-        same storage, dtype and version counter (in-place updates such as an optimiser step bump the version).
-        This caches the dense ΔW and the weight spectra (rfft of the frozen weights) for inference.
+        same storage, dtype and version counter (in-place updates such as an optimiser step bump the version), and
+        no optimiser step over them or ``train()`` / ``eval()`` of this operator happened since (fused optimisers
+        and ``.data`` writes do not bump the version: :func:`update_count`). This caches the dense ΔW and the
+        weight spectra (rfft of the frozen weights) for inference.
         """
         params = list(self.parameters())
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if recording or _compiling():
             return build()
-        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p.dtype, p._version) for p in params))
+        versions = ((p.data_ptr(), p.dtype, p._version, update_count(p)) for p in params)
+        key = (torch.is_inference_mode_enabled(), *versions)
         store = _CACHES.setdefault(self, {})
         hit = store.get(name)
         if hit is not None and hit[0] == key:

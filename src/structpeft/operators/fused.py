@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import _compiling
+from .base import _compiling, update_count
 
 FOLDABLE_DTYPES = (torch.float32, torch.float64)
 # compute modes whose adapters a layer folds into its base matmul (see structpeft.operators.dispatch)
@@ -52,7 +52,8 @@ def folded_weight(
         weight.dtype,
         weight._version,
         tuple(scale for _, scale in terms),
-        tuple((p.data_ptr(), p.dtype, p._version) for p in params),
+        # update_count: the updates the version counter misses (fused optimisers, .data; see operators.base)
+        tuple((p.data_ptr(), p.dtype, p._version, update_count(p)) for p in params),
     )
     hit = _CACHES.get(owner)
     if hit is not None and hit[0] == key:
