@@ -87,3 +87,47 @@ def test_set_disable_delete_adapter(layer_case):
         assert list(layer.pmss_op) == ["other"]
     model.set_adapter("other")
     assert_close64(_run(layer_case, model, inputs), only_other)
+
+
+@pytest.mark.filterwarnings("ignore:Adapter cannot be set when the model is merged")
+@pytest.mark.parametrize("compute", ["fast", "dense"])
+def test_adapter_added_while_another_is_merged_takes_its_skeleton_from_the_unmerged_weight(
+    layer_case, compute, tmp_path
+):
+    """PMSS gathers C = W₀[:, I], R = W₀[J, :] from the pretrained weight: adding (or loading) an adapter while
+    another one is merged into W must give the adapter a clean base model would give it, exactly as LoRA does."""
+    from peft import PeftModel
+
+    dtype = torch.float64
+    kw = {"init_weights": False, "compute": compute, "modules_to_save": None, "k_in": 3, "k_out": 4}
+    clean = get_peft_model(layer_case.model(dtype), layer_case.config(selection="random", seed=5, **kw))
+    model = get_peft_model(layer_case.model(dtype), layer_case.config(selection="random", seed=1, **kw), "a0")
+    model.base_model.merge_adapter()  # W = W₀ + ΔW_a0
+    torch.manual_seed(0)
+    model.add_adapter("b", layer_case.config(selection="random", seed=5, **kw))
+    for path, layer in pmss_layers(model).items():
+        b, ref = layer.pmss_op["b"], pmss_layers(clean)[path].pmss_op["default"]
+        assert b.col_idx.tolist() == ref.col_idx.tolist() and b.row_idx.tolist() == ref.row_idx.tolist()
+        assert_close64(b.cols, ref.cols)
+        assert_close64(b.rows, ref.rows)
+        checksums = (recorded(model.peft_config["b"], path), recorded(clean.peft_config["default"], path))
+        assert checksums[0]["checksum"] == checksums[1]["checksum"]
+        with torch.no_grad():
+            b.core.copy_(ref.core)
+    model.base_model.set_adapter("b")  # unmerges a0
+    inputs = layer_case.inputs(dtype)
+    unmerged = _run(layer_case, model, inputs)
+    assert_close64(unmerged, _run(layer_case, clean, inputs))
+    model.base_model.merge_adapter(["b"])
+    assert_close64(_run(layer_case, model, inputs), unmerged)  # merged equals unmerged
+    model.base_model.unmerge_adapter()
+
+    # the saved adapter loads onto a clean base model, and loading it while another adapter is merged works too
+    model.save_pretrained(str(tmp_path), selected_adapters=["b"])
+    loaded = PeftModel.from_pretrained(layer_case.model(dtype), str(tmp_path / "b"), adapter_name="b")
+    assert_close64(_run(layer_case, loaded, inputs), unmerged)
+    model.base_model.set_adapter("a0")
+    model.base_model.merge_adapter()
+    model.load_adapter(str(tmp_path / "b"), adapter_name="b2")
+    model.base_model.set_adapter("b2")
+    assert_close64(_run(layer_case, model, inputs), unmerged)

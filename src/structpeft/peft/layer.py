@@ -209,6 +209,15 @@ class StructuredLayer(BaseTunerLayer):
                 d = d_a if d is None else d + d_a
         return d, m, c
 
+    def unmerged_weight_2d(self) -> torch.Tensor:
+        """W₀ (out × in') in the base weight's dtype: the base weight without the merged adapters (the base weight
+        itself while none is merged; else recomputed from the merged one, exact up to the merge's rounding)."""
+        w = weight_2d(self.get_base_layer())
+        if not self.merged_adapters:
+            return w
+        with torch.no_grad():
+            return self._unmerged_weights(list(self.merged_adapters))[0].to(w.dtype)
+
     def _unmerged_weights(self, merged: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W₀, b₀) in float64, (out, in') layout: the base weight and bias with the ``merged`` adapters removed.
 

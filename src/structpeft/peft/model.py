@@ -127,9 +127,20 @@ class StructuredTuner(BaseTuner):
         return peft_config
 
     # ------------------------------------------------------------------------------------ per-method hooks
-    def resolve_layer(self, config: Any, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
-        """The resolved options for the module at ``key`` (recorded in ``config.layer_options[key]`` if ``record``)."""
+    def resolve_layer(
+        self, config: Any, key: str, base: nn.Module, record: bool = True, weight: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """The resolved options for the module at ``key`` (recorded in ``config.layer_options[key]`` if ``record``).
+        ``weight``: the unmerged base weight (out × in') where the module has merged adapters (methods whose options
+        depend on W read it instead of the merged one), else None."""
         raise NotImplementedError
+
+    @staticmethod
+    def _unmerged_weight(module: nn.Module) -> torch.Tensor | None:
+        """W₀ of a structured layer with merged adapters (see :meth:`StructuredLayer.unmerged_weight_2d`), else None."""
+        if isinstance(module, StructuredLayer) and module.merged_adapters:
+            return module.unmerged_weight_2d()
+        return None
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -278,7 +289,7 @@ class StructuredTuner(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             try:
                 delta_shape(base)
-                self.resolve_layer(peft_config, key, base, record=False)
+                self.resolve_layer(peft_config, key, base, record=False, weight=self._unmerged_weight(module))
             except BaseModelMismatchError:
                 raise
             except (TypeError, ValueError) as err:  # name the module in size / type errors
@@ -309,7 +320,7 @@ class StructuredTuner(BaseTuner):
         parameter_name: str | None = None,
     ) -> None:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        options = self.resolve_layer(peft_config, current_key, base, record=True)
+        options = self.resolve_layer(peft_config, current_key, base, record=True, weight=self._unmerged_weight(target))
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, peft_config, options=options)
             return
@@ -368,9 +379,11 @@ class SurmModel(StructuredTuner):
         """LoRA placement: the projections (``TARGET_PRESETS``); adapter placement: the Houlsby positions."""
         return ADAPTER_PRESETS if config.placement == "adapter" else TARGET_PRESETS
 
-    def resolve_layer(self, config: SurmConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
+    def resolve_layer(
+        self, config: SurmConfig, key: str, base: nn.Module, record: bool = True, weight: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """{operator role: resolved options}: role "delta" (placement='lora'), "op" (square adapter) or
-        "down" / "up" (bottleneck adapter)."""
+        "down" / "up" (bottleneck adapter). (SURM's options depend on W's shape only, not on ``weight``.)"""
         shape = delta_shape(base)
         rec = self.check_recorded_shape(config, key, shape)
         if rec is not None:

@@ -179,8 +179,8 @@ class PmssLayer(StructuredLayer):
     def _build_operator(self, adapter_name: str, config: PmssConfig, options: dict[str, Any]) -> SkeletonOperator:
         base = self.get_base_layer()
         bias = base_bias(base) if self.kind in ("linear", "conv1d") else None
-        op = SkeletonOperator(
-            weight_2d(base), options["col_idx"], options["row_idx"], config.skeleton_scaling, bias=bias
+        op = SkeletonOperator(  # C = W₀[:, I], R = W₀[J, :] from the unmerged W₀ (another adapter may be merged)
+            self.unmerged_weight_2d(), options["col_idx"], options["row_idx"], config.skeleton_scaling, bias=bias
         )
         op.reset_parameters(config.init_weights)
         op.compute_mode = self._recorded_compute(config).get("delta", "fast")
@@ -243,9 +243,12 @@ class PmssModel(StructuredTuner):
         self._selection_cache: dict[str, dict[str, Any]] = {}
         super()._prepare_model(peft_config, model)
 
-    def resolve_layer(self, config: PmssConfig, key: str, base: nn.Module, record: bool = True) -> dict[str, Any]:
+    def resolve_layer(
+        self, config: PmssConfig, key: str, base: nn.Module, record: bool = True, weight: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         shape = delta_shape(base)
-        w2d = weight_2d(base)
+        # the skeleton and its checksum are of the pretrained W₀, also where another adapter is merged into W
+        w2d = weight if weight is not None else weight_2d(base)
         rec = self.check_recorded_shape(config, key, shape)
         cached = self._selection_cache.get(key)
         if rec is not None:
