@@ -55,6 +55,13 @@ def test_bad_config_raises_and_leaves_the_model_unchanged(kwargs, error, message
             r"budget=None and k_in/k_out unset",
             id="no-size-at-all",
         ),
+        # every other field too (each was accepted, or failed inside torch / PEFT, before validate() ran here)
+        pytest.param({"compute": "x"}, ConfigError, r"compute='x'.*auto, fast", id="compute"),
+        pytest.param({"dropout": -1.0}, ConfigError, r"dropout=-1.0", id="dropout"),
+        pytest.param({"alpha": float("nan")}, ConfigError, r"alpha=nan", id="alpha"),
+        pytest.param({"seed": 1.5}, ConfigError, r"seed=1.5.*integer", id="seed"),
+        pytest.param({"modules_to_save": [1]}, ConfigError, r"modules_to_save=\[1\]", id="modules_to_save"),
+        pytest.param({"target_modules": "(["}, ConfigError, r"not a valid regular expression", id="regex"),
     ],
 )
 def test_values_set_after_construction_are_checked_before_the_model_changes(changes, error, message):

@@ -55,6 +55,56 @@ def test_unknown_structure(layer_case):
     assert isinstance(err, ConfigError) and isinstance(err, ValueError)
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("alpha", float("nan"), r"alpha=nan"),
+        ("placement", "x", r"placement='x'.*lora, adapter"),
+        ("compute", "gpu", r"compute='gpu'.*auto, fast, dense, hybrid"),
+        ("dropout", 1.5, r"dropout=1.5"),
+        ("dropout", "0.1", r"dropout='0.1'"),
+        ("fold_inference", "x", r"fold_inference='x'"),
+        ("compute_tokens", 0, r"compute_tokens=0"),
+        ("adapter_form", "wide", r"adapter_form='wide'.*square, bottleneck"),
+        ("target_modules", 3, r"target_modules=3"),
+        ("target_modules", "([", r"target_modules='\(\[' is not a valid regular expression"),
+        ("layers_to_transform", "abc", r"layers_to_transform='abc'"),
+        ("layers_pattern", 3, r"layers_pattern=3"),
+        ("modules_to_save", [1], r"modules_to_save=\[1\]"),
+        ("block_size", 4, r"budget=.*block_size=4.*give one of them"),
+    ],
+)
+@pytest.mark.parametrize("how", ["get_peft_model", "add_adapter"])
+def test_values_set_after_construction_are_checked_before_the_model_changes(field, value, message, how):
+    """PEFT's documented pattern is to change a config after construction: get_peft_model and add_adapter check it
+    again (ConfigError naming the value), before any layer changes; a failed add_adapter leaves no trace."""
+    case = LAYERS_BY_ID["linear-mlp"]
+    config = SurmConfig(structure="circulant", target_modules=list(case.target_modules), budget="lora-2")
+    setattr(config, field, value)
+    model = case.model()
+    if how == "get_peft_model":
+        _fails_without_change(model, lambda: get_peft_model(model, config), ConfigError, field)
+        with pytest.raises(ConfigError, match=message):
+            get_peft_model(model, config)
+        return
+    peft_model = get_peft_model(model, SurmConfig(structure="circulant", target_modules=list(case.target_modules)))
+    _fails_without_change(peft_model, lambda: peft_model.add_adapter("b", config), ConfigError, field)
+    assert list(peft_model.peft_config) == ["default"]
+    assert not any(".b." in key for key in peft_model.state_dict())
+
+
+def test_a_numpy_integer_budget_is_stored_as_an_int_and_saves(tmp_path):
+    import json
+
+    import numpy as np
+
+    case = LAYERS_BY_ID["linear-mlp"]
+    config = SurmConfig(structure="circulant", target_modules=list(case.target_modules), budget=np.int64(40))
+    assert type(config.budget) is int and config.budget == 40
+    get_peft_model(case.model(), config).save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["budget"] == 40
+
+
 def test_bad_structure_options(one_structure, layer_case):
     """Out-of-range values, and options that do not apply to the structure (surm_cases.BAD_OPTIONS)."""
     model = layer_case.model()

@@ -9,8 +9,11 @@ a base model with other shapes is refused before anything is modified.
 
 from __future__ import annotations
 
+import json
 import math
+import operator
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -51,7 +54,13 @@ def _check_number(name: str, value: Any, *, low: float, high: float, high_open: 
 
 
 def _check_target_modules(value: Any, name: str = "target_modules") -> None:
-    if value is None or isinstance(value, str):
+    if value is None:
+        return
+    if isinstance(value, str):  # a regex (full match), or PEFT's 'all-linear'
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ConfigError(f"{name}={value!r} is not a valid regular expression ({err})") from None
         return
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         if not value:
@@ -98,6 +107,13 @@ class StructPeftConfigMixin(_MixinBase):
     """Shared behaviour of structpeft configs: adapter-file validation on ``from_pretrained``."""
 
     param_prefix: ClassVar[str] = ""
+    if TYPE_CHECKING:  # fields of both configs (dataclass fields there) that the shared checks read and normalise
+        target_modules: list[str] | set[str] | str | None
+        exclude_modules: list[str] | set[str] | str | None
+        layers_to_transform: list[int] | int | None
+        layers_pattern: list[str] | str | None
+        modules_to_save: list[str] | None
+        budget: str | int | None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
@@ -117,11 +133,63 @@ class StructPeftConfigMixin(_MixinBase):
             validate_adapter_folder(folder, config)
         return config
 
+    def _validate_common(self) -> None:
+        """The checks both methods share: the target / exclude module selectors (lists become sets, as PEFT keeps
+        them), a regex selector must compile, and PEFT's own selector fields must have their documented types."""
+        _check_target_modules(self.target_modules)
+        _check_target_modules(self.exclude_modules, "exclude_modules")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        lt = self.layers_to_transform
+        ints = isinstance(lt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)
+        if lt is not None and not ints and (isinstance(lt, bool) or not isinstance(lt, int)):
+            raise ConfigError(f"layers_to_transform={lt!r} is invalid: expected a layer index, a list of them, or None")
+        lp = self.layers_pattern
+        if (
+            lp is not None
+            and not isinstance(lp, str)
+            and not (isinstance(lp, (list, tuple)) and lp and all(isinstance(x, str) for x in lp))
+        ):
+            raise ConfigError(
+                f"layers_pattern={lp!r} is invalid: expected a name (e.g. 'layers'), a list of them, or None"
+            )
+        ms = self.modules_to_save
+        if ms is not None and not (isinstance(ms, (list, tuple, set)) and all(isinstance(x, str) for x in ms)):
+            raise ConfigError(f"modules_to_save={ms!r} is invalid: expected a list of module names or None")
+
+    def _normalise_budget(self) -> None:
+        """Check ``budget`` and store an integer one as a plain int (a numpy integer is accepted but cannot be
+        written to adapter_config.json)."""
+        from ..budget import parse_budget
+
+        if self.budget is None:
+            return
+        parse_budget(self.budget)
+        if not isinstance(self.budget, str):
+            self.budget = operator.index(self.budget)
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save ``adapter_config.json`` as PEFT does, then write / update the folder's model card (``README.md``)
         with the method, structure, parameter count and base model (see :mod:`structpeft.peft.card`).
 
-        ``PeftModel.save_pretrained`` calls this on the main process only, after writing the weights file."""
+        ``PeftModel.save_pretrained`` calls this on the main process only, after writing the weights file. A value
+        that JSON cannot hold (set on the config after it was used) is a :class:`ConfigError` before the file is
+        opened, so an existing ``adapter_config.json`` is not truncated."""
+
+        def as_json(value: Any) -> Any:
+            if isinstance(value, set):  # PEFT writes sets (target_modules) as lists
+                return sorted(value, key=str)
+            raise TypeError(f"{value!r} ({type(value).__name__})")
+
+        try:
+            json.dumps(self.to_dict(), default=as_json)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"the config cannot be written to adapter_config.json: {err} is not a JSON value; set the field to a "
+                "plain int / float / str / list"
+            ) from None
         super().save_pretrained(save_directory, **kwargs)
         from .card import write_model_card
 
@@ -248,13 +316,14 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SURM_PEFT_TYPE
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (:class:`ConfigError` naming the bad value and the valid choices). Run on construction
+        and again by ``get_peft_model`` / ``add_adapter`` before the model is touched, so values set on the config
+        after construction (PEFT's documented pattern) are checked too."""
         get_operator_class(self.structure)  # UnknownStructureError naming the valid structures
-        _check_target_modules(self.target_modules)
-        _check_target_modules(self.exclude_modules, "exclude_modules")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        self._validate_common()
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         if not isinstance(self.init_weights, bool):
@@ -270,9 +339,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
                     f"(it is an option of {', '.join(users)}); options of {self.structure!r}: {', '.join(used)}"
                 )
         if self.budget is not None:
-            from ..budget import parse_budget
-
-            parse_budget(self.budget)
+            self._normalise_budget()
             for name in ("block_size", "factor_shape"):
                 if getattr(self, name) is not None:
                     raise ConfigError(

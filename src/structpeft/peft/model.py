@@ -114,7 +114,8 @@ class StructuredTuner(BaseTuner):
         return TARGET_PRESETS
 
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
-        """``target_modules=None``: the preset of the model type (:meth:`target_presets`)."""
+        """``target_modules=None``: the preset of the model type (:meth:`target_presets`). (The config was checked
+        again by :meth:`inject_adapter`.)"""
         if peft_config.target_modules is None:
             presets = self.target_presets(peft_config)
             model_type = model_config.get("model_type")
@@ -184,7 +185,12 @@ class StructuredTuner(BaseTuner):
         return selected
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """Refuse adapter names that collide with names inside the adapter modules, then inject as PEFT does."""
+        """Check the config again (values set after construction; PEFT's own pre-checks would fail on bad ones
+        with unrelated errors) and refuse adapter names that collide with names inside the adapter modules, then
+        inject as PEFT does."""
+        config = self.peft_config.get(adapter_name)
+        if config is not None and hasattr(config, "validate"):
+            config.validate()
         reserved = _reserved_adapter_names()
         if adapter_name in reserved:
             raise ConfigError(

@@ -32,7 +32,6 @@ from .config import (
     StructPeftConfigMixin,
     _check_compute,
     _check_number,
-    _check_target_modules,
 )
 from .layer import StructuredLayer, base_bias, delta_shape, weight_2d
 from .model import StructuredTuner, measure_compute
@@ -104,18 +103,18 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PMSS_PEFT_TYPE
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (see :meth:`SurmConfig.validate <structpeft.SurmConfig.validate>`): on construction
+        and again by ``get_peft_model`` / ``add_adapter`` before the model is touched."""
         if self.selection not in SELECTION_STRATEGIES:
             from ..errors import UnknownStructureError
 
             raise UnknownStructureError(
                 f"unknown selection strategy {self.selection!r}; valid: {', '.join(sorted(SELECTION_STRATEGIES))}"
             )
-        _check_target_modules(self.target_modules)
-        _check_target_modules(self.exclude_modules, "exclude_modules")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        self._validate_common()
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _check_compute(self.compute, self.compute_tokens, self.fold_inference)
@@ -128,9 +127,8 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
         if self.k_in is None:
             if self.budget is None:
                 raise ConfigError("budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out")
-            from ..budget import parse_budget
-
-            parse_budget(self.budget)
+        if self.budget is not None:
+            self._normalise_budget()
         if self.skeleton_scaling not in SKELETON_SCALINGS:
             raise ConfigError(
                 f"skeleton_scaling={self.skeleton_scaling!r} is invalid; valid: {', '.join(SKELETON_SCALINGS)}"
