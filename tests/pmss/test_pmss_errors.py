@@ -101,3 +101,25 @@ def test_no_matching_target_lists_what_exists():
     with pytest.raises(TargetModulesError, match=r"no_such_layer.*lin0"):
         get_peft_model(model, case.config(target_modules=["no_such_layer"]))
     assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("missing", ["checksum", "col_idx", "k_in"])
+def test_a_saved_skeleton_record_without_its_fields_is_refused(missing, tmp_path):
+    """A PMSS layer record in adapter_config.json lacking its selection (edited, foreign): ConfigError naming the
+    entry and the missing field before the model changes (was: KeyError from the checksum check)."""
+    import json
+
+    from peft import PeftModel
+
+    case = CASES_BY_ID["linear-mlp"]
+    get_peft_model(case.model(), case.config(k_in=2, k_out=2)).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for rec in config["layer_options"].values():
+        del rec["options"][missing]
+    path.write_text(json.dumps(config))
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=rf"layer_options\[.*options lack \['{missing}'\]"):
+        PeftModel.from_pretrained(model, str(tmp_path))
+    assert_same_snapshot(before, snapshot(model))

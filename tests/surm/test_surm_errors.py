@@ -176,6 +176,50 @@ def _saved_adapter(structure, case, folder) -> str:
     return str(folder)
 
 
+def _edit_config(folder, edit) -> str:
+    import json
+
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    edit(config)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
+def _first_record(config):
+    return config["layer_options"][sorted(config["layer_options"])[0]]
+
+
+LAYER_OPTION_EDITS = {
+    "shape-not-a-pair": (lambda c: _first_record(c).__setitem__("shape", "x"), "shape='x'"),
+    "shape-missing": (lambda c: _first_record(c).pop("shape"), "shape=None"),
+    "options-a-list": (lambda c: _first_record(c).__setitem__("options", [1, 2]), "options=[1, 2]"),
+    "role-options-a-list": (lambda c: _first_record(c).__setitem__("options", {"delta": [1]}), "operator role"),
+    "compute-unknown": (lambda c: _first_record(c).__setitem__("compute", {"delta": "gpu"}), "'gpu'"),
+    "records-a-list": (lambda c: c.__setitem__("layer_options", [1]), "layer_options=[1]"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(LAYER_OPTION_EDITS))
+def test_edited_layer_options_are_refused_naming_the_entry(edit, tmp_path):
+    """An edited or foreign layer_options in adapter_config.json: ConfigError naming the entry, model untouched
+    (was: ValueError / KeyError / TypeError / AttributeError from inside the build, or a silent load)."""
+    case = LAYERS_BY_ID["linear-mlp"]
+    change, needle = LAYER_OPTION_EDITS[edit]
+    folder = _edit_config(_saved_adapter(ONE_PER_STRUCTURE[0], case, tmp_path / "adapter"), change)
+    base = case.model()
+    _fails_without_change(base, lambda: PeftModel.from_pretrained(base, folder), ConfigError, "layer_options", needle)
+
+
+def test_our_config_class_on_a_lora_folder_names_what_the_folder_holds(tmp_path):
+    case = LAYERS_BY_ID["linear-mlp"]
+    get_peft_model(case.model(), LoraConfig(target_modules=list(case.target_modules))).save_pretrained(str(tmp_path))
+    with pytest.raises(AdapterFileError, match="holds a LORA adapter.*not a SURM one"):
+        SurmConfig.from_pretrained(str(tmp_path))
+
+
 def test_load_onto_base_model_with_other_shapes(structure, layer_case, tmp_path):
     folder = _saved_adapter(structure, layer_case, tmp_path / "adapter")
     other = layer_case.model(mismatched=True)

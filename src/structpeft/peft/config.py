@@ -114,6 +114,7 @@ class StructPeftConfigMixin(_MixinBase):
         layers_pattern: list[str] | str | None
         modules_to_save: list[str] | None
         budget: str | int | None
+        layer_options: dict[str, dict[str, Any]]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
@@ -127,6 +128,16 @@ class StructPeftConfigMixin(_MixinBase):
         folder = str(pretrained_model_name_or_path)
         if subfolder:
             folder = os.path.join(folder, subfolder)
+        if not isinstance(config, cls):  # PEFT builds the class its peft_type names (e.g. a LoRA folder: LoraConfig)
+            from ..errors import AdapterFileError
+
+            found = getattr(config, "peft_type", None)
+            found = getattr(found, "value", found)
+            wanted = cls.__name__.removesuffix("Config").upper()
+            raise AdapterFileError(
+                f"{folder} holds a {found} adapter (adapter_config.json), not a {wanted} one; load it with its own "
+                "config class, or with PeftModel.from_pretrained"
+            )
         if os.path.isdir(folder):
             from .io import validate_adapter_folder
 
@@ -158,6 +169,43 @@ class StructPeftConfigMixin(_MixinBase):
         ms = self.modules_to_save
         if ms is not None and not (isinstance(ms, (list, tuple, set)) and all(isinstance(x, str) for x in ms)):
             raise ConfigError(f"modules_to_save={ms!r} is invalid: expected a list of module names or None")
+
+    def _check_layer_options(self, required: tuple[str, ...] = ()) -> None:
+        """``layer_options`` (written by ``get_peft_model``, read back from adapter_config.json) has its documented
+        form: {module path: {"shape": [out, in], "options": {...} (holding ``required``), "compute": {role: mode}}}.
+        An edited or foreign file is refused here, naming the entry, instead of failing while the model is built."""
+        from ..operators.dispatch import COMPUTE_MODES
+
+        records = self.layer_options
+        if not isinstance(records, dict):
+            raise ConfigError(
+                f"layer_options={records!r} is invalid: expected {{module path: record}} as get_peft_model writes it"
+            )
+        for key, rec in records.items():
+            problem = None
+            if not isinstance(key, str) or not isinstance(rec, dict):
+                problem = "expected a module path mapped to {'shape': [out, in], 'options': {...}}"
+            elif not (
+                isinstance(rec.get("shape"), (list, tuple))
+                and len(rec["shape"]) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in rec["shape"])
+            ):
+                problem = f"shape={rec.get('shape')!r}, expected [out, in] (two integers >= 1)"
+            elif not isinstance(rec.get("options"), dict):
+                problem = f"options={rec.get('options')!r}, expected a dict"
+            elif missing := [name for name in required if name not in rec["options"]]:
+                problem = f"options lack {missing}"
+            elif "compute" in rec and not (
+                isinstance(rec["compute"], dict)
+                and all(v in COMPUTE_MODES and v != "auto" for v in rec["compute"].values())
+            ):
+                valid = ", ".join(m for m in COMPUTE_MODES if m != "auto")
+                problem = f"compute={rec['compute']!r}, expected {{role: one of {valid}}}"
+            if problem is not None:
+                raise ConfigError(
+                    f"layer_options[{key!r}] is invalid ({problem}); get_peft_model writes it: use the saved "
+                    "adapter_config.json unchanged, or a fresh config"
+                )
 
     def _normalise_budget(self) -> None:
         """Check ``budget`` and store an integer one as a plain int (a numpy integer is accepted but cannot be
@@ -324,6 +372,14 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         after construction (PEFT's documented pattern) are checked too."""
         get_operator_class(self.structure)  # UnknownStructureError naming the valid structures
         self._validate_common()
+        self._check_layer_options()
+        for key, rec in self.layer_options.items():  # SURM: {operator role: that operator's options}
+            if not all(isinstance(role, str) and isinstance(o, dict) for role, o in rec["options"].items()):
+                raise ConfigError(
+                    f"layer_options[{key!r}] is invalid (options={rec['options']!r}, expected {{operator role: "
+                    "options dict}}); get_peft_model writes it: use the saved adapter_config.json unchanged, or a "
+                    "fresh config"
+                )
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         if not isinstance(self.init_weights, bool):

@@ -115,6 +115,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
                 f"unknown selection strategy {self.selection!r}; valid: {', '.join(sorted(SELECTION_STRATEGIES))}"
             )
         self._validate_common()
+        self._check_layer_options(required=("k_in", "k_out", "col_idx", "row_idx", "checksum"))
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _check_compute(self.compute, self.compute_tokens, self.fold_inference)
