@@ -370,6 +370,8 @@ BAD_CASES = {
     "no such target module": (lambda t, m, d: [m, d], ["--target-modules", "qkv"], ["qkv"]),
     "bad budget": (lambda t, m, d: [m, d], ["--budget", "lora-x"], ["lora-x"]),
     "non-positive epochs": (lambda t, m, d: [m, d], ["--epochs", "0"], ["--epochs"]),
+    "negative seed": (lambda t, m, d: [m, d], ["--seed", "-1"], ["--seed", "-1"]),
+    "seed beyond numpy's range": (lambda t, m, d: [m, d], ["--seed", str(2**32)], ["--seed", str(2**32)]),
     "generation data on an encoder": (
         lambda t, m, d: [m, _write(t / "gen.jsonl", '{"prompt": "red", "answer": "alpha"}\n' * 10)],
         [],

@@ -215,6 +215,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise C.CliError(f"{flag} must be a positive number, got {v}")
     if args.max_length is not None and args.max_length < 8:
         raise C.CliError(f"--max-length must be at least 8, got {args.max_length}")
+    if not 0 <= args.seed < 2**32:  # numpy's (and so transformers' set_seed) range
+        raise C.CliError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
 
 
 def _data_args(args: argparse.Namespace, task_default_max_test: int | None) -> dict[str, Any]:
