@@ -371,3 +371,50 @@ def test_adapter_name_colliding_with_an_operator_tensor_is_refused(name):
     assert name not in model.peft_config
     with pytest.raises(ConfigError, match=repr(name)):
         get_peft_model(nn.Sequential(nn.Linear(6, 6)), SurmConfig(target_modules=["0"]), adapter_name=name)
+
+
+class _AttentionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x)[0])
+
+
+def test_multihead_attention_out_proj_is_skipped_by_all_linear_and_refused_by_name():
+    """nn.MultiheadAttention reads out_proj.weight itself (never its forward): an adapter there has no effect.
+    'all-linear' leaves it out; naming it is an UnsupportedLayerError before the model changes."""
+    torch.manual_seed(0)
+    model = get_peft_model(_AttentionModel(), SurmConfig(structure="circulant", target_modules="all-linear"))
+    assert sorted(model.peft_config["default"].layer_options) == ["fc"]
+    base = _AttentionModel()
+    _fails_without_change(
+        base,
+        lambda: get_peft_model(base, SurmConfig(structure="circulant", target_modules=["out_proj", "fc"])),
+        UnsupportedLayerError,
+        "'mha.out_proj'",
+        "MultiheadAttention",
+    )
+
+
+@pytest.mark.parametrize(
+    "filters,needle",
+    [
+        ({"layers_to_transform": [5], "layers_pattern": "layer"}, "layers_to_transform=[5]"),
+        ({"exclude_modules": ["query"]}, "exclude_modules="),
+    ],
+)
+def test_filters_that_remove_every_match_are_named(filters, needle):
+    """target_modules matched, but layers_to_transform / exclude_modules removed every match: the message says so
+    (it blamed target_modules and listed the very names it had matched)."""
+    model = tiny_bert_cls(num_hidden_layers=2).eval()
+    _fails_without_change(
+        model,
+        lambda: get_peft_model(model, SurmConfig(structure="circulant", target_modules=["query"], **filters)),
+        TargetModulesError,
+        "matched 2 module(s)",
+        needle,
+        "removed every one of them",
+    )

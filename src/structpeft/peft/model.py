@@ -8,6 +8,7 @@ A method subclass names its prefix, its layer class and how it resolves a layer'
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from peft.tuners.tuners_utils import (
     _get_tuner_state_dict_key_prefixes,
     _maybe_include_all_linear_layers,
 )
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from peft.utils.integrations import _skip_init_on_device
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -32,6 +34,7 @@ from ..errors import (
     ShapeError,
     StateDictError,
     TargetModulesError,
+    UnsupportedLayerError,
 )
 from ..operators import get_operator_class
 from .config import SurmConfig
@@ -271,15 +274,20 @@ class StructuredTuner(BaseTuner):
 
     def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
         """Validate every target before anything is replaced (PEFT calls this before injecting)."""
+        all_linear = peft_config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND
         _maybe_include_all_linear_layers(peft_config, model)
+        # nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj's forward: an adapter there
+        # would have no effect. 'all-linear' skips those layers; naming one explicitly is an error (below).
+        unreachable = {
+            f"{name}.out_proj" if name else "out_proj"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)
+        }
+        if all_linear and unreachable and not isinstance(peft_config.exclude_modules, str):
+            peft_config.exclude_modules = set(peft_config.exclude_modules or ()) | unreachable
         targets = self._targets(peft_config, model)
         if not targets:
-            wanted = peft_config.target_modules
-            wanted = sorted(wanted) if isinstance(wanted, set) else wanted
-            raise TargetModulesError(
-                f"target_modules={wanted!r} "
-                f"matched no module of the model; leaf module names in this model: {_describe_candidates(model)}"
-            )
+            raise TargetModulesError(self._no_match_message(peft_config, model))
         recorded = set(peft_config.layer_options)
         if recorded:
             found = {key for key, _ in targets}
@@ -292,6 +300,12 @@ class StructuredTuner(BaseTuner):
                     "Load the adapter onto the base model it was trained on, or use a fresh config"
                 )
         for key, module in targets:
+            if key in unreachable:
+                raise UnsupportedLayerError(
+                    f"target module {key!r} is the output projection of an nn.MultiheadAttention, which reads its "
+                    "weight directly and never calls its forward: an adapter there would have no effect; leave it "
+                    "out (exclude_modules) or target other layers"
+                )
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             try:
                 delta_shape(base)
@@ -300,6 +314,29 @@ class StructuredTuner(BaseTuner):
                 raise
             except (TypeError, ValueError) as err:  # name the module in size / type errors
                 raise type(err)(f"target module {key!r}: {err}") from None
+
+    def _no_match_message(self, config: Any, model: nn.Module) -> str:
+        """Why no module was targeted: target_modules matched none, or the filters (layers_to_transform /
+        layers_pattern, exclude_modules) removed every match, named with what they removed."""
+        wanted = config.target_modules
+        wanted = sorted(wanted) if isinstance(wanted, set) else wanted
+        unfiltered = copy.copy(config)
+        unfiltered.layers_to_transform, unfiltered.layers_pattern, unfiltered.exclude_modules = None, None, None
+        matched = [key for key, _ in self._targets(unfiltered, model)]
+        if not matched:
+            return (
+                f"target_modules={wanted!r} matched no module of the model; leaf module names in this model: "
+                f"{_describe_candidates(model)}"
+            )
+        filters = ", ".join(
+            f"{name}={getattr(config, name)!r}"
+            for name in ("layers_to_transform", "layers_pattern", "exclude_modules")
+            if getattr(config, name) is not None
+        )
+        return (
+            f"target_modules={wanted!r} matched {len(matched)} module(s) (e.g. {matched[:3]}), but {filters} "
+            "removed every one of them; check them against those paths"
+        )
 
     @staticmethod
     def check_recorded_shape(config: Any, key: str, shape: tuple[int, int]) -> dict[str, Any] | None:
