@@ -9,6 +9,7 @@ import pickle
 
 import peft
 import peft.mapping
+import pytest
 import torch
 from peft import PeftConfig, get_peft_model
 from surm_cases import LAYERS_BY_ID, ONE_PER_STRUCTURE
@@ -96,3 +97,18 @@ def test_config_from_saved_adapter_folder(structure, tmp_path):
     assert loaded.layer_options == used.layer_options
     assert os.path.exists(tmp_path / "adapter_model.safetensors")
     assert structpeft.__version__
+
+
+def test_peft_code_that_formats_peft_type_value_works():
+    """PEFT formats ``peft_type.value`` in some messages (PeftType is an enum there): our method names answer it,
+    so e.g. a mixed model gets PEFT's own "not compatible with PeftMixedModel" error, not an AttributeError."""
+    from structpeft import PmssConfig
+
+    configs = (
+        SurmConfig(structure="circulant", target_modules=["fc1"]),
+        PmssConfig(target_modules=["fc1"], k_in=2, k_out=2),
+    )
+    for config in configs:
+        assert config.peft_type.value == config.peft_type and config.peft_type in ("SURM", "PMSS")
+        with pytest.raises(ValueError, match=f"'{config.peft_type}' is not compatible with the `PeftMixedModel`"):
+            get_peft_model(LAYERS_BY_ID["linear-mlp"].model(), config, mixed=True)

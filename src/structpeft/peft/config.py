@@ -32,7 +32,20 @@ if TYPE_CHECKING:
 else:
     _MixinBase = object
 
-SURM_PEFT_TYPE = "SURM"
+
+class MethodName(str):
+    """A method's ``peft_type``: a plain string (PEFT's ``PeftType`` enum cannot be extended from outside) that also
+    answers ``.value`` as the enum's members do, for the PEFT code paths that format ``peft_type.value`` (e.g. the
+    "not compatible with PeftMixedModel" error)."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+SURM_PEFT_TYPE = MethodName("SURM")
 
 # structure -> the structure-specific config fields it uses (the others must stay None)
 SURM_STRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {

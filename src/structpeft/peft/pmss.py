@@ -29,6 +29,7 @@ from .config import (
     COMPUTE_HELP,
     COMPUTE_TOKENS_HELP,
     FOLD_INFERENCE_HELP,
+    MethodName,
     StructPeftConfigMixin,
     _check_compute,
     _check_number,
@@ -36,7 +37,7 @@ from .config import (
 from .layer import StructuredLayer, base_bias, delta_shape, weight_2d
 from .model import StructuredTuner, measure_compute
 
-PMSS_PEFT_TYPE = "PMSS"
+PMSS_PEFT_TYPE = MethodName("PMSS")
 DEFAULT_BUDGET = "lora-8"
 
 
