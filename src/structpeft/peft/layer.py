@@ -266,7 +266,9 @@ class StructuredLayer(BaseTunerLayer):
     def check_finite_merge(self, new_names: list[str]) -> None:
         """:class:`MergeError` if merging ``new_names`` (on top of the adapters merged already) would give non-finite
         weights; changes nothing. Used by ``safe_merge`` on every layer before any layer is merged."""
-        new_w, new_b = self._merged_weights(self.merged_adapters + new_names, new_names)
+        self._check_finite(*self._merged_weights(self.merged_adapters + new_names, new_names), new_names)
+
+    def _check_finite(self, new_w: torch.Tensor, new_b: torch.Tensor | None, new_names: list[str]) -> None:
         if torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all()):
             return
         base = self.get_base_layer()
@@ -281,9 +283,9 @@ class StructuredLayer(BaseTunerLayer):
 
     def _set_weights(self, names: list[str], safe_merge: bool, new_names: list[str]) -> None:
         """Write the base weight (and bias) for the merged set ``names``, computed from the unmerged base."""
-        if safe_merge:
-            self.check_finite_merge(new_names)
         new_w, new_b = self._merged_weights(names, new_names)
+        if safe_merge:
+            self._check_finite(new_w, new_b, new_names)
         base = self.get_base_layer()
         base.weight.data = new_w.contiguous()
         if new_b is not None:
