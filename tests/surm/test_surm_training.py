@@ -10,6 +10,8 @@ from peft import get_peft_model
 from surm_cases import LAYERS_BY_ID
 from surm_testing import adapter_deltas, assert_close64, dense_reference, rel_err, surm_layers
 
+from structpeft import SurmConfig
+
 F64 = torch.float64
 
 
@@ -171,6 +173,46 @@ def test_transformers_trainer_smoke(one_structure, tmp_path):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+@pytest.mark.parametrize("compute", ["fast", "dense"])
+def test_trainer_evaluation_after_training_sees_the_trained_adapter(compute, tmp_path):
+    """transformers' default optimizer (adamw_torch_fused) updates parameters without bumping their version
+    counters: an evaluation per epoch caches ΔW / spectra / the folded weight, and the next one must not reuse
+    them. Trainer.predict after training equals a fresh copy of the trained model (no caches)."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    case = LAYERS_BY_ID["linear-bert"]
+    config = SurmConfig(structure="circulant", target_modules=["query", "value"], task_type="SEQ_CLS", compute=compute)
+    model = get_peft_model(case.model(), config)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(0, 64, (7,), generator=g), "labels": int(torch.randint(0, 3, (), generator=g))}
+        for _ in range(16)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=3,
+        eval_strategy="epoch",
+        per_device_train_batch_size=8,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    assert "fused" in str(args.optim).lower()  # the default this test is about
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    predicted = torch.as_tensor(trainer.predict(data).predictions)
+    fresh = copy.deepcopy(model).eval()  # caches live outside the module: the copy has none
+    with torch.no_grad():
+        expected = fresh(input_ids=torch.stack([d["input_ids"] for d in data])).logits
+    torch.testing.assert_close(predicted, expected, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- decoder models
