@@ -196,3 +196,26 @@ def test_auto_times_the_fast_path_with_the_layers_scale_multiply():
     with Record() as rec:
         dispatch._time_paths(op, 24, 40, torch.device("cpu"), 32, 1, ("fast",))
     assert rec.muls.count((32, 24)) >= 4  # warm-up and timed run, each the forward's multiply and its backward
+
+
+@pytest.mark.parametrize("placement", ["lora", "adapter"])
+@pytest.mark.parametrize("compute", ["fast", "dense", "hybrid"])
+@pytest.mark.parametrize(("structure", "size"), [("circulant", 4), ("circulant", 128), ("toeplitz", 4), ("ldr", 4)])
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(structure, size, compute, placement):
+    """Zero rows, as nn.Linear accepts them: the FFT-based structures used to fail inside MKL ("Inconsistent
+    configuration parameters") in the structured product and in the hybrid path's parameter gradient (circulant
+    blocks > 96 take the rfft there)."""
+    features = 128 if size == 128 else 8
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(features, features)).double()
+    options = {"block_size": size} if structure != "circulant" or size != 128 else {}
+    config = SurmConfig(
+        structure=structure, target_modules=["0"], compute=compute, placement=placement, init_weights=False, **options
+    )
+    model = get_peft_model(base, config)
+    x = torch.zeros(2, 0, features, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    assert y.shape == (2, 0, features)
+    y.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)

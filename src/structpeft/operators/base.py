@@ -263,6 +263,12 @@ class StructuredOperator(DenseDeltaMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ ΔW.T by the structured product (``compute_mode="fast"``) or a materialised ΔW (``"dense"``)."""
+        if x.shape[:-1].numel() == 0:  # no rows (an empty batch): the FFT paths refuse it, so answer directly
+            self._check_input(x)
+            dtype = compute_dtype(x.dtype, *(p.dtype for p in self.parameters()))
+            out = x.new_zeros(*x.shape[:-1], self.out_features, dtype=dtype)
+            # connected to the parameters (zero gradients, as an empty batch through nn.Linear gives)
+            return out + sum((p.reshape(-1)[:0].sum() for p in self.parameters()), x.new_zeros((), dtype=dtype))
         if self.compute_mode == "dense":
             self._check_input(x)
             w = self.delta_weight()

@@ -132,6 +132,9 @@ class _HybridLinear(torch.autograd.Function):
             grad_bias = grad.sum(0)
         grads: list[torch.Tensor | None] = []
         for op, scale in ctx.terms:
+            if x.shape[0] == 0:  # no rows: zero gradients (the FFT-based structured gradients refuse empty batches)
+                grads.extend(torch.zeros_like(p) if p.requires_grad else None for p in op.parameters())
+                continue
             grads.extend(None if d is None else d * scale for d in op.param_grads(x, grad))
         return (grad_x, None, grad_bias, None, *grads)
 
