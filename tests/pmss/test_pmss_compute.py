@@ -138,3 +138,33 @@ def test_auto_measures_under_low_cpu_mem_usage(monkeypatch):
     chosen = {k: rec["compute"]["delta"] for k, rec in cfg.layer_options.items()}
     assert chosen and set(chosen.values()) <= set(dispatch.PATHS)
     assert {k: layer.pmss_op["default"].compute_mode for k, layer in pmss_layers(model).items()} == chosen
+
+
+@pytest.mark.parametrize("case_id", ["linear-mlp", "conv1d-gpt2"])
+def test_a_trainable_base_layer_gets_the_same_gradients_on_every_path(case_id):
+    """With the base weight and bias trainable, "fast" (which reads W[J, :]x from the base output when the base is
+    frozen) must equal "dense": the adapter's R = W₀[J, :] is a frozen snapshot, so no adapter gradient may reach W
+    or b through that read, and after the base moves the adapter still uses the snapshot."""
+    case = CASES_BY_ID[case_id]
+    results = {}
+    for compute in ("fast", "dense", "hybrid"):
+        model = get_peft_model(case.model(torch.float64), case.config(compute=compute, init_weights=False, alpha=-0.4))
+        for layer in pmss_layers(model).values():
+            layer.get_base_layer().requires_grad_(True)
+        inputs = case.inputs(torch.float64)
+        out = case.run(model, inputs)
+        out.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            for layer in pmss_layers(model).values():
+                layer.get_base_layer().bias.add_(1.0)  # the base moved (an optimizer step on it)
+            moved = case.run(model, inputs)
+        results[compute] = (out.detach(), grads, moved)
+    ref_out, ref_grads, ref_moved = results["dense"]
+    for compute in ("fast", "hybrid"):
+        out, grads, moved = results[compute]
+        torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+        assert sorted(grads) == sorted(ref_grads)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-10, rtol=0, msg=name)
+        torch.testing.assert_close(moved, ref_moved, atol=1e-12, rtol=0)

@@ -350,7 +350,7 @@ class StructuredLayer(BaseTunerLayer):
             conv = cast(nn.Conv2d, self.get_base_layer())
             delta = (cast(DenseDeltaMixin, op).to_dense() * scale).reshape(conv.weight.shape).to(x.dtype)
             return conv._conv_forward(dropout(x), delta, None)
-        if isinstance(dropout, nn.Identity) and hasattr(op, "forward_from_base"):
+        if isinstance(dropout, nn.Identity) and hasattr(op, "forward_from_base") and self._base_frozen():
             return cast(FromBaseOperator, op).forward_from_base(x, base_out) * scale
         return op(dropout(x)) * scale
 
@@ -455,4 +455,13 @@ class StructuredLayer(BaseTunerLayer):
             and hasattr(self.operators[name], "add_from_base")
             and isinstance(self.dropouts[name], nn.Identity)
             and not self.is_adapter_placement(name)
+            and self._base_frozen()
         )
+
+    def _base_frozen(self) -> bool:
+        """True if the base weight and bias are frozen. Reading W[J, :]x from the base output is exact only then:
+        a trainable base would get the adapter's gradient through that read, and once trained it would no longer
+        hold the frozen rows R = W₀[J, :] (and bias) the adapter was built with."""
+        base = self.get_base_layer()
+        bias = getattr(base, "bias", None)
+        return not base_weight(base).requires_grad and not (isinstance(bias, torch.Tensor) and bias.requires_grad)
