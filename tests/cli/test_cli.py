@@ -316,6 +316,36 @@ def test_failure_while_saving_keeps_the_previous_folder(tmp_path, tiny_bert, key
     _no_leftovers(out.parent)
 
 
+def test_overwrite_replaces_earlier_runs_only_and_never_the_runs_own_inputs(tmp_path, tiny_bert, keyword_csv, capsys):
+    """--overwrite deletes the whole folder once the new run is in place: a folder that is not an earlier run, or
+    one that holds the run's data / model, is refused before anything loads, every file kept."""
+    import shutil
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep")
+    code, _, err = _run(capsys, [*_base_args(tiny_bert, keyword_csv, notes, "--max-steps", "1"), "--overwrite"])
+    _assert_one_line_error(code, err, "not an earlier structpeft run", "run_config.json")
+    assert (notes / "mine.txt").read_text() == "keep"
+
+    project = tmp_path / "project"
+    argv = _base_args(tiny_bert, keyword_csv, project, "--max-steps", "1", "--baseline", "none")
+    assert _run(capsys, argv)[0] == 0  # an earlier run in the folder ...
+    data = project / "data.csv"
+    shutil.copy(keyword_csv, data)  # ... that now also holds the data of the next run
+    code, _, err = _run(capsys, [*_base_args(tiny_bert, data, project, "--max-steps", "1"), "--overwrite"])
+    _assert_one_line_error(code, err, "an input of this run", "data.csv")
+    assert data.read_bytes() == keyword_csv.read_bytes()
+
+
+def test_out_under_a_file_is_refused_before_training(tmp_path, tiny_bert, keyword_csv, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    code, _, err = _run(capsys, _base_args(tiny_bert, keyword_csv, afile / "run", "--max-steps", "1"))
+    _assert_one_line_error(code, err, "which is a file")
+    assert afile.read_text() == "x"
+
+
 def test_empty_existing_out_is_used(tmp_path, tiny_bert, keyword_csv, capsys):
     out = tmp_path / "empty"
     out.mkdir()
@@ -371,6 +401,8 @@ BAD_CASES = {
     "bad budget": (lambda t, m, d: [m, d], ["--budget", "lora-x"], ["lora-x"]),
     "non-positive epochs": (lambda t, m, d: [m, d], ["--epochs", "0"], ["--epochs"]),
     "negative seed": (lambda t, m, d: [m, d], ["--seed", "-1"], ["--seed", "-1"]),
+    "infinite alpha": (lambda t, m, d: [m, d], ["--method", "lora", "--alpha", "inf"], ["--alpha", "inf"]),
+    "nan alpha": (lambda t, m, d: [m, d], ["--alpha", "nan"], ["--alpha", "nan"]),
     "seed beyond numpy's range": (lambda t, m, d: [m, d], ["--seed", str(2**32)], ["--seed", str(2**32)]),
     "generation data on an encoder": (
         lambda t, m, d: [m, _write(t / "gen.jsonl", '{"prompt": "red", "answer": "alpha"}\n' * 10)],

@@ -163,15 +163,39 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise CliError(f"{what} {str(path)!r} is not readable JSON ({one_line(exc)})") from None
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that exists as a file, or as a non-empty folder without ``--overwrite``."""
+RUN_MARKER = "run_config.json"  # every run folder holds it (written by finetune)
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike[str] | None] = ()) -> None:
+    """Refuse, before any work: an output path that exists as a file or lies under one; a non-empty folder
+    without ``--overwrite``; with ``--overwrite``, a folder that is not an earlier run (no run_config.json: it
+    would be deleted whole) or that holds one of the run's own ``inputs`` (data, test file, model folder)."""
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    ancestor = next((a for a in out.absolute().parents if a.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise CliError(f"--out {str(out)!r} lies under {str(ancestor)!r}, which is a file; choose another --out")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise CliError(
             f"--out {str(out)!r} already exists and is not empty; pass --overwrite to replace it "
             "(the old folder is kept until the new run is complete) or choose another --out"
         )
+    if not (out / RUN_MARKER).is_file():
+        raise CliError(
+            f"--out {str(out)!r} is not an earlier structpeft run (it has no {RUN_MARKER}); --overwrite replaces "
+            "run folders only, since the whole folder is deleted: choose another --out"
+        )
+    root = out.resolve()
+    for item in inputs:
+        if item is not None and Path(item).expanduser().exists():
+            path = Path(item).expanduser().resolve()
+            if path == root or root in path.parents:
+                raise CliError(
+                    f"--out {str(out)!r} holds {str(item)!r}, an input of this run; --overwrite would delete it: "
+                    "choose another --out"
+                )
 
 
 @contextlib.contextmanager

@@ -327,7 +327,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     check_method_args(args)
     _check_numbers(args)
     out = Path(args.out).expanduser() if args.out else default_out(args)
-    C.check_out_dir(out, args.overwrite)
+    C.check_out_dir(out, args.overwrite, inputs=(args.data, args.test_file, args.model))
     C.require_training_stack()
     C.require("matplotlib", C.MATPLOTLIB_PIP, "the training-curve plot")
     C.quiet_transformers()
@@ -411,7 +411,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ method (validates targets etc. early)
     transformers.set_seed(args.seed)
     if args.method in ("surm", "pmss"):
-        hp["compute_tokens"] = batch_size * max_length  # compute="auto" times each layer on a batch's rows
+        # compute="auto" times each layer on a training batch's rows (a batch never exceeds the training set)
+        hp["compute_tokens"] = min(batch_size, n_train) * max_length
     model = apply_method(model, hp, task, head, targets)
     trainable, total = C.count_parameters(model)
     head_params = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and _in_head(name, head))

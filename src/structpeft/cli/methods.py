@@ -109,6 +109,8 @@ def check_method_args(args: Any) -> None:
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise CliError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and abs(args.alpha) <= 1e6):
+        raise CliError(f"--alpha must be a finite number in [-1e6, 1e6], got {args.alpha}")
 
 
 def resolve_hparams(args: Any, task: str) -> dict[str, Any]:
