@@ -194,11 +194,63 @@ def test_stratified_take_and_split_indices():
 
 
 def test_test_path_used_instead_of_split(tmp_path, topics_csv):
-    test = write_csv(tmp_path / "test.csv", ["text", "label"], [("a", "tech"), ("b", "sport"), ("c", "new")])
+    test = write_csv(tmp_path / "test.csv", ["text", "label"], [("a", "tech"), ("b", "sport"), ("c", "tech")])
     d = load_data(str(topics_csv), test_path=str(test))
     assert len(d.train_texts) == 60 and sorted(d.test_texts) == ["a", "b", "c"]
-    assert d.label_names == ["business", "new", "sport", "tech"]  # union of both files
+    assert d.label_names == ["business", "sport", "tech"]
     assert "test.csv" in d.source
+
+
+def test_a_test_label_never_seen_in_training_is_refused(tmp_path, topics_csv):
+    """A class only the test file has could never be predicted (its head row is never trained): usually a
+    misspelt label. DataError naming it and the training labels (was: a silent extra class)."""
+    test = write_csv(tmp_path / "test.csv", ["text", "label"], [("a", "tech"), ("b", "Sport"), ("c", "new")])
+    with pytest.raises(DataError, match=r"test labels \['Sport', 'new'\] never occur.*'business', 'sport', 'tech'"):
+        load_data(str(topics_csv), test_path=str(test))
+
+
+def test_training_data_with_one_class_is_refused(tmp_path, topics_csv):
+    """One class in the training examples (a one-class training file, or max_train too small) is refused even
+    where the test file brings a second class."""
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], [(f"t{i}", "pos") for i in range(6)])
+    test = write_csv(tmp_path / "test.csv", ["text", "label"], [("a", "pos"), ("b", "neg")])
+    with pytest.raises(DataError, match=r"training examples of .*train\.csv.* one class only \('pos'\)"):
+        load_data(str(train), test_path=str(test))
+    with pytest.raises(DataError, match=r"max_train=1\) hold one class only"):
+        load_data(str(topics_csv), max_train=1)
+
+
+@pytest.mark.parametrize(
+    ("train_labels", "test_labels", "names"),
+    [
+        (["0", "1"], ["0.0", "1.0"], ["0", "1"]),  # pandas writes an integer column with missing values as floats
+        (["01", "1"], ["01", "1"], ["01", "1"]),  # codes with leading zeros are not the number
+        (["-1", "+1"], ["-1", "+1"], ["+1", "-1"]),  # "+1" is kept as written (mixed: all labels as text)
+    ],
+)
+def test_numeric_labels_are_read_as_json_reads_them_and_never_merged(tmp_path, train_labels, test_labels, names):
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], [(f"t{i}", train_labels[i % 2]) for i in range(8)])
+    test = write_csv(tmp_path / "test.csv", ["text", "label"], [(f"e{i}", test_labels[i % 2]) for i in range(4)])
+    d = load_data(str(train), test_path=str(test))
+    assert d.label_names == names
+    assert sorted(set(d.train_labels)) == sorted(set(d.test_labels)) == [0, 1]
+
+
+def test_a_stray_quote_is_refused_naming_its_line(tmp_path):
+    """A quote that opens a field and is not closed where the field ends used to swallow the following rows into
+    one text silently (or strip the quotes); now the line where it opened is named."""
+    tsv = tmp_path / "reviews.tsv"
+    rows = ['"Great" movie, loved it\tpos', '"Meh\tneg', "boring film\tneg", "fun film\tpos", 'ends here"\tneg']
+    tsv.write_text("text\tlabel\n" + "\n".join(rows + ["nice\tpos", "bad\tneg"]) + "\n")
+    with pytest.raises(DataError, match=r"reviews\.tsv.* line 2: malformed TSV"):
+        load_data(str(tsv))
+    tsv.write_text("text\tlabel\n" + "\n".join(rows[1:] + ["nice\tpos", "bad\tneg"]) + "\n")
+    with pytest.raises(DataError, match=r"line 2: a quote opened in this row is closed only on line 5"):
+        load_data(str(tsv))
+    csv_file = tmp_path / "reviews.csv"
+    csv_file.write_text('text,label\n"Great" movie,pos\nfine,neg\nok,pos\n')
+    with pytest.raises(DataError, match=r"reviews\.csv.* line 2: malformed CSV"):
+        load_data(str(csv_file))
 
 
 # ------------------------------------------------------------------------------------------ generation

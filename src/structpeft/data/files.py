@@ -27,7 +27,7 @@ __all__ = ["SUPPORTED_SUFFIXES", "TASKS", "ExactMatchScorer", "load_file", "read
 SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 TASKS = ("classification", "generation")
 
-_INT_RE = re.compile(r"^[+-]?\d+$")
+_INT_RE = re.compile(r"^(-?(?:0|[1-9]\d*))(?:\.0+)?$")
 
 
 def read_records(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -66,16 +66,26 @@ def read_records(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], li
 
 
 def _read_delimited(p: Path, text: str, delimiter: str) -> tuple[list[dict[str, Any]], list[str]]:
-    # newline="": the csv module handles line ends itself (also inside quoted fields)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # newline="": the csv module handles line ends itself (also inside quoted fields). strict: a quote that closes
+    # a field must be followed by the delimiter or the line end (a stray quote would otherwise swallow rows)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    tsv = delimiter == "\t"
     columns = list(reader.fieldnames or [])
     if len(set(columns)) != len(columns):
         dup = sorted({c for c in columns if columns.count(c) > 1})
         raise DataError(f"data file {str(p)!r} has duplicate column names {dup!r}")
     rows: list[dict[str, Any]] = []
     old_limit = csv.field_size_limit(2**31 - 1)  # long documents exceed the 128 KiB default
+    last_line = reader.line_num
     try:
         for row in reader:
+            first_line, last_line = last_line + 1, reader.line_num
+            if tsv and last_line > first_line and any(isinstance(v, str) and "\n" in v for v in row.values()):
+                raise DataError(
+                    f"{str(p)!r} line {first_line}: a quote opened in this row is closed only on line {last_line}, "
+                    "so the rows between were read as one text; TSV fields cannot hold line breaks: remove the "
+                    "stray quote (or quote the field as a whole)"
+                )
             if None in row:  # more fields than header names
                 raise DataError(
                     f"{str(p)!r} line {reader.line_num}: {len(columns) + len(row[None])} fields but the "
@@ -87,7 +97,10 @@ def _read_delimited(p: Path, text: str, delimiter: str) -> tuple[list[dict[str, 
             row["__line__"] = reader.line_num
             rows.append(row)
     except csv.Error as exc:
-        raise DataError(f"{str(p)!r} line {reader.line_num}: malformed CSV ({exc})") from exc
+        raise DataError(
+            f"{str(p)!r} line {last_line + 1}: malformed {'TSV' if tsv else 'CSV'} ({exc}); a field that starts with a "
+            "quote must end with one (write a quote inside a quoted field as two quotes)"
+        ) from exc
     finally:
         csv.field_size_limit(old_limit)
     return rows, columns
@@ -161,7 +174,10 @@ def _label_key(p: str, value: Any, lineno: Any, col: str) -> int | str:
         v = value.strip()
         if v == "":
             raise DataError(f"{p!r} row at line {lineno}: empty label in column {col!r}")
-        return int(v) if _INT_RE.match(v) else v
+        # an integer written canonically ("3", "-1") or as an integer-valued decimal ("3.0", how pandas writes a
+        # float column) is the number, as in JSON; anything else ("03", "+3", "1e3") is a label string as written
+        m = _INT_RE.match(v)
+        return int(m.group(1)) if m else v
     if isinstance(value, (float, dict, list)):
         raise DataError(f"{p!r} row at line {lineno}: label {value!r} in column {col!r} must be a string or an integer")
     return str(value)
@@ -324,6 +340,21 @@ def _classification(
         train_idx = [train_idx[i] for i in stratified_take([labels[j] for j in train_idx], max_train, seed)]
     if max_test is not None:
         test_idx = [test_idx[i] for i in stratified_take([te_labels[j] for j in test_idx], max_test, seed + 1)]
+    trained = {labels[i] for i in train_idx}
+    limit = f" (max_train={max_train})" if max_train is not None else ""
+    if len(trained) < 2:
+        only = ", ".join(repr(label_names[i]) for i in sorted(trained)) or "none"
+        raise DataError(
+            f"the training examples of {p!r}{limit} hold one class only ({only}); classification needs at least two "
+            f"(all labels: {label_names})"
+        )
+    unseen = sorted({te_labels[i] for i in test_idx} - trained)
+    if unseen:
+        raise DataError(
+            f"test labels {[label_names[i] for i in unseen]} never occur in the training examples of {p!r}{limit} "
+            f"(training labels: {[label_names[i] for i in sorted(trained)]}): the model could not learn them; use "
+            "test data with the training labels, or more training data"
+        )
     return ClassificationData(
         train_texts=[texts[i] for i in train_idx],
         train_pairs=[pairs[i] for i in train_idx] if pairs is not None else None,
