@@ -471,6 +471,52 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     _assert_one_line_error(code, err, "does not exist")
 
 
+RUN_EDITS = {
+    "method-a-string": ("run_config.json", lambda c: c.__setitem__("method", "surm"), "method='surm'"),
+    "labels-missing": ("run_config.json", lambda c: c.pop("label_names"), "label_names=None"),
+    "data-args-a-string": ("run_config.json", lambda c: c.__setitem__("data_args", "kw.csv"), "data_args='kw.csv'"),
+    "accuracy-a-string": ("metrics.json", lambda c: c.__setitem__("accuracy", "0.5"), "accuracy='0.5'"),
+    "baseline-a-string": ("metrics.json", lambda c: c.__setitem__("baseline_accuracy", "x"), "baseline_accuracy='x'"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, tiny_bert, keyword_csv):
+    out = tmp_path_factory.mktemp("saved") / "run"
+    assert main(_base_args(tiny_bert, keyword_csv, out, "--max-steps", "1", "--baseline", "none")) == 0
+    return out
+
+
+@pytest.mark.parametrize("edit", sorted(RUN_EDITS))
+def test_evaluate_names_an_edited_run_file(edit, saved_run, tmp_path, capsys):
+    """An edited run_config.json / metrics.json: one error line naming the field, exit 2 (was a traceback)."""
+    import shutil
+
+    name, change, needle = RUN_EDITS[edit]
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    record = json.loads((run / name).read_text())
+    change(record)
+    (run / name).write_text(json.dumps(record))
+    capsys.readouterr()
+    code, _, err = _run(capsys, ["evaluate", str(run), "--no-progress"])
+    _assert_one_line_error(code, err, name, needle)
+
+
+def test_evaluate_on_other_data_scores_that_data_not_the_runs_test_file(tmp_path, tiny_bert, keyword_csv, capsys):
+    lines = keyword_csv.read_text().splitlines()
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("\n".join(lines[:61]) + "\n")
+    test.write_text("\n".join([lines[0], *lines[61:73]]) + "\n")
+    out = tmp_path / "run"
+    argv = _base_args(tiny_bert, train, out, "--test-file", str(test), "--max-steps", "1", "--baseline", "none")
+    assert _run(capsys, argv)[0] == 0
+    code, stdout, err = _run(capsys, ["evaluate", str(out), "--data", str(keyword_csv), "--no-progress"])
+    assert code == 0, err
+    n_test = int(re.search(r"(\d+) test examples", stdout).group(1))
+    assert n_test != 12  # the other data's own test split, not the run's 12-row test file
+
+
 def test_help_and_usage(capsys):
     assert main(["--help"]) == 0
     assert "finetune" in capsys.readouterr().out

@@ -52,9 +52,41 @@ def _check_run_dir(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None
         raise C.CliError(
             f"{str(run_dir / C.RUN_CONFIG)!r} lacks {', '.join(missing)}; it was not written by structpeft finetune"
         )
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "method": dict,
+        "task": str,
+        "model_dir": str,
+        "data_args": dict,
+        "max_length": int,
+        "eval_batch_size": int,
+        "seed": int,
+    }
+    bad = [k for k, kind in kinds.items() if not isinstance(rc[k], kind) or isinstance(rc[k], bool)]
+    labels = rc.get("label_names")
+    if rc["task"] == "classification" and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        bad.append("label_names")
+    if bad:
+        raise C.CliError(
+            f"{str(run_dir / C.RUN_CONFIG)!r} has invalid {', '.join(f'{k}={rc.get(k)!r}' for k in bad)}; it was "
+            "edited or not written by structpeft finetune"
+        )
     metrics = None
     if (run_dir / C.METRICS).is_file():
         metrics = C.read_json(run_dir / C.METRICS, "metrics file")
+        fields = ("accuracy", "baseline_accuracy")
+        numbers = (int, float)
+        wrong = [
+            k
+            for k in fields
+            if isinstance(metrics, dict)
+            and metrics.get(k) is not None
+            and (not isinstance(metrics[k], numbers) or isinstance(metrics[k], bool))
+        ]
+        if not isinstance(metrics, dict) or wrong:
+            what = ", ".join(f"{k}={metrics[k]!r}" for k in wrong) if wrong else "its content (not an object)"
+            raise C.CliError(
+                f"{str(run_dir / C.METRICS)!r} has invalid {what}; it was edited or not written by structpeft finetune"
+            )
     method = rc["method"].get("method")
     if method in PEFT_METHODS:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -149,8 +181,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     method = rc["method"]["method"]
     task = rc["task"]
     data_args = dict(rc["data_args"])
-    if args.data is not None:
+    if args.data is not None:  # other data: its own test split (the run's --test-file belongs to the run's data)
         data_args["name_or_path"] = args.data
+        data_args["test_path"] = None
     data = load_dataset(data_args)
     is_cls = hasattr(data, "label_names")
     if (task == "classification") != is_cls:
