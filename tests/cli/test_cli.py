@@ -651,3 +651,10 @@ def test_default_learning_rates(argv, lr, head_lr):
     args = build_parser().parse_args(["finetune", "--model", "m", "--data", "d", *argv])
     hp = resolve_hparams(args, "classification")
     assert (hp["lr"], hp["head_lr"]) == (lr, head_lr)
+
+
+def test_data_is_checked_before_the_model_is_resolved(tmp_path, capsys):
+    """Resolving a model can take a minute (SmolLM2 is de-quantised once): a missing data file is reported first."""
+    argv = ["finetune", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "missing.csv")]
+    code, _, err = _run(capsys, [*argv, "--out", str(tmp_path / "out"), "--no-progress"])
+    _assert_one_line_error(code, err, "missing.csv")

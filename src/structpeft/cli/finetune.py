@@ -337,11 +337,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from ..data import ClassificationData
     from ..models import resolve_model
 
-    model_dir = resolve_model(args.model, cache_dir=args.cache_dir)
-    config = C.load_config(model_dir)
-    generative = C.is_generative_config(config)
-
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ data (first: it does not need the model,
+    # and resolving a model can take a minute, e.g. de-quantising SmolLM2 once)
     task_guess = args.task
     data_args = _data_args(args, None)
     if data_args["max_test"] is None and (task_guess == "generation" or str(args.data).lower() == "gsm_symbolic"):
@@ -352,6 +349,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         # a generation file detected from its columns: cap the (slow) greedy-decoding evaluation
         data_args["max_test"] = TASK_DEFAULTS["generation"]["max_test"]
         data = load_dataset(data_args)
+
+    model_dir = resolve_model(args.model, cache_dir=args.cache_dir)
+    config = C.load_config(model_dir)
+    generative = C.is_generative_config(config)
     if task == "generation" and not generative:
         raise C.CliError(
             f"data {args.data!r} is a generation task but model {args.model!r} ({config.model_type}) cannot "
