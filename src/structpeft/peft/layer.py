@@ -463,5 +463,11 @@ class StructuredLayer(BaseTunerLayer):
         a trainable base would get the adapter's gradient through that read, and once trained it would no longer
         hold the frozen rows R = W₀[J, :] (and bias) the adapter was built with."""
         base = self.get_base_layer()
-        bias = getattr(base, "bias", None)
-        return not base_weight(base).requires_grad and not (isinstance(bias, torch.Tensor) and bias.requires_grad)
+
+        def trainable(t: object) -> bool:
+            # only a registered Parameter tells: FSDP1 (use_orig_params) swaps in plain views of its flat
+            # parameter, whose requires_grad is the flat parameter's (True whenever the unit trains an adapter),
+            # not the frozen base weight's; such a view counts as frozen, as PEFT leaves the base
+            return isinstance(t, nn.Parameter) and t.requires_grad
+
+        return not trainable(base_weight(base)) and not trainable(getattr(base, "bias", None))
