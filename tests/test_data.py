@@ -568,3 +568,10 @@ def test_snli_real_if_cached(monkeypatch):
     assert len(d.train_texts) == 99_890 and len(d.test_texts) == 9_824
     assert collections.Counter(d.test_labels) == {0: 3368, 1: 3219, 2: 3237}
     assert d.is_pair and d.label_names == ["entailment", "neutral", "contradiction"]
+
+
+def test_an_empty_text_cell_is_refused_like_a_missing_one(tmp_path):
+    path = tmp_path / "mt.csv"
+    path.write_text("text,label\n,pos\nfine,neg\ngood,pos\nbad,neg\n")
+    with pytest.raises(DataError, match=r"mt\.csv.* line 2: empty value in column 'text'"):
+        load_data(str(path))

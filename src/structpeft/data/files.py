@@ -159,7 +159,10 @@ def _cell(p: str, row: dict[str, Any], index: int, col: str, *, as_text: bool = 
     if as_text:
         if isinstance(value, (dict, list)):
             raise DataError(f"{p!r} row at line {lineno}: column {col!r} holds a {type(value).__name__}, expected text")
-        return value if isinstance(value, str) else str(value)
+        text = value if isinstance(value, str) else str(value)
+        if not text.strip():  # an empty cell, as a missing one: nothing to learn from or to answer
+            raise DataError(f"{p!r} row at line {lineno}: empty value in column {col!r}")
+        return text
     return value
 
 
