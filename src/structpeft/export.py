@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
+from ._staging import staged_folder
 from .errors import ConfigError, MergeError, UnsupportedLayerError
 from .peft.layer import StructuredLayer, base_weight
 
@@ -144,30 +144,14 @@ def to_lora(
         base_model_name_or_path=structured.base_model_name_or_path,
         task_type=structured.task_type,
     )
-    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".to_lora-", dir=parent)
-    aside = None
-    try:
+    with staged_folder(Path(output_dir).absolute()) as tmp:  # replaces an earlier export only (_check_output_dir)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # a normal folder's mode, not mkdtemp's 0700
-        lora.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
-        with open(os.path.join(tmp, REPORT_FILE), "w") as f:
+        lora.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        with open(tmp / REPORT_FILE, "w") as f:
             json.dump([r.__dict__ for r in reports], f, indent=1)
-        if os.path.exists(output_dir):  # an earlier export (_check_output_dir) or an empty folder: set aside first
-            aside = tempfile.mkdtemp(prefix=".to_lora-old-", dir=parent)
-            os.replace(output_dir, os.path.join(aside, "old"))
-        os.replace(tmp, output_dir)
-    except BaseException:
-        if aside is not None and not os.path.exists(output_dir):
-            os.replace(os.path.join(aside, "old"), output_dir)  # put the earlier folder back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
     return reports
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._staging import staged_folder
 from ..errors import StructPeftError
 
 PROG = "structpeft"
@@ -206,11 +207,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     it is first renamed aside, then the new folder is renamed into place, then the old one is deleted. If the
     body raises (or the process is killed), ``out`` is untouched and the temporary folder is removed.
     """
-    parent = out.parent
-    created_parent = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
+    with staged_folder(out) as tmp:
         yield tmp
         # mkdtemp creates 0o700 and some writers use mkstemp (0o600): make the run folder world-readable
         for root, dirs, files in os.walk(tmp):
@@ -220,19 +217,6 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
                 os.chmod(os.path.join(root, f), 0o644)
         os.chmod(tmp, 0o755)
         check_out_dir(out, overwrite)  # again: something may have appeared there while we trained
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_parent:
-            with contextlib.suppress(OSError):
-                parent.rmdir()  # only if still empty
-        raise
 
 
 def slug(text: str) -> str:

