@@ -149,14 +149,11 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
         }
 
     def layer_k(self, out_features: int, in_features: int) -> tuple[int, int]:
-        """(k_in, k_out) for a layer: the explicit values, or the budget rule of :mod:`structpeft.budget`."""
-        # __post_init__ checked these; the checks are repeated for values set on the config afterwards
-        if self.k_in is not None or self.k_out is not None:
-            if self.k_in is None or self.k_out is None:
-                raise ConfigError(f"k_in={self.k_in!r}, k_out={self.k_out!r}: give both or neither")
+        """(k_in, k_out) for a layer: the explicit values, or the budget rule of :mod:`structpeft.budget`. (The
+        config is valid here: :meth:`validate` ran on construction and again when the adapter is injected.)"""
+        if self.k_in is not None and self.k_out is not None:
             return self.k_in, self.k_out
-        if self.budget is None:
-            raise ConfigError("budget=None and k_in/k_out unset: give budget (e.g. 'lora-8') or k_in and k_out")
+        assert self.budget is not None  # validate(): a budget, or both k_in and k_out
         from ..budget import budget_to_parameters, pmss_k_for_budget
 
         n_params = budget_to_parameters(self.budget, out_features, in_features)
