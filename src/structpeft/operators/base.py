@@ -56,14 +56,14 @@ def update_count(param: torch.Tensor) -> int:
 
 
 def _count_update(param: torch.Tensor) -> None:
-    _MISSED_UPDATES[param] = _MISSED_UPDATES.get(param, 0) + 1
+    if param in _MISSED_UPDATES:  # only parameters some cache has used (the others have nothing to invalidate)
+        _MISSED_UPDATES[param] += 1
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if param in _MISSED_UPDATES:  # only parameters some cache has used
-                _count_update(param)
+            _count_update(param)
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)
