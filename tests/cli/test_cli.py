@@ -399,6 +399,12 @@ BAD_CASES = {
     ),
     "no such target module": (lambda t, m, d: [m, d], ["--target-modules", "qkv"], ["qkv"]),
     "bad budget": (lambda t, m, d: [m, d], ["--budget", "lora-x"], ["lora-x"]),
+    "lora rank above the layer's": (
+        lambda t, m, d: [m, d],
+        ["--method", "lora", "--r", "1000000000"],
+        ["--r 1000000000", "full rank 24", "<= 24"],
+    ),
+    "vera rank above the layer's": (lambda t, m, d: [m, d], ["--method", "vera", "--r", "25"], ["--r 25", "<= 24"]),
     "non-positive epochs": (lambda t, m, d: [m, d], ["--epochs", "0"], ["--epochs"]),
     "negative seed": (lambda t, m, d: [m, d], ["--seed", "-1"], ["--seed", "-1"]),
     "infinite alpha": (lambda t, m, d: [m, d], ["--method", "lora", "--alpha", "inf"], ["--alpha", "inf"]),

@@ -234,10 +234,12 @@ def apply_method(model: Any, hp: dict[str, Any], task: str, head: list[str], tar
                 kwargs[name] = hp[name]
         config = structpeft.PmssConfig(**kwargs, **common)
     elif m == "lora":
+        _check_rank(model, list(targets), hp["r"], m)
         config = peft.LoraConfig(r=hp["r"], lora_alpha=hp["alpha"], lora_dropout=hp["dropout"], **common)
     elif m == "lokr":
         config = peft.LoKrConfig(r=hp["r"], alpha=hp["alpha"], **common)
     elif m == "vera":
+        _check_rank(model, list(targets), hp["r"], m)
         config = peft.VeraConfig(r=hp["r"], vera_dropout=hp["dropout"], **common)
     elif m == "c3a":
         if hp["block_size"] is None:
@@ -251,6 +253,20 @@ def apply_method(model: Any, hp: dict[str, Any], task: str, head: list[str], tar
     except ValueError as exc:
         # PEFT's own "Target modules ... not found" and similar messages
         raise CliError(f"--method {m}: {exc}") from None
+
+
+def _check_rank(model: Any, targets: list[str], r: int, method: str) -> None:
+    """Refuse a LoRA / VeRA rank above a targeted layer's full rank min(out, in): such a rank adds parameters
+    (r·(in + out) per layer for LoRA) without adding rank, and a huge one fails inside torch's allocator."""
+    shapes = _linear_shapes(model, targets)
+    if not shapes:
+        return  # let PEFT report that the target modules matched nothing
+    name, (o, i) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    if r > min(o, i):
+        raise CliError(
+            f"--r {r} exceeds the full rank {min(o, i)} of the targeted layer {name!r} ({o} x {i}); "
+            f"--method {method} needs 1 <= --r <= {min(o, i)} (use --method full to train every weight)"
+        )
 
 
 def _check_c3a_block(model: Any, targets: list[str], b: int) -> None:
