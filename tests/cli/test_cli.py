@@ -404,7 +404,7 @@ BAD_CASES = {
         ["--method", "lora", "--r", "1000000000"],
         ["--r 1000000000", "full rank 24", "<= 24"],
     ),
-    "vera rank above the layer's": (lambda t, m, d: [m, d], ["--method", "vera", "--r", "25"], ["--r 25", "<= 24"]),
+    "vera rank above the layer's": (lambda t, m, d: [m, d], ["--method", "vera", "--r", "257"], ["--r 257", "<= 256"]),
     "non-positive epochs": (lambda t, m, d: [m, d], ["--epochs", "0"], ["--epochs"]),
     "negative seed": (lambda t, m, d: [m, d], ["--seed", "-1"], ["--seed", "-1"]),
     "infinite alpha": (lambda t, m, d: [m, d], ["--method", "lora", "--alpha", "inf"], ["--alpha", "inf"]),

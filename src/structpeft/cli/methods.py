@@ -11,11 +11,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..operators import OPERATORS
+from ..operators.dense import DenseOperator
 from ._common import CliError
 
 METHODS = ("surm", "pmss", "lora", "c3a", "lokr", "vera", "head-only", "full")
 PEFT_METHODS = ("surm", "pmss", "lora", "c3a", "lokr", "vera")
-STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
+# the registered structures, less the unstructured reference (a dense ΔW never fits a LoRA-sized budget)
+STRUCTURES = tuple(name for name in OPERATORS if name != DenseOperator.structure)
+# the structure options the CLI has flags for (--block-size ...); the two that set a layer's size
+STRUCTURE_OPTIONS = ("block_size", "num_factors", "displacement_rank", "factor_shape")
+SIZE_OPTIONS = ("block_size", "factor_shape")
 
 # Default learning rates. Structured / core-only methods train few, "large-effect" parameters from ΔW = 0 and
 # need a larger step than LoRA; C3A divides its output by in_features and needs ~1e-1 (PEFT's documentation);
@@ -87,14 +93,15 @@ def check_method_args(args: Any) -> None:
             raise CliError(f"{flag} does not apply to --method {m}; it is an option of: {', '.join(methods)}")
     if m == "surm":
         structure = args.structure or "circulant"
-        if args.displacement_rank is not None and structure != "ldr":
-            raise CliError(f"--displacement-rank applies to --structure ldr only, not {structure!r}")
-        if args.num_factors is not None and structure != "toeplitz":
-            raise CliError(f"--num-factors applies to --structure toeplitz only, not {structure!r}")
-        if args.factor_shape is not None and structure != "kronecker":
-            raise CliError(f"--factor-shape applies to --structure kronecker only, not {structure!r}")
-        if args.block_size is not None and structure == "kronecker":
-            raise CliError("--block-size does not apply to --structure kronecker (use --factor-shape or --budget)")
+        own = OPERATORS[structure].option_names
+        for name in STRUCTURE_OPTIONS:
+            if getattr(args, name, None) is not None and name not in own:
+                users = [s for s in STRUCTURES if name in OPERATORS[s].option_names]
+                sized = " or ".join(f"--{o.replace('_', '-')}" for o in own if o in SIZE_OPTIONS)
+                raise CliError(
+                    f"--{name.replace('_', '-')} applies to --structure {' / '.join(users)} only, not "
+                    f"{structure!r}" + (f" (use {sized} or --budget)" if sized and name in SIZE_OPTIONS else "")
+                )
         if args.budget is not None and (args.block_size is not None or args.factor_shape is not None):
             raise CliError("--budget and --block-size/--factor-shape both set the layer size; give one of them")
     if m == "c3a" and args.budget is not None and args.block_size is not None:
@@ -257,15 +264,17 @@ def apply_method(model: Any, hp: dict[str, Any], task: str, head: list[str], tar
 
 def _check_rank(model: Any, targets: list[str], r: int, method: str) -> None:
     """Refuse a LoRA / VeRA rank above a targeted layer's full rank min(out, in): such a rank adds parameters
-    (r·(in + out) per layer for LoRA) without adding rank, and a huge one fails inside torch's allocator."""
+    (r·(in + out) per layer for LoRA) without adding rank, and a huge one fails inside torch's allocator. VeRA's
+    default (256, PEFT's too) is allowed on any model: its r sizes the shared frozen projections."""
     shapes = _linear_shapes(model, targets)
     if not shapes:
         return  # let PEFT report that the target modules matched nothing
     name, (o, i) = min(shapes.items(), key=lambda kv: min(kv[1]))
-    if r > min(o, i):
+    limit = max(min(o, i), DEFAULT_R["vera"]) if method == "vera" else min(o, i)
+    if r > limit:
         raise CliError(
             f"--r {r} exceeds the full rank {min(o, i)} of the targeted layer {name!r} ({o} x {i}); "
-            f"--method {method} needs 1 <= --r <= {min(o, i)} (use --method full to train every weight)"
+            f"--method {method} needs 1 <= --r <= {limit} (use --method full to train every weight)"
         )
 
 
