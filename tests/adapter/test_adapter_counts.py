@@ -4,6 +4,8 @@ closed formula. Run with ``-s`` to see the table."""
 
 from __future__ import annotations
 
+import adapter_cases
+import param_counts
 from adapter_cases import bert_like
 from param_counts import count_rows, format_rows
 
@@ -36,3 +38,12 @@ def test_parameter_counts_bert_like():
     # the structured adapters are far smaller than the dense ones
     assert rows["surm-adapter circulant"].trainable < rows["surm-adapter dense bottleneck m=64"].trainable / 10
     assert rows["surm-adapter kronecker"].trainable < rows["peft lora r=8"].trainable
+
+
+def test_every_registered_structure_is_in_the_matrix():
+    """adapter_cases / param_counts list the structures by hand (fresh-process scripts import them without
+    structpeft); a structure added to the registry must be added there too, or it would go untested."""
+    from structpeft.operators import OPERATORS
+
+    assert set(adapter_cases.STRUCTURES) == set(OPERATORS)
+    assert set(param_counts.STRUCTURES) == set(OPERATORS)

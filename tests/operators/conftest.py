@@ -527,6 +527,12 @@ def big_case(request) -> Case:
     return request.param
 
 
+@pytest.fixture
+def structure_table() -> dict[str, Structure]:
+    """The whole table (for the test that every registered structure has an entry in it)."""
+    return STRUCTURES
+
+
 @pytest.fixture(params=list(STRUCTURES.values()), ids=list(STRUCTURES))
 def structure(request) -> Structure:
     request.param.cls  # noqa: B018

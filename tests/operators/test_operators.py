@@ -62,6 +62,32 @@ def test_unknown_structure_name(bad):
         assert name in msg
 
 
+def test_every_registered_structure_is_in_the_matrix(structure_table):
+    """A structure added to the registry without its fixtures (dense reference, bad options ...) would otherwise
+    go untested; ``dense`` is the unstructured reference itself."""
+    missing = set(OPERATORS) - {"dense"} - set(structure_table)
+    assert not missing, f"add {sorted(missing)} to the STRUCTURES table of tests/operators/conftest.py"
+
+
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_option_names_are_the_constructor_options(name):
+    """``option_names`` (which SurmConfig and the CLI accept per structure) are the constructor's options after
+    the shape and the keys of ``options``; each is a SurmConfig field and a CLI flag, so a new structure needs
+    its module and a registry line, and a new option a config field and a flag."""
+    import inspect
+
+    from structpeft import SurmConfig
+    from structpeft.cli.methods import STRUCTURE_OPTIONS
+
+    cls = OPERATORS[name]
+    params = list(inspect.signature(cls.__init__).parameters)
+    assert params[:3] == ["self", "out_features", "in_features"]
+    assert tuple(params[3:]) == cls.option_names
+    assert tuple(cls(6, 6).options) == cls.option_names
+    fields = SurmConfig.__dataclass_fields__
+    assert all(o in fields and o in STRUCTURE_OPTIONS for o in cls.option_names), cls.option_names
+
+
 # ------------------------------------------------------------------------------------------- 1. zero init
 @pytest.mark.parametrize("shape", SMALL_SHAPES + BIG_SHAPES[:1], ids=shape_id)
 def test_zero_init_is_exactly_zero(case, shape):

@@ -12,7 +12,7 @@ import peft.mapping
 import pytest
 import torch
 from peft import PeftConfig, get_peft_model
-from surm_cases import LAYERS_BY_ID, ONE_PER_STRUCTURE
+from surm_cases import LAYERS_BY_ID, ONE_PER_STRUCTURE, STRUCTURE_CASES
 
 import structpeft
 from structpeft import SurmConfig
@@ -24,6 +24,12 @@ def test_surm_registered_in_peft_mappings():
     assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["SURM"] is SurmModel
     assert peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING["SURM"] == "surm_"
     assert SurmConfig().peft_type == "SURM"
+
+
+def test_every_registered_structure_is_in_the_matrix():
+    """A structure added to the registry without a case in surm_cases.STRUCTURE_CASES would go untested here."""
+    missing = set(structpeft.OPERATORS) - {"dense"} - {case.structure for case in STRUCTURE_CASES}
+    assert not missing, f"add a StructureCase for {sorted(missing)} to tests/surm/surm_cases.py"
 
 
 def test_loading_needs_import_structpeft(one_structure, fresh_process):

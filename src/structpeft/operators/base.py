@@ -232,6 +232,9 @@ class StructuredOperator(DenseDeltaMixin, nn.Module):
     """Base class: a structured ΔW (out_features × in_features) as a module; see the module docstring."""
 
     structure: ClassVar[str] = ""
+    #: the structure's own options (keyword arguments of ``__init__`` after the shape, keys of :attr:`options`);
+    #: ``SurmConfig`` and the CLI accept these for this structure and refuse them for the others
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()

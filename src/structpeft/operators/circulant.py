@@ -34,6 +34,7 @@ class CirculantOperator(BlockGridOperator):
     """Block-circulant ΔW; ``block_size`` b controls the parameter count (q·p·b, see the module docstring)."""
 
     structure = "circulant"
+    option_names = ("block_size",)
 
     def __init__(self, out_features: int, in_features: int, block_size: int | None = None) -> None:
         super().__init__(out_features, in_features, block_size)

@@ -20,6 +20,7 @@ class DenseOperator(StructuredOperator):
     """ΔW = ``weight`` (out × in), no structure."""
 
     structure = "dense"
+    option_names = ()
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features)

@@ -58,6 +58,7 @@ class KroneckerOperator(StructuredOperator):
     """ΔW = crop(L ⊗ R); ``factor_shape`` = shape of L (see the module docstring)."""
 
     structure = "kronecker"
+    option_names = ("factor_shape",)
 
     def __init__(
         self, out_features: int, in_features: int, factor_shape: tuple[int, int] | list[int] | None = None

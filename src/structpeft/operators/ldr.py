@@ -38,6 +38,7 @@ class LDROperator(BlockGridOperator):
     """Σ_k circ(c_k)·skew(h_k) blocks; ``displacement_rank`` r >= 1 and ``block_size`` control the size."""
 
     structure = "ldr"
+    option_names = ("block_size", "displacement_rank")
 
     def __init__(
         self, out_features: int, in_features: int, block_size: int | None = None, displacement_rank: int = 1

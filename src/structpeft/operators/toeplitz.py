@@ -37,6 +37,7 @@ class ToeplitzOperator(BlockGridOperator):
     """Blocks that are products of ``num_factors`` Toeplitz matrices (see the module docstring)."""
 
     structure = "toeplitz"
+    option_names = ("block_size", "num_factors")
 
     def __init__(
         self, out_features: int, in_features: int, block_size: int | None = None, num_factors: int = 2

@@ -47,14 +47,10 @@ class MethodName(str):
 
 SURM_PEFT_TYPE = MethodName("SURM")
 
-# structure -> the structure-specific config fields it uses (the others must stay None)
-SURM_STRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {
-    "circulant": ("block_size",),
-    "toeplitz": ("block_size", "num_factors"),
-    "kronecker": ("factor_shape",),
-    "ldr": ("block_size", "displacement_rank"),
-    "dense": (),
-}
+# structure -> the structure-specific config fields it uses (the others must stay None), from the registry: each
+# operator class names its options; every option is a SurmConfig field of the same name (a test checks it)
+SURM_STRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {name: cls.option_names for name, cls in OPERATORS.items()}
+STRUCTURE_OPTION_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(f for fs in SURM_STRUCTURE_FIELDS.values() for f in fs))
 PLACEMENTS = ("lora", "adapter")
 
 
@@ -400,7 +396,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         self._check_placement()
         _check_compute(self.compute, self.compute_tokens, self.fold_inference)
         used = SURM_STRUCTURE_FIELDS[self.structure]
-        for name in ("block_size", "num_factors", "displacement_rank", "factor_shape"):
+        for name in STRUCTURE_OPTION_FIELDS:
             if getattr(self, name) is not None and name not in used:
                 users = [s for s, f in SURM_STRUCTURE_FIELDS.items() if name in f]
                 raise ConfigError(
