@@ -68,6 +68,8 @@ __all__ = [
     "select_random",
     "select_skeleton",
     "skeleton_checksum",
+    "skeleton_sketch",
+    "sketch_difference",
 ]
 
 Side = Literal["columns", "rows"]
@@ -599,3 +601,44 @@ def skeleton_checksum(weight: torch.Tensor, I: torch.Tensor, J: torch.Tensor) ->
     for t, fmt in ((i_idx, "<i8"), (j_idx, "<i8"), (cols, "<f4"), (rows, "<f4")):
         h.update(t.numpy().astype(fmt, copy=False).tobytes())
     return h.hexdigest()[:16]
+
+
+SKETCH_SIZE = 8  # signed sums per sketch
+
+
+def _sketch_signs(n: int, t: int) -> torch.Tensor:
+    """±1 for entries 0..n-1 of projection t: bit 15 of a multiplicative (Weyl) hash of the entry index, in plain
+    int64 arithmetic, so the signs are the same on every platform and torch version."""
+    e = torch.arange(n, dtype=torch.int64)
+    h = (e * 0x9E3779B1 + (t + 1) * 0x85EBCA77) & 0xFFFFFFFF
+    return 1.0 - 2.0 * ((h >> 15) & 1).to(torch.float64)
+
+
+def skeleton_sketch(weight: torch.Tensor, I: torch.Tensor, J: torch.Tensor) -> list[float] | None:  # noqa: E741
+    """A rounding-tolerant fingerprint of the skeleton factors: ``[‖F‖, s_1, ..., s_8]`` for F the entries of
+    ``weight[:, I]`` then ``weight[J, :]`` (row-major, in float64) and s_t = Σ_e σ_t(e)·F_e with fixed ±1 signs.
+
+    Rounding every entry by a relative δ (fp16: 2⁻¹¹, bf16: 2⁻⁹) moves each s_t by about δ·‖F‖ / √3 (signed,
+    independent errors); other weights move them by about ‖F‖. :func:`sketch_difference` compares two sketches.
+    ``None`` where an entry is not finite (the exact checksum then decides alone).
+    """
+    w = weight.detach()
+    i_idx = torch.as_tensor(I).to(device=w.device, dtype=torch.int64)
+    j_idx = torch.as_tensor(J).to(device=w.device, dtype=torch.int64)
+    f = torch.cat([w[:, i_idx].reshape(-1), w[j_idx, :].reshape(-1)]).to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(f).all()):
+        return None
+    sums = [float(_sketch_signs(f.numel(), t) @ f) for t in range(SKETCH_SIZE)]
+    return [float(f.norm()), *sums]
+
+
+def sketch_difference(found: list[float], recorded: list[float]) -> float:
+    """The largest difference between two :func:`skeleton_sketch` values (the norm and each signed sum), relative
+    to the recorded norm: below 1e-2 for the same weights rounded to fp16 or bf16, about 1 for other weights."""
+    if len(found) != len(recorded):
+        return math.inf
+    scale = abs(recorded[0])
+    diff = max(abs(a - b) for a, b in zip(found, recorded, strict=True))
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / scale

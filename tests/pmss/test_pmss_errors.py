@@ -123,3 +123,23 @@ def test_a_saved_skeleton_record_without_its_fields_is_refused(missing, tmp_path
     with pytest.raises(ConfigError, match=rf"layer_options\[.*options lack \['{missing}'\]"):
         PeftModel.from_pretrained(model, str(tmp_path))
     assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("sketch", [[1.0, 2.0], "abc", [float("nan")] * 9, [True] * 9])
+def test_an_edited_sketch_is_refused(sketch, tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    case = CASES_BY_ID["linear-mlp"]
+    get_peft_model(case.model(), case.config(k_in=2, k_out=2)).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for rec in config["layer_options"].values():
+        rec["options"]["sketch"] = sketch
+    path.write_text(json.dumps(config))
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"\['sketch'\] is invalid"):
+        PeftModel.from_pretrained(model, str(tmp_path))
+    assert_same_snapshot(before, snapshot(model))

@@ -109,21 +109,66 @@ def test_loading_onto_a_different_base_model_raises(tmp_path, case):
     assert_same_snapshot(before, snapshot(other))
 
 
-BF16_CASES = [pytest.param(c, id=c.id, marks=[]) for c in LAYER_CASES]
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@pytest.mark.parametrize("case", BF16_CASES)
-def test_loading_onto_the_same_base_model_cast_to_bf16_works(tmp_path, case):
+@pytest.mark.parametrize("half", sorted(HALF))
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.id)
+def test_loading_onto_the_same_base_model_cast_to_half_works(tmp_path, case, half):
+    """fp16 too: fp32 -> fp16 -> bf16 rounds some entries differently from fp32 -> bf16 (ties at fp16's extra
+    bits), so the exact checksum differs and the sketch decides (it was refused as another base model)."""
     model = _trained_like(case, "leverage")
     model.save_pretrained(str(tmp_path))
     inputs = case.inputs()
     expected = _run(case, model, inputs)
-    loaded = PeftModel.from_pretrained(case.model(torch.bfloat16), str(tmp_path))
+    loaded = PeftModel.from_pretrained(case.model(HALF[half]), str(tmp_path))
     for p, layer in pmss_layers(loaded).items():
         op = layer.pmss_op["default"]
         assert torch.equal(op.core.detach().float(), pmss_layers(model)[p].pmss_op["default"].core.detach())
         opts = recorded(loaded.peft_config["default"], p)
         assert op.col_idx.tolist() == opts["col_idx"] and op.row_idx.tolist() == opts["row_idx"]
-    out = _run(case, loaded, case.inputs(torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out = _run(case, loaded, case.inputs(HALF[half]))
+    assert out.dtype == HALF[half] and torch.isfinite(out).all()
     assert rel_err(out, expected) < 0.1
+
+
+def test_an_adapter_created_on_an_fp16_copy_loads_onto_the_fp32_model(tmp_path):
+    case = CASES_BY_ID["linear-mlp"]
+    get_peft_model(case.model(torch.float16), case.config(selection="deim")).save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(case.model(), str(tmp_path))
+    assert pmss_layers(loaded)
+
+
+@pytest.mark.parametrize("noise", [0.05, 1.0])
+def test_a_perturbed_base_model_is_refused_by_the_sketch(tmp_path, noise):
+    """Weights that differ beyond rounding (5 % noise, as a fine-tuned copy might; or 100 %) are another base model:
+    the message gives the relative difference of the factors."""
+    case = CASES_BY_ID["linear-mlp"]
+    model = _trained_like(case, "deim")
+    model.save_pretrained(str(tmp_path))
+    other = case.model()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(noise * p.abs().mean() * torch.randn(p.shape, generator=g))
+    before = snapshot(other)
+    with pytest.raises(BaseModelMismatchError, match=r"checksum .* the factors differ by [0-9.e-]+ of their norm"):
+        PeftModel.from_pretrained(other, str(tmp_path))
+    assert_same_snapshot(before, snapshot(other))
+
+
+def test_an_adapter_without_a_sketch_is_checked_by_the_exact_checksum(tmp_path):
+    """Files written before the sketch was recorded: the exact checksum alone decides (fp32 and bf16 copies load;
+    an fp16 copy may not, as before)."""
+    case = CASES_BY_ID["linear-mlp"]
+    model = _trained_like(case, "deim")
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for rec in config["layer_options"].values():
+        assert len(rec["options"].pop("sketch")) == 9
+    path.write_text(json.dumps(config))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert pmss_layers(PeftModel.from_pretrained(case.model(dtype), str(tmp_path)))
+    with pytest.raises(BaseModelMismatchError, match=r"checksum \w+ here, \w+ recorded\)"):
+        PeftModel.from_pretrained(case.model(seed=case.seed + 1), str(tmp_path))

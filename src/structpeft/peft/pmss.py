@@ -4,15 +4,17 @@
 selected from the frozen pretrained weight by :func:`structpeft.selection.select_skeleton`, only U is trained.
 
 Storage: the adapter file holds U only; ``adapter_config.json`` records, per layer, the shape, k_in, k_out, the
-indices I and J and a checksum of the gathered factors W[:, I], W[J, :] (computed on their bf16 rounding, so
-the same base model loaded in fp32, fp16 or bf16 passes). At load, C and R are re-gathered from the base model
-and the checksum is verified for every layer *before* the model is modified: a different base model raises
+indices I and J, a checksum of the gathered factors W[:, I], W[J, :] (computed on their bf16 rounding, so the
+same base model loaded in fp32 or bf16 passes) and a rounding-tolerant sketch of them (for an fp16 copy, whose
+bf16 rounding differs in a few entries; see :func:`structpeft.selection.skeleton_sketch`). At load, C and R are
+re-gathered from the base model and checked for every layer *before* the model is modified: a different base model raises
 :class:`~structpeft.errors.BaseModelMismatchError`. File size: 4·k_in·k_out bytes per layer (fp32 U), e.g.
 24 KB per MiniLM layer at LoRA r=8's budget, instead of 4·(out·k_in + k_out·in) for snapshotted factors.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -24,7 +26,14 @@ from torch import nn
 from ..errors import BaseModelMismatchError, ConfigError
 from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS
 from ..operators.skeleton import SKELETON_INITS, SKELETON_SCALINGS, SkeletonOperator
-from ..selection import SELECTION_STRATEGIES, select_skeleton, skeleton_checksum
+from ..selection import (
+    SELECTION_STRATEGIES,
+    SKETCH_SIZE,
+    select_skeleton,
+    skeleton_checksum,
+    skeleton_sketch,
+    sketch_difference,
+)
 from .config import (
     COMPUTE_HELP,
     COMPUTE_TOKENS_HELP,
@@ -117,6 +126,18 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
             )
         self._validate_common()
         self._check_layer_options(required=("k_in", "k_out", "col_idx", "row_idx", "checksum"))
+        for key, rec in (self.layer_options or {}).items():
+            sketch = rec["options"].get("sketch")
+            if sketch is not None and not (
+                isinstance(sketch, list)
+                and len(sketch) == SKETCH_SIZE + 1
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in sketch)
+            ):
+                raise ConfigError(
+                    f"layer_options[{key!r}]['options']['sketch'] is invalid ({sketch!r}, expected null or a list of "
+                    f"{SKETCH_SIZE + 1} finite numbers); get_peft_model writes it: use the saved adapter_config.json "
+                    "unchanged, or a fresh config"
+                )
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _check_compute(self.compute, self.compute_tokens, self.fold_inference)
@@ -162,6 +183,29 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
 
 def _checksum(w2d: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> str:
     return skeleton_checksum(w2d.detach().to(torch.bfloat16), cols, rows)
+
+
+# the sketches of the same weights rounded to fp16 or bf16 differ by about 1e-3 of the factors' norm (at most
+# 2^-9 = 2e-3 per entry for bf16), those of other weights by about 1: see selection.skeleton_sketch
+SKETCH_TOLERANCE = 1e-2
+
+
+def _same_factors(w2d: torch.Tensor, options: dict[str, Any]) -> tuple[bool, str]:
+    """Whether ``w2d``'s skeleton factors are the recorded ones: the exact checksum of their bf16 rounding, else
+    (a copy rounded to another precision, e.g. fp16, whose bf16 rounding can differ in a few entries) the sketch
+    within :data:`SKETCH_TOLERANCE`. Returns the verdict and what was compared, for the error message."""
+    cols, rows = torch.tensor(options["col_idx"]), torch.tensor(options["row_idx"])
+    found = _checksum(w2d, cols, rows)
+    if found == options["checksum"]:
+        return True, ""
+    what = f"checksum {found} here, {options['checksum']} recorded"
+    recorded = options.get("sketch")
+    if recorded is None:  # an adapter saved before sketches were recorded, or non-finite factors
+        return False, what
+    sketch = skeleton_sketch(w2d, cols, rows)
+    diff = math.inf if sketch is None else sketch_difference(sketch, recorded)
+    what += f"; the factors differ by {diff:.3g} of their norm, more than rounding ({SKETCH_TOLERANCE:g})"
+    return diff <= SKETCH_TOLERANCE, what
 
 
 class PmssLayer(StructuredLayer):
@@ -251,12 +295,12 @@ class PmssModel(StructuredTuner):
         if rec is not None:
             options = rec["options"]
             if cached is not options:
-                found = _checksum(w2d, torch.tensor(options["col_idx"]), torch.tensor(options["row_idx"]))
-                if found != options["checksum"]:
+                same, what = _same_factors(w2d, options)
+                if not same:
                     raise BaseModelMismatchError(
                         f"module {key!r}: the selected columns / rows of this base model's weight differ from the "
-                        f"ones the PMSS adapter was created on (checksum {found} here, {options['checksum']} "
-                        "recorded); load it onto the base model it was trained on"
+                        f"ones the PMSS adapter was created on ({what}); load it onto the base model it was "
+                        "trained on"
                     )
                 self._selection_cache[key] = options
             return options
@@ -269,6 +313,7 @@ class PmssModel(StructuredTuner):
                 "col_idx": cols.tolist(),
                 "row_idx": rows.tolist(),
                 "checksum": _checksum(w2d, cols, rows),
+                "sketch": skeleton_sketch(w2d, cols, rows),
             }
             self._selection_cache[key] = cached
         if record:
