@@ -7,8 +7,8 @@ Storage: the adapter file holds U only; ``adapter_config.json`` records, per lay
 indices I and J, a checksum of the gathered factors W[:, I], W[J, :] (computed on their bf16 rounding, so the
 same base model loaded in fp32 or bf16 passes) and a rounding-tolerant sketch of them (for an fp16 copy, whose
 bf16 rounding differs in a few entries; see :func:`structpeft.selection.skeleton_sketch`). At load, C and R are
-re-gathered from the base model and checked for every layer *before* the model is modified: a different base model raises
-:class:`~structpeft.errors.BaseModelMismatchError`. File size: 4·k_in·k_out bytes per layer (fp32 U), e.g.
+re-gathered from the base model and checked for every layer *before* the model is modified: a different base
+model raises :class:`~structpeft.errors.BaseModelMismatchError`. File size: 4·k_in·k_out bytes per layer (fp32 U), e.g.
 24 KB per MiniLM layer at LoRA r=8's budget, instead of 4·(out·k_in + k_out·in) for snapshotted factors.
 """
 
