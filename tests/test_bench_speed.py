@@ -164,18 +164,41 @@ def test_bench_speed_setting_states_hardware_and_threads(tmp_path):
     assert setting["threads"] == 1 and setting["hardware"] and setting["cases"]["infer"]["batch"] == 2
 
 
-def test_memory_probe_measures_the_step_in_a_fresh_process():
-    """The benchmark runs the probe in a fresh process (the peak RSS of a process that already ran other work says
-    nothing about one step): there it reports the step's peak growth, which is more than nothing."""
-    import subprocess
-    import sys
+def _probe_args(batch: int, seq: int):
+    import argparse
 
-    args = ["--_memory-probe", "surm-circulant", "--cases", "train", "--batch", "2", "--seq", "8"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "structpeft.bench.speed", *args], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.strip().splitlines()[-1]) > 1.0  # MB: one training step's activations and gradients
+    return argparse.Namespace(model="minilm", device="cpu", threads=1, targets=["query", "value"], batch=batch, seq=seq)
+
+
+@pytest.mark.skipif(not speed._reset_peak_rss(), reason="no /proc/self/clear_refs (not Linux): the probe reports nan")
+def test_memory_probe_measures_the_step_not_the_parent():
+    """The probe's subprocess inherits the parent's ``ru_maxrss``: a parent holding 2 GB made every method report
+    about 2 GB (the published tables did). It now reports the child's own peak during the step (VmHWM reset just
+    before it): at least the model's weights, far below the parent's 2 GB, and larger for a larger batch."""
+    hold = torch.ones(2**29)  # 2 GiB, touched
+    parent_peak = speed._peak_rss_mb()
+    small = speed.peak_memory_mb("surm-circulant", "train", _probe_args(2, 8))
+    large = speed.peak_memory_mb("surm-circulant", "train", _probe_args(32, 128))
+    del hold
+    weights_mb = 22.7e6 * 4 / 2**20  # MiniLM-L6's shape, float32
+    assert parent_peak > 2048
+    assert weights_mb < small < parent_peak - 1024, (small, parent_peak)
+    assert large > small + 20, (small, large)  # the step's activations show
+
+
+def test_memory_only_remeasures_an_existing_result(tmp_path):
+    args = ["bench", "speed", "--quick", "--reps", "1", "--cases", "train", "--methods", "base", "lora-r8"]
+    assert main([*args, "--no-memory", "--layer-reps", "0", "--out", str(tmp_path)]) == 0
+    before = json.load(open(tmp_path / "speed.json"))
+    assert "train_peak_mb" not in before["methods"]["lora-r8"]
+    assert main(["bench", "speed", "--memory-only", "--out", str(tmp_path)]) == 0
+    after = json.load(open(tmp_path / "speed.json"))
+    for m in ("base", "lora-r8"):
+        assert after["methods"][m].pop("train_peak_mb") > 0 or not speed._reset_peak_rss()
+        assert after["methods"][m] == before["methods"][m]  # the timings are kept
+    assert after["setting"]["memory_measured"]["command"].endswith("--memory-only --out " + str(tmp_path))
+    assert "train peak MB" in (tmp_path / "speed.md").read_text()
+    assert main(["bench", "speed", "--memory-only", "--out", str(tmp_path / "none")]) == 2
 
 
 @pytest.mark.slow

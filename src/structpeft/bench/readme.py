@@ -121,6 +121,12 @@ def _speed_header(speed: dict[str, Any]) -> list[str]:
     if start and end:
         line += f" Load average (1 min) at start / end: {start[0]} / {end[0]}"
         line += " — other jobs were running, timings are noisy." if max(start[0], end[0]) > 2.5 else "."
+    mem = st.get("memory_measured")
+    if mem:
+        line += (
+            f" Peak memory (the process's peak during one train step, model included) measured again on "
+            f"{mem.get('date')} with `{mem.get('command')}` ({mem.get('hardware')}, torch {mem.get('torch')})."
+        )
     return [line]
 
 

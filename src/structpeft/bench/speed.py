@@ -5,7 +5,10 @@ method, ...) so that machine noise hits every method alike; the median of ``reps
 untimed ones is reported, as a ratio to the frozen base model and to PEFT LoRA r=8, and as the adapter
 *overhead* (t − t_base) / t_base relative to LoRA r=8's overhead (the meaningful number for "as cheap as LoRA" and
 "2× faster than C3A": the frozen model's own cost is the same for every method). Peak memory of one train step is
-measured per method in a fresh subprocess (CPU: peak RSS above the RSS before the step; CUDA: max allocated).
+measured per method in a fresh subprocess: the process's peak memory during the step, model and adapter included
+(CPU: the peak resident set, Linux's ``VmHWM`` reset just before the step; ``ru_maxrss`` cannot be used, it keeps
+the peak of the parent that started the subprocess; CUDA: max allocated). ``--memory-only`` re-measures it for
+an existing result file.
 
 Noise. An adapter adds a few per cent to a whole-model step, the size of a busy machine's jitter, so two more
 numbers come with every overhead: a *paired* estimate (the median over repetitions of t_method,i − t_base,i, the
@@ -54,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -66,6 +70,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS, PATHS, auto_paths
 
@@ -376,14 +381,38 @@ def peak_memory_mb(method: str, case_name: str, args: argparse.Namespace) -> flo
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def measure_memory(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Peak memory of every method's train step (``<case>_peak_mb``; NaN where it cannot be measured)."""
+    train = [n for n, c in results["setting"]["cases"].items() if c["kind"] == "train"]
+    todo = [(m, n) for m in results["methods"] for n in train]
+    for m, n in tqdm(todo, desc="peak memory", unit="method", file=sys.stdout, disable=len(todo) < 2):
+        results["methods"][m][f"{n}_peak_mb"] = peak_memory_mb(m, n, args)
+    results["setting"]["memory"] = (
+        "process peak during one train step, model included (CUDA: max allocated; CPU: peak RSS, VmHWM)"
+    )
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux ≥ 4.0: ``5`` to ``/proc/self/clear_refs``); False where the
+    kernel has no such file (then no CPU peak can be measured: ``ru_maxrss`` holds the parent's peak too)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float:
+    """The peak resident set since the last :func:`_reset_peak_rss` (``VmHWM`` of ``/proc/self/status``), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("/proc/self/status has no VmHWM line")
 
 
 def _memory_probe(method: str, args: argparse.Namespace) -> None:
-    import resource
-
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cases = resolve_cases(args)
@@ -395,13 +424,13 @@ def _memory_probe(method: str, args: argparse.Namespace) -> None:
         step()  # compile outside the measurement
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        before: float = torch.cuda.memory_allocated()
         step()
-        print((torch.cuda.max_memory_allocated() - before) / 2**20)
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    elif _reset_peak_rss():
+        step()
+        print(_peak_rss_mb())
     else:
-        before = _rss_mb()
-        step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+        print("nan")  # no way to read this process's own peak here
 
 
 def resolve_cases(args: argparse.Namespace) -> dict[str, Case]:
@@ -496,10 +525,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     entry[f"layer_{name}_paths_ms"] = {chosen: entry[f"layer_{name}_ms"], **medians}
         results["setting"]["layer"] = {"target": target, "reps": args.layer_reps}
     if args.memory:
-        train = [n for n, c in cases.items() if c.kind == "train"]
-        for m in methods:
-            for n in train:
-                results["methods"][m][f"{n}_peak_mb"] = peak_memory_mb(m, n, args)
+        measure_memory(results, args)
     results["targets"] = check_targets(results, spec)
     return results
 
@@ -622,10 +648,10 @@ def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, An
                 }
             )
     key = f"{train}_peak_mb" if train else None
-    if key and key in methods.get("lora-r8", {}):
+    if key and key in methods.get("lora-r8", {}) and math.isfinite(methods["lora-r8"][key]):
         lora_mb = methods["lora-r8"][key]
         for m in ours:
-            if key in methods[m]:
+            if key in methods[m] and math.isfinite(methods[m][key]):
                 mb = methods[m][key]
                 out.append(
                     {
@@ -681,7 +707,7 @@ def table(results: dict[str, Any]) -> str:
                 rel = f"{ov / lora_ov:.2f}" if ov is not None and lora_ov and name != "base" else "-"
                 digits = 2 if k.startswith("layer_") else 1
                 row += [f"{t:.{digits}f}", f"{t / base:.3f}" if base else "-", f"{t / lora:.3f}" if lora else "-", rel]
-            row += [f"{e[k]:.0f}" if k in e else "-" for k in peaks]
+            row += [f"{e[k]:.0f}" if k in e and math.isfinite(e[k]) else "-" for k in peaks]
             rows.append("| " + " | ".join(row) + " |")
         return rows
 
@@ -814,6 +840,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="CI smoke: batch 2 x 16 tokens, 2 reps")
     p.add_argument("--out", default=None, help="write speed.json, speed.md and speed.png into this folder")
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="re-measure only the peak memory of the result file in --out (its methods, cases and targets) and "
+        "rewrite its reports; the timings stay as they were",
+    )
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -826,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         _memory_probe(args.memory_probe, args)
         return 0
+    if args.memory_only:
+        return _memory_only(args)
     if args.quick:
         args.batch, args.seq, args.reps, args.warmup = 2, 16, min(args.reps, 2), 1
         args.layer_reps = min(args.layer_reps, 2)
@@ -833,17 +867,52 @@ def main(argv: list[str] | None = None) -> int:
     args.compile = (not args.quick) if args.compile is None else args.compile
     results = run(args)
     results["setting"]["load_average_end"] = _load_average()
+    _write(results, args)
+    return 0
+
+
+def _stem(model: str) -> str:
+    return "speed" if model == "minilm" else f"speed-{model}"
+
+
+def _write(results: dict[str, Any], args: argparse.Namespace) -> None:
     text = table(results) + "\n\n" + targets_text(results)
     print(f"setting: {json.dumps(results['setting'])}")
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = "speed" if args.model == "minilm" else f"speed-{args.model}"
+        stem = _stem(args.model)
         with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
             f.write(text + "\n")
         plot(results, os.path.join(args.out, f"{stem}.png"))
+
+
+def _memory_only(args: argparse.Namespace) -> int:
+    """``--memory-only``: the peak memory of an existing result file's methods, measured again with its cases,
+    targets, threads and device; the timings and the rest of the setting are kept, and the setting records when
+    and with which command the memory was measured."""
+    path = os.path.join(args.out or "", f"{_stem(args.model)}.json")
+    if not args.out or not os.path.isfile(path):
+        print(f"structpeft bench speed: error: --memory-only needs --out with an earlier result, {path} is missing")
+        return 2
+    with open(path) as f:
+        results = json.load(f)
+    st = results["setting"]
+    train = [c for c in st["cases"].values() if c["kind"] == "train"]
+    args.targets, args.threads, args.device = st["targets"], st["threads"], st["device"]
+    if train:
+        args.batch, args.seq = train[0]["batch"], train[0]["seq"]
+    measure_memory(results, args)
+    st["memory_measured"] = {
+        "command": "structpeft bench speed " + " ".join(args.argv),
+        "hardware": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    results["targets"] = check_targets(results, MODELS[args.model])
+    _write(results, args)
     return 0
 
 
