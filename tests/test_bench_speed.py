@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -80,7 +81,8 @@ def test_overhead_is_paired_per_repetition_and_its_ratio_has_an_interval():
     assert speed.overhead(results, "pmss", "train") == pytest.approx(5 / median_base)
     assert speed.overhead_ratio_interval(results, "pmss", "lora-r8", "train") == pytest.approx((0.5, 0.5))
     (target,) = [t for t in speed.check_targets(results, speed.MODELS["minilm"]) if t["target"].startswith("pmss")]
-    assert target["met"] and "0.50x lora-r8's overhead" in target["value"] and "interval 0.50-0.50" in target["value"]
+    assert target["met"] and "0.50x lora-r8's overhead" in target["value"]
+    assert "interval 0.50 to 0.50" in target["value"]
 
 
 def _paths_results(chosen: float, other: float) -> dict:
@@ -184,6 +186,22 @@ def test_memory_probe_measures_the_step_not_the_parent():
     assert parent_peak > 2048
     assert weights_mb < small < parent_peak - 1024, (small, parent_peak)
     assert large > small + 20, (small, large)  # the step's activations show
+
+
+def test_the_interval_is_unbounded_where_the_reference_overhead_vanishes_in_enough_draws():
+    """30 % of LoRA's repetitions are faster than the base: in about 15 % of the resamples its median overhead is
+    negative. Those draws were dropped, giving the firm-looking interval 0.50-0.50; they are +inf now."""
+    results = _results(
+        {
+            "base": [10.0] * 10,
+            "lora-r8": [11.0] * 7 + [9.0] * 3,
+            "pmss": [10.5] * 10,
+        }
+    )
+    lo, hi = speed.overhead_ratio_interval(results, "pmss", "lora-r8", "train")
+    assert lo == pytest.approx(0.5) and hi == math.inf
+    target = next(t for t in speed.check_targets(results, speed.MODELS["minilm"]) if t["target"].startswith("pmss"))
+    assert "interval 0.50 to +inf" in target["value"]
 
 
 def test_memory_only_remeasures_an_existing_result(tmp_path):

@@ -558,7 +558,11 @@ def overhead_ratio_interval(
     results: dict[str, Any], method: str, reference: str, case: str, level: float = 0.9, draws: int = 2000
 ) -> tuple[float, float] | None:
     """Bootstrap interval (``level``) of overhead(method) / overhead(reference): repetitions are resampled
-    together (method, reference and base of one repetition stay paired); None without per-repetition times."""
+    together (method, reference and base of one repetition stay paired); None without per-repetition times.
+
+    A draw where the reference's overhead is <= 0 has no finite ratio: it counts as +inf (or -inf where the
+    method's overhead is negative), so an end of the interval is infinite where such draws pass its percentile
+    (they used to be dropped, which narrowed the interval to the draws where the reference was visible)."""
     import random
 
     methods = results["methods"]
@@ -573,9 +577,8 @@ def overhead_ratio_interval(
         idx = [rng.randrange(n) for _ in range(n)]
         a = statistics.median(rm[i] - rb[i] for i in idx)
         b = statistics.median(rr[i] - rb[i] for i in idx)
-        if b > 0:
-            ratios.append(a / b)
-    if len(ratios) < draws // 2:
+        ratios.append(a / b if b > 0 else math.copysign(math.inf, a))
+    if sum(math.isinf(r) for r in ratios) > draws // 2:
         return None  # the reference's overhead is not distinguishable from zero
     ratios.sort()
     lo = ratios[int((1 - level) / 2 * len(ratios))]
@@ -587,7 +590,11 @@ def _ratio_text(results: dict[str, Any], method: str, reference: str, case: str,
     """``ov`` / ``ref``: the overheads of ``method`` and ``reference`` for ``case`` (see :func:`overhead`)."""
     text = f"{ov / ref:.2f}x {reference}'s overhead ({100 * ov:+.1f}% vs {100 * ref:+.1f}%"
     ci = overhead_ratio_interval(results, method, reference, case)
-    return text + (f"; 90% interval {ci[0]:.2f}-{ci[1]:.2f})" if ci else ")")
+    return text + (f"; 90% interval {_end(ci[0])} to {_end(ci[1])})" if ci else ")")
+
+
+def _end(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else ("+inf" if x > 0 else "-inf")
 
 
 def check_targets(results: dict[str, Any], spec: ModelSpec) -> list[dict[str, Any]]:
@@ -846,6 +853,11 @@ def parser() -> argparse.ArgumentParser:
         help="re-measure only the peak memory of the result file in --out (its methods, cases and targets) and "
         "rewrite its reports; the timings stay as they were",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the reports (targets, table, plot) of the result file in --out without measuring anything",
+    )
     p.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -858,8 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         _memory_probe(args.memory_probe, args)
         return 0
-    if args.memory_only:
-        return _memory_only(args)
+    if args.memory_only or args.report_only:
+        return _rewrite(args)
     if args.quick:
         args.batch, args.seq, args.reps, args.warmup = 2, 16, min(args.reps, 2), 1
         args.layer_reps = min(args.layer_reps, 2)
@@ -889,16 +901,26 @@ def _write(results: dict[str, Any], args: argparse.Namespace) -> None:
         plot(results, os.path.join(args.out, f"{stem}.png"))
 
 
-def _memory_only(args: argparse.Namespace) -> int:
-    """``--memory-only``: the peak memory of an existing result file's methods, measured again with its cases,
-    targets, threads and device; the timings and the rest of the setting are kept, and the setting records when
-    and with which command the memory was measured."""
+def _rewrite(args: argparse.Namespace) -> int:
+    """``--report-only``: an existing result file's targets and reports written again by this version's code.
+    ``--memory-only``: first its methods' peak memory, measured again with its cases, targets, threads and device;
+    the timings and the rest of the setting are kept, and the setting records when and with which command the
+    memory was measured."""
+    flag = "--memory-only" if args.memory_only else "--report-only"
     path = os.path.join(args.out or "", f"{_stem(args.model)}.json")
     if not args.out or not os.path.isfile(path):
-        print(f"structpeft bench speed: error: --memory-only needs --out with an earlier result, {path} is missing")
+        print(f"structpeft bench speed: error: {flag} needs --out with an earlier result, {path} is missing")
         return 2
     with open(path) as f:
         results = json.load(f)
+    if args.memory_only:
+        _remeasure_memory(results, args)
+    results["targets"] = check_targets(results, MODELS[args.model])
+    _write(results, args)
+    return 0
+
+
+def _remeasure_memory(results: dict[str, Any], args: argparse.Namespace) -> None:
     st = results["setting"]
     train = [c for c in st["cases"].values() if c["kind"] == "train"]
     args.targets, args.threads, args.device = st["targets"], st["threads"], st["device"]
@@ -911,9 +933,6 @@ def _memory_only(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    results["targets"] = check_targets(results, MODELS[args.model])
-    _write(results, args)
-    return 0
 
 
 if __name__ == "__main__":
