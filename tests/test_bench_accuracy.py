@@ -232,6 +232,20 @@ def test_a_committed_report_restores_finished_runs_on_another_machine(tmp_path):
     assert A.restore_from_report(root, runs, report) == 0  # already there: nothing overwritten
 
 
+def test_a_committed_report_restores_into_another_runs_folder(tmp_path):
+    """A sweep with another --runs-dir restores the recorded runs (their argv differs only in --out); it restored
+    none, and its report then replaced the committed one with the runs of this folder alone (0 of 268)."""
+    runs = A.plan(["bbc"], [0], ["lora-r8"])
+    report = tmp_path / "docs"
+    report.mkdir()
+    recorded = {"id": runs[0].id, "accuracy": 0.9, "argv": A.finetune_argv(runs[0], A.run_dir(tmp_path / "a", runs[0]))}
+    (report / "runs.json").write_text(json.dumps([recorded]))
+    other_root = tmp_path / "b"
+    assert A.restore_from_report(other_root, runs, report) == 1
+    assert A.load_finished(other_root, runs)[runs[0].id]["accuracy"] == 0.9
+    assert not A.same_command(recorded["argv"][:-2] + ["--seed", "1"], recorded["argv"])
+
+
 def test_targets_compare_with_the_better_lora_r8_learning_rate():
     rs = [
         _result("bbc", "lora-r8", "LoRA", 0, 0.70, 73728),  # undertrained at its default lr

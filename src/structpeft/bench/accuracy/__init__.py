@@ -68,6 +68,7 @@ from .tasks import (
     minilm_methods,
     plan,
     run_dir,
+    same_command,
     smollm2_methods,
 )
 
@@ -104,6 +105,7 @@ __all__ = [
     "report_runs",
     "restore_from_report",
     "run_dir",
+    "same_command",
     "runs_hardware",
     "smollm2_methods",
     "summarise",

@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from .measure import _spec, _write_json_atomic
-from .tasks import BENCH_FILE, DEFAULT_SEEDS, TASKS, Run, execution_order, finetune_argv, plan, run_dir
+from .tasks import (
+    BENCH_FILE,
+    DEFAULT_SEEDS,
+    TASKS,
+    Run,
+    execution_order,
+    finetune_argv,
+    plan,
+    run_dir,
+    same_command,
+)
 
 
 def _estimate(runs: Sequence[Run], done: dict[str, dict[str, Any]]) -> float:
@@ -77,7 +87,7 @@ def restore_from_report(runs_root: Path, runs: Sequence[Run], report: Path) -> i
         r = recorded.get(run.id)
         if r is None or (d / BENCH_FILE).is_file():
             continue
-        if r.get("argv") != finetune_argv(run, d):  # other settings (or another runs folder): not this run
+        if not same_command(r.get("argv"), finetune_argv(run, d)):  # other settings: not this run
             continue
         _write_json_atomic(d / BENCH_FILE, {**r, "restored_from": str(report / "runs.json")})
         restored += 1
@@ -92,7 +102,7 @@ def load_finished(runs_root: Path, runs: Sequence[Run]) -> dict[str, dict[str, A
         p = d / BENCH_FILE
         if p.is_file():
             result = json.loads(p.read_text())
-            if result.get("argv") == finetune_argv(run, d):
+            if same_command(result.get("argv"), finetune_argv(run, d)):
                 done[run.id] = result
     return done
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ...errors import ConfigError
 
@@ -308,3 +309,13 @@ def finetune_argv(run: Run, out: Path) -> list[str]:
         "--out",
         str(out),
     ]
+
+
+def same_command(recorded: Any, argv: list[str]) -> bool:
+    """Whether a recorded fine-tune argv is ``argv`` up to the run folder (``--out``): a run recorded under
+    another runs folder (another machine, ``--runs-dir``) is the same run."""
+
+    def key(a: list[str]) -> list[str]:
+        return [("<out>" if i and a[i - 1] == "--out" else v) for i, v in enumerate(a)]
+
+    return isinstance(recorded, list) and key(recorded) == key(argv)
