@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -47,6 +47,18 @@ _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # version, so an optimiser step counts here for each of its parameters that a cache has used (a global step hook),
 # and so does every ``train()`` / ``eval()`` of the operator that owns it.
 _MISSED_UPDATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def tensor_refs(tensors: Sequence[torch.Tensor]) -> tuple[weakref.ref, ...]:
+    """Weak references that identify ``tensors`` in a cache entry (see :func:`same_tensors`)."""
+    return tuple(weakref.ref(t) for t in tensors)
+
+
+def same_tensors(refs: tuple[weakref.ref, ...], tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` are the very objects ``refs`` were taken of. A cache key of storage address and version
+    counter alone also matches a new tensor that the allocator placed where a freed one was, with the same
+    version (an adapter deleted, another loaded under its name: zero init, then one copy from the file)."""
+    return len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors, strict=True))
 
 
 def update_count(param: torch.Tensor) -> int:
@@ -195,10 +207,10 @@ class DenseDeltaMixin:
         key = (torch.is_inference_mode_enabled(), *versions)
         store = _CACHES.setdefault(self, {})
         hit = store.get(name)
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key and same_tensors(hit[2], params):
             return hit[1]
         value = build()
-        store[name] = (key, value)
+        store[name] = (key, value, tensor_refs(params))
         return value
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import _compiling, update_count
+from .base import _compiling, same_tensors, tensor_refs, update_count
 
 FOLDABLE_DTYPES = (torch.float32, torch.float64)
 # compute modes whose adapters a layer folds into its base matmul (see structpeft.operators.dispatch)
@@ -56,10 +56,10 @@ def folded_weight(
         tuple((p.data_ptr(), p.dtype, p._version, update_count(p)) for p in params),
     )
     hit = _CACHES.get(owner)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and same_tensors(hit[2], [weight, *params]):
         return hit[1]
     w = _fold(weight, terms, cache=False)
-    _CACHES[owner] = (key, w)
+    _CACHES[owner] = (key, w, tensor_refs([weight, *params]))
     return w
 
 
