@@ -288,6 +288,12 @@ def kronecker_extra_check(op: StructuredOperator) -> None:
     fresh.reset_parameters(init=True)
     assert torch.count_nonzero(fresh.left) == 0, "init=True must set left = 0"
     assert torch.count_nonzero(fresh.right) > 0, "init=True must leave right random (non-zero)"
+    # the default factor shapes allow full rank (random factors give rank min(out, in)); (65, 64) had L 6 x 8 and
+    # R 11 x 8, rank 48, before the rank bound came first in the choice
+    default = type(op)(op.out_features, op.in_features).to(torch.float64)
+    default.reset_parameters(init=False)
+    rank = int(torch.linalg.matrix_rank(default.to_dense().detach()))
+    assert rank == min(op.out_features, op.in_features), (default.factor_shape, rank)
 
 
 def kronecker_param_shapes(out_features: int, in_features: int, options: dict) -> dict[str, tuple]:

@@ -78,9 +78,13 @@ class KroneckerOperator(StructuredOperator):
         out_features: int, in_features: int, factor_shape: tuple[int, int] | list[int] | None
     ) -> tuple[int, int]:
         if factor_shape is None:
+            pairs = [(o1, i1) for o1 in _factor_candidates(out_features) for i1 in _factor_candidates(in_features)]
+            full = min(out_features, in_features)
+            # full rank possible first (the docstring's promise), then the most balanced, then the fewest parameters
             return min(
-                ((o1, i1) for o1 in _factor_candidates(out_features) for i1 in _factor_candidates(in_features)),
+                pairs,
                 key=lambda s: (
+                    _rank_bound(out_features, in_features, *s) < full,
                     _imbalance(out_features, in_features, *s),
                     _count(out_features, in_features, *s),
                 ),
