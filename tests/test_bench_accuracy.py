@@ -398,3 +398,12 @@ def test_quarter_target_states_the_standard_error_of_the_gap_when_both_sides_hav
     one = A.summarise(rs[:1] + rs[3:4], A.plan(["bbc"], [0]))
     quarter = next(t for t in A.check_targets(one) if "1/4" in t["target"])
     assert "standard error" not in quarter["detail"] and "; 1 / 1 seeds" in quarter["detail"]
+
+
+def test_surm_adapter_rows_are_not_grouped_with_the_query_value_rows():
+    """SURM-Adapter's default targets are the sublayer outputs, so the per-module quarter target must not compare it
+    with query / value LoRA (it was labelled "default targets", as query / value LoRA is)."""
+    from structpeft.bench.accuracy import report
+
+    assert report._target_modules("snli", "surm-adapter-circulant") == "default adapter targets"
+    assert report._target_modules("snli", "lora-r8") == "default targets"

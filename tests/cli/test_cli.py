@@ -585,6 +585,7 @@ def test_generation_with_a_causal_lm(tmp_path, tiny_llama, qa_jsonl, capsys):
     ]
     code, stdout, err = _run(capsys, argv)
     assert code == 0, err
+    assert "it/s" not in stdout + err and "batch/s" not in stdout + err  # --no-progress: no generation bars either
     metrics = json.loads((out / "metrics.json").read_text())
     rc = json.loads((out / "run_config.json").read_text())
     assert rc["task"] == "generation" and rc["target_modules"] == ["q_proj", "v_proj"]
@@ -595,6 +596,7 @@ def test_generation_with_a_causal_lm(tmp_path, tiny_llama, qa_jsonl, capsys):
     code, eval_out, err = _run(capsys, ["evaluate", str(out), "--no-progress"])
     assert code == 0, err
     assert "(identical)" in eval_out
+    assert "batch/s" not in eval_out + err and "batch]" not in eval_out + err
     _assert_reloads_the_saved_adapter(out)  # exact match on two problems would not notice a lost adapter
 
 

@@ -45,7 +45,8 @@ Methods and their sizes (MiniLM; SmolLM2 analogous, see ``method_configs``):
 * ``c3a-b24`` (PEFT C3A, block 24: 6,144 parameters, the same count as ``surm-circulant``; SmolLM2: ``c3a-b32``
   against ``surm-circulant-b32``, C3A's block must divide both 576 and 192);
 * ``lokr-r16`` (PEFT LoKr r=16: w1 16×16, w2 24×24, 832 parameters) against ``surm-kronecker-16x16`` (the same
-  factor shapes; SmolLM2: ``surm-kronecker-24x24``);
+  factor shapes; SmolLM2: ``surm-kronecker-24x24``, L 24 × 24 on every layer, where LoKr factors the 192 × 576
+  v_proj as 12 × 24 ⊗ 16 × 24: 57,600 trainable parameters against LoKr's 54,720, 5 % more for SURM);
 * ``surm-circulant-merged``: a random (non-zero) circulant adapter after ``merge_and_unload``; its outputs are
   checked against the unmerged model (``merged_max_abs_diff``);
 * ``surm-circulant-compiled``: ``torch.compile`` (inductor) of the ``surm-circulant`` model (compile time is

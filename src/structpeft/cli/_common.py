@@ -583,6 +583,7 @@ def generate_and_score(
     max_new_tokens: int,
     max_prompt_length: int,
     desc: str = "generating",
+    show_progress: bool = True,
 ) -> tuple[float, list[str]]:
     """Greedy generation for every prompt; mean of ``score(text, i)`` (exact match if ``score`` is None)."""
     import torch
@@ -592,7 +593,8 @@ def generate_and_score(
     model.eval()
     outputs: list[str] = []
     total = 0.0
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", file=sys.stdout):
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc=desc, unit="batch", file=sys.stdout, disable=not show_progress):
         batch = prompts[start : start + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_length)
         with torch.no_grad():

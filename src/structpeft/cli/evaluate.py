@@ -213,6 +213,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
             max_new_tokens=int(rc.get("max_new_tokens", 256)),
             max_prompt_length=max_length,
             desc="evaluating: greedy generation",
+            show_progress=not args.no_progress,
         )
         n_test = len(data.test_prompts)
 

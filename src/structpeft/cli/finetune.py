@@ -443,6 +443,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                     max_new_tokens=args.max_new_tokens,
                     max_prompt_length=max_length,
                     desc="baseline: zero-shot generation",
+                    show_progress=not args.no_progress,
                 )
         baseline = {
             "kind": baseline_kind,
@@ -524,6 +525,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                 max_new_tokens=args.max_new_tokens,
                 max_prompt_length=max_length,
                 desc="evaluating: greedy generation",
+                show_progress=not args.no_progress,
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

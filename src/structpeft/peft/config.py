@@ -1,6 +1,6 @@
 """PEFT configs of structpeft's methods.
 
-``SurmConfig`` (SURM: ΔW is a structured matrix) — and, in :mod:`structpeft.peft.pmss_config`, ``PmssConfig`` —
+``SurmConfig`` (SURM: ΔW is a structured matrix) — and, in :mod:`structpeft.peft.pmss`, ``PmssConfig`` —
 are ``peft.PeftConfig`` dataclasses: every field has help text, values are validated in ``__post_init__`` with
 errors that name the bad value and the valid choices, and ``layer_options`` records what was resolved for each
 targeted module (its shape and structure options) so that a saved adapter is rebuilt exactly and loading it onto

@@ -221,7 +221,9 @@ def _target_modules(task: str, method: str) -> str | None:
     if m is None:
         return None
     if "--target-modules" not in m.args:
-        return "default targets"
+        # SURM-Adapter's defaults are the sublayer outputs (attention.output.dense, output.dense), not query / value
+        adapter = "--placement" in m.args and m.args[m.args.index("--placement") + 1] == "adapter"
+        return "default adapter targets" if adapter else "default targets"
     i = m.args.index("--target-modules") + 1
     j = next((k for k in range(i, len(m.args)) if m.args[k].startswith("--")), len(m.args))
     return ", ".join(m.args[i:j])
