@@ -60,19 +60,24 @@ def test_save_load_in_fresh_process_is_bit_exact(tmp_path):
 
 
 @pytest.mark.parametrize("case", [c for c in LAYER_CASES if not c.modules_to_save], ids=lambda c: c.id)
-def test_adapter_file_holds_only_u_and_config_holds_indices(tmp_path, case):
+def test_adapter_file_holds_u_and_the_indices_and_config_holds_indices(tmp_path, case):
+    """The file holds U and the int64 indices I, J (not C and R); the config the indices and their checksum."""
     model = _trained_like(case, "deim")
     layers = pmss_layers(model)
     model.save_pretrained(str(tmp_path))
     path = tmp_path / WEIGHTS
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    expected_keys = {f"base_model.model.{p}.pmss_op.core" for p in layers}
+    expected_keys = {f"base_model.model.{p}.pmss_op.{n}" for p in layers for n in ("core", "col_idx", "row_idx")}
     assert set(tensors) == expected_keys
     for p, layer in layers.items():
+        op = layer.pmss_op["default"]
         t = tensors[f"base_model.model.{p}.pmss_op.core"]
-        assert t.dtype == torch.float32 and torch.equal(t, layer.pmss_op["default"].core.detach())
-    payload = 4 * sum(t.numel() for t in tensors.values())
+        assert t.dtype == torch.float32 and torch.equal(t, op.core.detach())
+        for n in ("col_idx", "row_idx"):
+            t = tensors[f"base_model.model.{p}.pmss_op.{n}"]
+            assert t.dtype == torch.int64 and torch.equal(t, getattr(op, n))
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
     header = os.path.getsize(path) - payload
     assert 0 < header <= 100 + 120 * len(tensors), (os.path.getsize(path), payload)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -92,8 +97,8 @@ def test_modules_to_save_are_saved_next_to_u(tmp_path):
     model.save_pretrained(str(tmp_path))
     with safe_open(str(tmp_path / WEIGHTS), framework="pt") as f:
         keys = set(f.keys())
-    core_keys = {k for k in keys if k.endswith(".pmss_op.core")}
-    assert len(core_keys) == len(pmss_layers(model))
+    core_keys = {k for k in keys if k.endswith((".pmss_op.core", ".pmss_op.col_idx", ".pmss_op.row_idx"))}
+    assert len(core_keys) == 3 * len(pmss_layers(model))
     assert all("classifier" in k for k in keys - core_keys) and keys - core_keys
 
 
@@ -172,3 +177,91 @@ def test_an_adapter_without_a_sketch_is_checked_by_the_exact_checksum(tmp_path):
         assert pmss_layers(PeftModel.from_pretrained(case.model(dtype), str(tmp_path)))
     with pytest.raises(BaseModelMismatchError, match=r"checksum \w+ here, \w+ recorded\)"):
         PeftModel.from_pretrained(case.model(seed=case.seed + 1), str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ the indices in the state dict
+def _two_selections(tmp_path, case):
+    """An adapter saved with one selection (random, seed 0) and a model of the same config whose selection came
+    out differently (seed 1): what a resumed Trainer or another machine's BLAS can meet."""
+    saved = _trained_like(case, "random", seed=0)
+    saved.save_pretrained(str(tmp_path / "saved"))
+    other = get_peft_model(case.model(), case.config(selection="random", seed=1, init_weights=False))
+    a, b = pmss_layers(saved), pmss_layers(other)
+    assert any(not torch.equal(a[p].pmss_op["default"].col_idx, b[p].pmss_op["default"].col_idx) for p in a)
+    return saved, other
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.id)
+def test_load_adapter_into_an_existing_adapter_uses_the_saved_selection(tmp_path, case):
+    """transformers' Trainer resumes (and loads the best checkpoint) with ``load_adapter`` under the existing name,
+    which reads the weights only: U was applied to the other model's own rows and columns (wrong ΔW, no error)."""
+    saved, other = _two_selections(tmp_path, case)
+    expected = _run(case, saved, case.inputs())
+    other.eval()
+    _run(case, other, case.inputs())  # fills the inference caches with the old selection
+    other.load_adapter(str(tmp_path / "saved"), adapter_name="default", is_trainable=True)
+    assert torch.allclose(_run(case, other, case.inputs()), expected, rtol=1e-5, atol=1e-6)
+    for p, layer in pmss_layers(other).items():
+        op, ref = layer.pmss_op["default"], pmss_layers(saved)[p].pmss_op["default"]
+        assert torch.equal(op.col_idx, ref.col_idx) and torch.equal(op.cols, ref.cols) and op.core.requires_grad
+    # saved again, the config records the selection the weights use, and it loads like the original
+    other.save_pretrained(str(tmp_path / "again"))
+    again = PeftModel.from_pretrained(case.model(), str(tmp_path / "again"))
+    assert torch.allclose(_run(case, again, case.inputs()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_brings_the_selection(tmp_path):
+    case = CASES_BY_ID["linear-mlp"]
+    saved, other = _two_selections(tmp_path, case)
+    other.load_state_dict(saved.state_dict())
+    torch.testing.assert_close(_run(case, other, case.inputs()), _run(case, saved, case.inputs()))
+
+
+def test_a_file_saved_without_indices_loads_as_before(tmp_path):
+    """Files written before the indices were saved hold U only: the config's indices are used, with no
+    missing-key warning."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    case = CASES_BY_ID["linear-mlp"]
+    model = _trained_like(case, "deim")
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / WEIGHTS
+    save_file({k: v for k, v in load_file(str(path)).items() if k.endswith(".core")}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = PeftModel.from_pretrained(case.model(), str(tmp_path))
+    torch.testing.assert_close(_run(case, loaded, case.inputs()), _run(case, model, case.inputs()))
+
+
+def test_a_file_whose_indices_differ_from_its_config_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from structpeft import AdapterFileError
+
+    case = CASES_BY_ID["linear-mlp"]
+    _trained_like(case, "deim").save_pretrained(str(tmp_path))
+    path = tmp_path / WEIGHTS
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith(".col_idx"))
+    tensors[key] = tensors[key].flip(0)
+    save_file(tensors, str(path))
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match="other indices"):
+        PeftModel.from_pretrained(model, str(tmp_path))
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("bad", ["out of range", "float", "length"])
+def test_bad_indices_in_a_state_dict_are_refused(bad):
+    from structpeft import StateDictError
+
+    case = CASES_BY_ID["linear-mlp"]
+    model = _trained_like(case, "deim")
+    sd = model.state_dict()
+    key = next(k for k in sd if k.endswith(".col_idx"))
+    sd[key] = {"out of range": sd[key] + 10_000, "float": sd[key].float(), "length": sd[key][:-1]}[bad]
+    with pytest.raises(StateDictError, match="integer indices"):
+        model.load_state_dict(sd)

@@ -13,8 +13,10 @@ per token — about k·(k + d) — instead of out·in. ``forward`` (with dropout
 ``add_from_base(base_out, s)`` returns base_out + s·x·ΔWᵀ by two ``addmm`` (h = x Rᵀ Uᵀ with the bias term, then
 base_out + s·h Cᵀ) and a backward that writes ∂base_out = g + scatter_J(s·g C U) in one pass (autograd's gather
 backward would build a zero (tokens × out) gradient, scatter into it, then add it to g).
-C and R are frozen buffers gathered when the operator is built; they are not saved (the adapter file holds U,
-and the config holds I, J and a checksum of the gathered factors).
+C and R are frozen buffers gathered when the operator is built; they are not saved. The state dict (and so the
+adapter file) holds U and the indices I, J (int64: the config holds them too, with a checksum of the gathered
+factors), so a state dict loaded into an existing adapter (``load_adapter`` under a name that exists, as the
+Trainer does when it resumes from a checkpoint) brings the selection it was trained with: :meth:`regather`.
 ``compute_mode="dense"`` (chosen per layer by measurement, see :mod:`structpeft.operators.dispatch`): the layer
 folds ΔW = C·U·R (out·k_in·k_out + out·k_out·in multiply-adds, once per step) into the base weight instead, so
 the forward and input gradient cost the frozen layer's, and inference with a cached W + s·ΔW costs nothing extra.
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import DenseDeltaMixin
+from .base import _CACHES, DenseDeltaMixin
 
 SKELETON_SCALINGS = ("none", "unit")
 SKELETON_INITS = ("zero", "gaussian", "random")
@@ -72,8 +74,8 @@ class SkeletonOperator(DenseDeltaMixin, nn.Module):
         if skeleton_scaling == "unit":
             col_scale = 1.0 / cols.norm(dim=0).clamp_min(1e-12)
             row_scale = 1.0 / rows.norm(dim=1).clamp_min(1e-12)
-        self.register_buffer("col_idx", col_idx, persistent=False)
-        self.register_buffer("row_idx", row_idx, persistent=False)
+        self.register_buffer("col_idx", col_idx)  # saved: U means nothing without its I and J
+        self.register_buffer("row_idx", row_idx)
         self.register_buffer("cols", cols * col_scale, persistent=False)  # C (out × k_in)
         self.register_buffer("rows", rows * row_scale[:, None], persistent=False)  # R (k_out × in)
         self.register_buffer("row_scale", row_scale, persistent=False)
@@ -82,6 +84,32 @@ class SkeletonOperator(DenseDeltaMixin, nn.Module):
         self.core = nn.Parameter(torch.zeros(cols.shape[1], rows.shape[0], device=w.device, dtype=dtype))
         # "fast": W[J, :]x read from the base output; "dense": ΔW folded into the base weight by the layer
         self.compute_mode = "fast"
+
+    @torch.no_grad()
+    def regather(
+        self, weight: torch.Tensor, col_idx: torch.Tensor, row_idx: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> None:
+        """Select other columns I and rows J (as many as now) of the frozen (out × in) ``weight``: C, R, the unit
+        scaling and b[J] are gathered again in place (U keeps its tensor, so an optimiser holding it still
+        works)."""
+        w = weight.detach()
+        col_idx = torch.as_tensor(col_idx, dtype=torch.long, device=w.device)
+        row_idx = torch.as_tensor(row_idx, dtype=torch.long, device=w.device)
+        cols = w[:, col_idx].to(self.cols.dtype)
+        rows = w[row_idx, :].to(self.rows.dtype)
+        col_scale = torch.ones(cols.shape[1], device=w.device, dtype=cols.dtype)
+        row_scale = torch.ones(rows.shape[0], device=w.device, dtype=rows.dtype)
+        if self.skeleton_scaling == "unit":
+            col_scale = 1.0 / cols.norm(dim=0).clamp_min(1e-12)
+            row_scale = 1.0 / rows.norm(dim=1).clamp_min(1e-12)
+        self.col_idx.copy_(col_idx)
+        self.row_idx.copy_(row_idx)
+        self.cols.copy_(cols * col_scale)
+        self.rows.copy_(rows * row_scale[:, None])
+        self.row_scale.copy_(row_scale)
+        if self.row_bias is not None and bias is not None:
+            self.row_bias.copy_(bias.detach()[row_idx].to(self.row_bias.dtype))
+        _CACHES.pop(self, None)  # a cached ΔW was built from the old C and R (its key holds U only)
 
     @property
     def options(self) -> dict:

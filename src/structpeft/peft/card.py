@@ -37,6 +37,8 @@ def parameter_counts(folder: str, config: Any) -> tuple[int, int, str]:
         structured = other = 0
         with safe_open(weights, framework="pt") as f:
             for key in f.keys():
+                if not f.get_slice(key).get_dtype().startswith(("F", "BF")):
+                    continue  # integer tensors are indices (PMSS's I and J), not parameters
                 numel = 1
                 for size in f.get_slice(key).get_shape():
                     numel *= size

@@ -68,6 +68,12 @@ def validate_adapter_folder(folder: str, config: Any) -> None:
                     f"{weights}: {key!r} has shape {list(ours[key].shape)} but adapter_config.json implies "
                     f"{list(shape)} (structure / size options differ); the file was not saved with this config"
                 )
+            recorded = config.layer_options[layer]["options"].get(name) if name.endswith("_idx") else None
+            if recorded is not None and ours[key].tolist() != recorded:
+                raise AdapterFileError(
+                    f"{weights}: {key!r} holds other indices than adapter_config.json records for layer {layer!r}; "
+                    "the file was not saved with this config"
+                )
             seen.add(key)
     unexpected = sorted(set(ours) - seen)
     if unexpected:

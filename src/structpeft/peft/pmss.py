@@ -3,13 +3,15 @@
 ΔW = W[:, I] · U · W[J, :] for each targeted layer (see :mod:`structpeft.operators.skeleton`); I and J are
 selected from the frozen pretrained weight by :func:`structpeft.selection.select_skeleton`, only U is trained.
 
-Storage: the adapter file holds U only; ``adapter_config.json`` records, per layer, the shape, k_in, k_out, the
+Storage: the adapter file holds U and the indices I, J (int64; see :func:`_load_skeleton_indices` for why the
+weights carry them too); ``adapter_config.json`` records, per layer, the shape, k_in, k_out, the
 indices I and J, a checksum of the gathered factors W[:, I], W[J, :] (computed on their bf16 rounding, so the
 same base model loaded in fp32 or bf16 passes) and a rounding-tolerant sketch of them (for an fp16 copy, whose
 bf16 rounding differs in a few entries; see :func:`structpeft.selection.skeleton_sketch`). At load, C and R are
 re-gathered from the base model and checked for every layer *before* the model is modified: a different base
-model raises :class:`~structpeft.errors.BaseModelMismatchError`. File size: 4·k_in·k_out bytes per layer (fp32 U), e.g.
-24 KB per MiniLM layer at LoRA r=8's budget, instead of 4·(out·k_in + k_out·in) for snapshotted factors.
+model raises :class:`~structpeft.errors.BaseModelMismatchError`. File size: 4·k_in·k_out + 8·(k_in + k_out) bytes
+per layer (fp32 U, int64 indices), e.g. 25 KB per MiniLM layer at LoRA r=8's budget, instead of
+4·(out·k_in + k_out·in) for snapshotted factors.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..errors import BaseModelMismatchError, ConfigError
 from ..operators.dispatch import DEFAULT_COMPUTE_TOKENS
+from ..operators.fused import _CACHES as _FUSED_CACHES
 from ..operators.skeleton import SKELETON_INITS, SKELETON_SCALINGS, SkeletonOperator
 from ..selection import (
     SELECTION_STRATEGIES,
@@ -165,7 +168,12 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
 
     def expected_tensors(self) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
         return {
-            key: {"core": ((rec["options"]["k_in"], rec["options"]["k_out"]), True)}
+            key: {
+                "core": ((rec["options"]["k_in"], rec["options"]["k_out"]), True),
+                # the indices (int64): in files saved since they are part of the state dict
+                "col_idx": ((rec["options"]["k_in"],), False),
+                "row_idx": ((rec["options"]["k_out"],), False),
+            }
             for key, rec in self.layer_options.items()
         }
 
@@ -248,6 +256,49 @@ class PmssLayer(StructuredLayer):
                 )
 
 
+def _load_skeleton_indices(
+    layer: PmssLayer, state_dict: dict[str, Any], prefix: str, _metadata: Any, _strict: bool, *_: Any
+) -> None:
+    """Before a state dict is loaded into a PMSS layer: where it brings other indices I, J for an adapter (one
+    saved where the selection came out differently, loaded with ``load_adapter`` under an existing name or with
+    ``load_state_dict``), gather C, R from this layer's unmerged W₀ at those indices, so that the loaded U is used
+    with the rows and columns it was trained with; where it brings none (files saved before the indices were),
+    the current ones are kept, quietly."""
+    from ..errors import MergeError, StateDictError
+
+    for name, op in layer.pmss_op.items():
+        keys = {attr: f"{prefix}pmss_op.{name}.{attr}" for attr in ("col_idx", "row_idx")}
+        current = {"col_idx": op.col_idx, "row_idx": op.row_idx}
+        if not any(k in state_dict for k in keys.values()):
+            state_dict.update({k: current[attr].clone() for attr, k in keys.items()})
+            continue
+        given = {}
+        for attr, key in keys.items():
+            t = state_dict.get(key, current[attr])
+            n = op.in_features if attr == "col_idx" else op.out_features
+            ok = isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and t.dtype != torch.bool
+            ok = ok and t.numel() == current[attr].numel() and (t.numel() == 0 or 0 <= int(t.min()) <= int(t.max()) < n)
+            if not ok:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise StateDictError(
+                    f"{key}: expected {current[attr].numel()} integer indices in [0, {n}) (the adapter's "
+                    f"{'columns I' if attr == 'col_idx' else 'rows J'}), got {shape}"
+                )
+            given[attr] = t.to(device=current[attr].device, dtype=torch.long)
+            state_dict[key] = given[attr]
+        if all(torch.equal(given[a], current[a]) for a in given):
+            continue
+        if name in layer.merged_adapters:
+            raise MergeError(
+                f"adapter {name!r} on {layer.module_path or 'this layer'} is merged; the state dict selects other "
+                "columns / rows: unmerge_adapter() before loading it"
+            )
+        base = layer.get_base_layer()
+        bias = base_bias(base) if layer.kind in ("linear", "conv1d") else None
+        op.regather(layer.unmerged_weight_2d(), given["col_idx"], given["row_idx"], bias)
+        _FUSED_CACHES.pop(layer, None)  # its folded W + s·ΔW was built from the old C and R
+
+
 class PmssWrapper(nn.Module, PmssLayer):
     """The module that replaces a targeted Linear / Conv1D / Conv2d for PMSS."""
 
@@ -263,6 +314,7 @@ class PmssWrapper(nn.Module, PmssLayer):
         PmssLayer.__init__(self, base_layer, module_path=module_path)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, options=options or {})
+        self._register_load_state_dict_pre_hook(_load_skeleton_indices, with_module=True)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return PmssLayer.forward(self, x, *args, **kwargs)
@@ -277,6 +329,37 @@ class PmssModel(StructuredTuner):
     prefix: str = "pmss_"
     tuner_layer_cls = PmssLayer
     wrapper_cls = PmssWrapper
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: Any,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """As the base class; first, where a loaded state dict re-gathered a layer's skeleton at other indices
+        (see :func:`_load_skeleton_indices`), the config's record of that layer is brought up to date (indices,
+        checksum, sketch of the unmerged W₀), so the ``adapter_config.json`` written next matches the weights."""
+        for module in model.modules():
+            if isinstance(module, PmssLayer) and adapter_name in module.pmss_op:
+                rec = (config.layer_options or {}).get(module.module_path)
+                op = module.pmss_op[adapter_name]
+                if rec is None or (
+                    rec["options"]["col_idx"] == op.col_idx.tolist()
+                    and rec["options"]["row_idx"] == op.row_idx.tolist()
+                ):
+                    continue
+                w2d, cols, rows = module.unmerged_weight_2d(), op.col_idx.cpu(), op.row_idx.cpu()
+                rec["options"] = {
+                    **rec["options"],
+                    "col_idx": cols.tolist(),
+                    "row_idx": rows.tolist(),
+                    "checksum": _checksum(w2d, cols, rows),
+                    "sketch": skeleton_sketch(w2d, cols, rows),
+                }
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
         # per module, the selection (or the verified recorded one) of this injection: _prepare_model's validation
