@@ -266,7 +266,8 @@ def _load_skeleton_indices(
     the current ones are kept, quietly."""
     from ..errors import MergeError, StateDictError
 
-    for name, op in layer.pmss_op.items():
+    for name, module in layer.operators.items():
+        op = cast(SkeletonOperator, module)
         keys = {attr: f"{prefix}pmss_op.{name}.{attr}" for attr in ("col_idx", "row_idx")}
         current = {"col_idx": op.col_idx, "row_idx": op.row_idx}
         if not any(k in state_dict for k in keys.values()):
@@ -343,9 +344,9 @@ class PmssModel(StructuredTuner):
         (see :func:`_load_skeleton_indices`), the config's record of that layer is brought up to date (indices,
         checksum, sketch of the unmerged W₀), so the ``adapter_config.json`` written next matches the weights."""
         for module in model.modules():
-            if isinstance(module, PmssLayer) and adapter_name in module.pmss_op:
+            if isinstance(module, PmssLayer) and adapter_name in module.operators:
                 rec = (config.layer_options or {}).get(module.module_path)
-                op = module.pmss_op[adapter_name]
+                op = cast(SkeletonOperator, module.operators[adapter_name])
                 if rec is None or (
                     rec["options"]["col_idx"] == op.col_idx.tolist()
                     and rec["options"]["row_idx"] == op.row_idx.tolist()
