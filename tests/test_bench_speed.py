@@ -209,12 +209,13 @@ def test_memory_only_remeasures_an_existing_result(tmp_path):
     assert main([*args, "--no-memory", "--layer-reps", "0", "--out", str(tmp_path)]) == 0
     before = json.load(open(tmp_path / "speed.json"))
     assert "train_peak_mb" not in before["methods"]["lora-r8"]
-    assert main(["bench", "speed", "--memory-only", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "speed", "--memory-only", "--memory-reps", "2", "--out", str(tmp_path)]) == 0
     after = json.load(open(tmp_path / "speed.json"))
     for m in ("base", "lora-r8"):
         assert after["methods"][m].pop("train_peak_mb") > 0 or not speed._reset_peak_rss()
+        assert len(after["methods"][m].pop("train_peak_mb_reps")) == 2  # --memory-reps 2
         assert after["methods"][m] == before["methods"][m]  # the timings are kept
-    assert after["setting"]["memory_measured"]["command"].endswith("--memory-only --out " + str(tmp_path))
+    assert after["setting"]["memory_measured"]["command"].endswith("--memory-reps 2 --out " + str(tmp_path))
     assert "train peak MB" in (tmp_path / "speed.md").read_text()
     assert main(["bench", "speed", "--memory-only", "--out", str(tmp_path / "none")]) == 2
 

@@ -383,13 +383,21 @@ def peak_memory_mb(method: str, case_name: str, args: argparse.Namespace) -> flo
 
 
 def measure_memory(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """Peak memory of every method's train step (``<case>_peak_mb``; NaN where it cannot be measured)."""
+    """Peak memory of every method's train step: the median of ``--memory-reps`` probes, each a fresh process
+    (``<case>_peak_mb``, the probes in ``<case>_peak_mb_reps``; NaN where it cannot be measured). The probes run
+    round-robin over the methods, so a drift of the machine's memory state hits every method alike."""
     train = [n for n, c in results["setting"]["cases"].items() if c["kind"] == "train"]
-    todo = [(m, n) for m in results["methods"] for n in train]
-    for m, n in tqdm(todo, desc="peak memory", unit="method", file=sys.stdout, disable=len(todo) < 2):
-        results["methods"][m][f"{n}_peak_mb"] = peak_memory_mb(m, n, args)
+    reps = max(1, getattr(args, "memory_reps", 1))
+    todo = [(m, n) for _ in range(reps) for m in results["methods"] for n in train]
+    probes: dict[tuple[str, str], list[float]] = {}
+    for m, n in tqdm(todo, desc="peak memory", unit="probe", file=sys.stdout, disable=len(todo) < 2):
+        probes.setdefault((m, n), []).append(peak_memory_mb(m, n, args))
+    for (m, n), values in probes.items():
+        results["methods"][m][f"{n}_peak_mb"] = statistics.median(values)
+        results["methods"][m][f"{n}_peak_mb_reps"] = [round(v, 1) for v in values]
     results["setting"]["memory"] = (
-        "process peak during one train step, model included (CUDA: max allocated; CPU: peak RSS, VmHWM)"
+        f"process peak during one train step, model included (CUDA: max allocated; CPU: peak RSS, VmHWM); "
+        f"median of {reps} probe(s) per method"
     )
 
 
@@ -848,6 +856,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="CI smoke: batch 2 x 16 tokens, 2 reps")
     p.add_argument("--out", default=None, help="write speed.json, speed.md and speed.png into this folder")
+    p.add_argument(
+        "--memory-reps",
+        type=int,
+        default=1,
+        help="fresh-process probes per method for the peak memory (median reported; default 1)",
+    )
     p.add_argument(
         "--memory-only",
         action="store_true",
