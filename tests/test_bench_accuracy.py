@@ -407,3 +407,12 @@ def test_surm_adapter_rows_are_not_grouped_with_the_query_value_rows():
 
     assert report._target_modules("snli", "surm-adapter-circulant") == "default adapter targets"
     assert report._target_modules("snli", "lora-r8") == "default targets"
+
+
+def test_the_report_says_which_runs_read_the_bbc_data_before_its_repeats_were_dropped():
+    from structpeft.bench.accuracy import report
+    from structpeft.data.builtin import BBC_DATA_VERSION
+
+    assert report._bbc_data_note([{"bbc_data_version": BBC_DATA_VERSION}]) == ""
+    note = report._bbc_data_note([{"bbc_data_version": BBC_DATA_VERSION}, {}])  # {}: recorded before the field
+    assert note.startswith("1 of 2 runs read the BBC data before")

@@ -155,7 +155,8 @@ def render(root: Path) -> str:
             "",
             f"Command: `{meta['command']}` (resumable; `--report-only` rewrites the reports). Hardware: "
             f"{meta['hardware']}. **{meta['finished']} of {meta['planned']} planned runs are in** "
-            f"({meta['failed']} failed); cells show mean ± sample std over the seeds finished so far.",
+            f"({meta['failed']} failed); cells show mean ± sample std over the seeds finished so far."
+            + (f" **Data: {meta['data_note']}.**" if meta.get("data_note") else ""),
             "",
         ]
         findings = _accuracy_findings(summary)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ...data.builtin import BBC_DATA_VERSION
 from .tasks import BENCH_FILE, Forgetting, Method, Run, Task, finetune_argv, run_dir
 
 
@@ -173,6 +174,7 @@ def worker(spec: dict[str, Any]) -> int:
         "forgetting_time_s": forgetting_time,
         "test_answer_loss": answer,
         "hardware": hardware(),  # step times of runs on different machines do not compare
+        "bbc_data_version": BBC_DATA_VERSION,  # absent: 1, before BBC's repeated articles were dropped
         "argv": argv,
     }
     _write_json_atomic(d / BENCH_FILE, result)

@@ -410,6 +410,19 @@ def plots(cells: Sequence[Cell], out: Path) -> list[Path]:
     return written
 
 
+def _bbc_data_note(results: Sequence[dict[str, Any]]) -> str:
+    """Which BBC data the runs read (every task does: classification, a forgetting probe, or LM text)."""
+    from ...data.builtin import BBC_DATA_VERSION
+
+    old = sum(r.get("bbc_data_version", 1) != BBC_DATA_VERSION for r in results)
+    if not old:
+        return ""
+    return (
+        f"{old} of {len(results)} runs read the BBC data before its 98 repeated articles were dropped (split by file: "
+        "27-37 of the 445 test articles also in training); re-run them for the current data"
+    )
+
+
 def runs_hardware(results: Sequence[dict[str, Any]]) -> str:
     """The machines the runs ran on, as recorded per run: one description, or each with its run count."""
     counts = Counter(r.get("hardware") for r in results)
@@ -437,6 +450,7 @@ def write_reports(
         "failed": len(failed),
         "failures": list(failed.values()),
         "hardware": runs_hardware(results),
+        "data_note": _bbc_data_note(results),
         "command": command,
         "tasks": {r.task.name: asdict(r.task) for r in runs},
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
