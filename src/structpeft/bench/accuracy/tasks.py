@@ -76,8 +76,8 @@ TASKS: dict[str, Task] = {
         ("--max-train", "400", "--max-length", "128", "--epochs", "2", *HEAD_LR_ARGS),
         Forgetting("probe", "snli", max_train=1000, max_test=500, max_length=64),
         seconds_per_run=85.0,
-        description="MiniLM-L6 + BBC News (400 training articles, all test articles: 425, 445 before the repeats were dropped; max length 128, "
-        "2 epochs, batch 16)",
+        description="MiniLM-L6 + BBC News (400 training articles, all test articles: 425, 445 before the repeats "
+        "were dropped; max length 128, 2 epochs, batch 16)",
     ),
     "gsm": Task(
         "gsm",
