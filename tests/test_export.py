@@ -145,3 +145,91 @@ def test_a_non_finite_adapter_names_the_layer_and_writes_nothing(tmp_path):
     with pytest.raises(MergeError, match=r"layer\.1\.attention\.self\.value.*non-finite"):
         structpeft.to_lora(model, str(tmp_path / "lora"), rank=2)
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ audit cases
+class _ConvNet(torch.nn.Module):
+    def __init__(self, **conv: object) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, **conv)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("conv", [{"dilation": 2}, {"padding_mode": "reflect"}], ids=["dilation", "reflect"])
+def test_conv2d_that_lora_cannot_express_is_refused_naming_the_layer(conv, tmp_path):
+    """PEFT's LoRA Conv2d keeps kernel size, stride and padding only: with dilation 2 the export did not load, with
+    reflect padding it loaded and gave other outputs (2.6 off)."""
+    from structpeft.errors import UnsupportedLayerError
+
+    model = get_peft_model(_ConvNet(**conv), structpeft.SurmConfig(target_modules=["conv"], init_weights=False))
+    with pytest.raises(UnsupportedLayerError, match=r"'conv'.*(dilation=\(2, 2\)|padding_mode='reflect')"):
+        structpeft.to_lora(model, str(tmp_path / "lora"), rank=4)
+    assert not (tmp_path / "lora").exists()
+
+
+def test_a_non_linear_adapter_is_refused_naming_the_layer(tmp_path):
+    from structpeft.errors import UnsupportedLayerError
+
+    config = structpeft.SurmConfig(
+        placement="adapter", activation="gelu", target_modules=["attention.output.dense"], init_weights=False
+    )
+    model = get_peft_model(_base(), config)
+    with pytest.raises(UnsupportedLayerError, match=r"attention\.output\.dense.*activation='gelu'"):
+        structpeft.to_lora(model, str(tmp_path / "lora"), rank=4)
+
+
+def test_the_exported_targets_are_exactly_the_adapted_layers(tmp_path):
+    """A top-level 'proj' adapted by a regex: the list ['proj'] matched 'blk.proj' too (by suffix), which got an
+    untrained LoRA and a missing-keys warning on load."""
+    from peft import PeftModel
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.blk = torch.nn.Sequential()
+            self.blk.add_module("proj", torch.nn.Linear(8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blk.proj(self.proj(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), structpeft.SurmConfig(target_modules="^proj$", init_weights=False))
+    structpeft.to_lora(model, str(tmp_path / "lora"), rank=8)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(Net(), str(tmp_path / "lora"))
+    wrapped = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped == ["base_model.model.proj"]
+
+
+def test_energy_one_keeps_the_numerical_rank():
+    """PMSS with k = 3: ΔW has rank 3, its other singular values are float32 noise; energy=1.0 kept all 24."""
+    config = structpeft.PmssConfig(target_modules=["query"], k_in=3, k_out=3, init_weights=False)
+    model = get_peft_model(_base(), config)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        reports = structpeft.to_lora(model, os.path.join(d, "lora"), energy=1.0)
+    assert [r.rank for r in reports] == [3, 3] and all(r.relative_error < 1e-6 for r in reports)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_exports_report_the_error_of_what_is_stored(dtype, tmp_path):
+    """The factors were cast to the base's half dtype after the error was computed (reported 2e-15, actual 2e-3
+    for bf16); they are float32 now, as PEFT keeps LoRA weights on half-precision models, and the report is of them."""
+    from safetensors.torch import load_file
+
+    model = get_peft_model(_base().to(dtype), CONFIGS["surm-circulant"]())
+    reports = structpeft.to_lora(model, str(tmp_path / "lora"), rank=64)
+    stored = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for k, t in stored.items() if "lora_" in k)
+    for r in reports:
+        layer = dict(model.base_model.model.named_modules())[r.module]
+        delta = layer.get_delta_weight("default", exact=True)
+        key = f"base_model.model.{r.module}"
+        ba = stored[f"{key}.lora_B.weight"].double() @ stored[f"{key}.lora_A.weight"].double()
+        actual = float(torch.linalg.norm(delta - ba) / torch.linalg.norm(delta))
+        assert actual < 1e-6 and r.relative_error == pytest.approx(actual, rel=1e-3, abs=1e-12)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -40,18 +41,24 @@ class LayerExport:
 
 
 def _factorise(
-    delta: torch.Tensor, rank: int | None, energy: float | None
+    delta: torch.Tensor, rank: int | None, energy: float | None, dtype: torch.dtype, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    """B (out × r), A (r × in) in ``dtype`` with B·A the best rank-r approximation of ``delta`` (float64), and
+    the relative error ‖ΔW − B·A‖ / ‖ΔW‖ of the factors as stored. With ``energy``, singular values below ΔW's
+    numerical-rank tolerance (s₀·max(out, in)·``eps``, ``eps`` of the precision ΔW was computed in) count as zero,
+    so energy=1.0 keeps the numerical rank, not every noise direction."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is None:
-        cum = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-300)
-        rank = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
+        kept = torch.where(s > s[0] * max(delta.shape) * eps, s, torch.zeros_like(s)) if s.numel() else s
+        cum = torch.cumsum(kept**2, 0) / (kept**2).sum().clamp_min(1e-300)
+        threshold = torch.tensor(energy, dtype=cum.dtype) * (1 - 1e-12)  # cum's own rounding at energy=1.0
+        rank = int(torch.searchsorted(cum, threshold).item()) + 1
     rank = max(1, min(rank, s.numel()))
     root = s[:rank].sqrt()
-    b = u[:, :rank] * root
-    a = root[:, None] * vh[:rank]
-    norm = torch.linalg.norm(delta.double())
-    err = float(torch.linalg.norm(delta.double() - b @ a) / norm) if norm > 0 else 0.0
+    b = (u[:, :rank] * root).to(dtype)
+    a = (root[:, None] * vh[:rank]).to(dtype)
+    norm = torch.linalg.norm(delta)
+    err = float(torch.linalg.norm(delta - b.double() @ a.double()) / norm) if norm > 0 else 0.0
     return b, a, rank, err
 
 
@@ -94,19 +101,29 @@ def to_lora(
     for path, layer in cast(nn.Module, model.base_model.model).named_modules():
         if not isinstance(layer, StructuredLayer) or adapter_name not in layer.operators:
             continue
-        if (
-            layer.is_adapter_placement(adapter_name)
-            and getattr(layer.operators[adapter_name], "bias", None) is not None
-        ):
-            raise UnsupportedLayerError(
-                f"layer {path!r}: an adapter block with a bias cannot be expressed as LoRA (LoRA has no bias term)"
-            )
+        if layer.is_adapter_placement(adapter_name):
+            block = layer.operators[adapter_name]
+            if getattr(block, "activation_name", "identity") != "identity":
+                raise UnsupportedLayerError(
+                    f"layer {path!r}: an adapter block with activation={block.activation_name!r} is non-linear and "
+                    "cannot be expressed as LoRA (only activation='identity' can)"
+                )
+            if getattr(block, "bias", None) is not None:
+                raise UnsupportedLayerError(
+                    f"layer {path!r}: an adapter block with a bias cannot be expressed as LoRA (LoRA has no bias term)"
+                )
         base = layer.get_base_layer()
         weight = base_weight(base)
-        if layer.kind == "conv2d" and base.groups != 1:
-            raise UnsupportedLayerError(f"layer {path!r}: Conv2d with groups={base.groups} has no LoRA equivalent")
+        if layer.kind == "conv2d":
+            dilation, padding_mode = tuple(base.dilation), base.padding_mode
+            if base.groups != 1 or any(d != 1 for d in dilation) or padding_mode != "zeros":
+                raise UnsupportedLayerError(
+                    f"layer {path!r}: Conv2d with groups={base.groups}, dilation={dilation}, "
+                    f"padding_mode={padding_mode!r} has no LoRA equivalent (PEFT's LoRA Conv2d keeps kernel size, "
+                    "stride and padding only: it needs groups=1, dilation 1 and padding_mode='zeros')"
+                )
         with torch.no_grad():
-            delta = layer.get_delta_weight(adapter_name).double()
+            delta = layer.get_delta_weight(adapter_name, exact=True)
             if layer.kind == "conv1d":
                 delta = delta.T
             delta = delta.reshape(delta.shape[0], -1)
@@ -115,13 +132,16 @@ def to_lora(
                     f"layer {path!r}: adapter {adapter_name!r} gives a non-finite ΔW (NaN / inf in its parameters); "
                     "nothing was written"
                 )
-            b, a, r, err = _factorise(delta, rank, energy)
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+            # half-precision bases get float32 factors (PEFT keeps LoRA weights in float32 on such models by
+            # default): rounding B and A to bf16 would add ~2e-3 of error to an otherwise exact export
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+            eps = torch.finfo(torch.promote_types(weight.dtype, torch.float32)).eps
+            b, a, r, err = _factorise(delta, rank, energy, dtype, eps)
         if layer.kind == "conv2d":
             a = a.reshape(r, *weight.shape[1:])
             b = b.reshape(b.shape[0], r, 1, 1)
-        tensors[f"{prefix}{path}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"{prefix}{path}.lora_B.weight"] = b.to(dtype).contiguous()
+        tensors[f"{prefix}{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"{prefix}{path}.lora_B.weight"] = b.contiguous()
         rank_pattern[path] = r
         reports.append(LayerExport(path, (delta.shape[0], delta.shape[1]), r, err))
     if not reports:
@@ -136,7 +156,8 @@ def to_lora(
     lora = LoraConfig(
         r=max_rank,
         lora_alpha=max_rank,
-        target_modules=sorted(rank_pattern),
+        # an anchored regex: a list matches by suffix, so a top-level "proj" would also adapt "block.proj"
+        target_modules="^(?:" + "|".join(re.escape(k) for k in sorted(rank_pattern)) + ")$",
         rank_pattern={f"^{k}$": v for k, v in rank_pattern.items()},
         alpha_pattern={f"^{k}$": v for k, v in rank_pattern.items()},
         modules_to_save=structured.modules_to_save,

@@ -175,19 +175,21 @@ class StructuredLayer(BaseTunerLayer):
             return dense_2d.reshape(base_weight(base).shape)
         return dense_2d
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+    def get_delta_weight(self, adapter_name: str, exact: bool = False) -> torch.Tensor:
         """The change of the base weight (base layout and dtype) that merging this adapter alone makes.
 
         ΔW placement: s·ΔW. Adapter placement (identity activation): M·W₀ with W₀ the unmerged base weight.
+        ``exact``: in float64 instead, not rounded to a half-precision base weight's dtype (for export).
         """
         base = self.get_base_layer()
         if self.is_adapter_placement(adapter_name):
             w0, _ = self._unmerged_weights(list(self.merged_adapters))
             m = cast(AdapterBlock, self.operators[adapter_name]).linear_map(self.scalings[adapter_name])
-            dense = m.to(w0) @ w0
+            dense = m.double() @ w0.double() if exact else m.to(w0) @ w0
         else:
-            dense = cast(DenseDeltaMixin, self.operators[adapter_name]).to_dense() * self.scalings[adapter_name]
-        return self._to_base_layout(dense).to(base_weight(base).dtype)
+            op = cast(DenseDeltaMixin, self.operators[adapter_name])
+            dense = (op.to_dense().double() if exact else op.to_dense()) * self.scalings[adapter_name]
+        return self._to_base_layout(dense).to(torch.float64 if exact else base_weight(base).dtype)
 
     def _merge_terms(self, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(D, M, c): the sum of s·ΔW of the ΔW-placed adapters, of the adapter maps M, of the adapter biases."""
