@@ -92,3 +92,39 @@ def test_pmss_k_clipping():
         pmss_k_for_budget(0, 64, 64)
     with pytest.raises(ShapeError, match="out_features=-1"):
         pmss_k_for_budget(10, -1, 64)
+
+
+# ------------------------------------------------------------------------------------------ audit cases
+@pytest.mark.parametrize("kind, value", [("parameters", -5), ("parameters", 0), ("bogus", 3), ("lora", 2.5)])
+def test_a_parameter_budget_validates_itself(kind, value):
+    from structpeft.budget import ParameterBudget
+
+    with pytest.raises(ConfigError, match=repr(kind) if kind == "bogus" else repr(value)):
+        ParameterBudget(kind, value)
+
+
+def test_a_parameter_budget_is_accepted_by_configs_as_its_string_form():
+    from structpeft import PmssConfig, SurmConfig
+    from structpeft.budget import ParameterBudget
+
+    assert PmssConfig(budget=ParameterBudget("lora", 2)).budget == "lora-2"  # was a TypeError
+    assert SurmConfig(budget=ParameterBudget("parameters", 500)).budget == "500"
+
+
+def test_kronecker_too_small_names_the_true_minimum():
+    from structpeft.operators.kronecker import KroneckerOperator
+
+    with pytest.raises(ConfigError, match="has 20$"):  # (1, 13) factors: 1 + 7 * 1 + ... = 20, not the default's 32
+        KroneckerOperator.options_for_budget(7, 13, 10)
+    assert KroneckerOperator.options_for_budget(7, 13, 20)
+
+
+def test_an_adapter_bias_larger_than_the_budget_is_named():
+    from peft import get_peft_model
+    from torch import nn
+
+    from structpeft import SurmConfig
+
+    model = nn.Sequential(nn.Linear(20, 20))
+    with pytest.raises(ConfigError, match=r"budget=10 .* bias alone takes 20"):  # was 'budget of -10 parameters'
+        get_peft_model(model, SurmConfig(placement="adapter", target_modules=["0"], budget=10))

@@ -41,6 +41,12 @@ class ParameterBudget:
     kind: Literal["lora", "parameters"]
     value: int
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "parameters"):
+            raise ConfigError(f"ParameterBudget kind={self.kind!r} is invalid; valid: 'lora', 'parameters'")
+        if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
+            raise ConfigError(f"ParameterBudget value={self.value!r} is invalid: expected an integer >= 1")
+
     def parameters(self, out_features: int, in_features: int) -> int:
         """Trainable parameters per layer of shape ``(out_features, in_features)`` under this budget."""
         if self.kind == "lora":

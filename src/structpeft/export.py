@@ -115,10 +115,11 @@ def to_lora(
         base = layer.get_base_layer()
         weight = base_weight(base)
         if layer.kind == "conv2d":
-            dilation, padding_mode = tuple(base.dilation), base.padding_mode
-            if base.groups != 1 or any(d != 1 for d in dilation) or padding_mode != "zeros":
+            conv = cast(nn.Conv2d, base)
+            dilation, padding_mode = tuple(conv.dilation), conv.padding_mode
+            if conv.groups != 1 or any(d != 1 for d in dilation) or padding_mode != "zeros":
                 raise UnsupportedLayerError(
-                    f"layer {path!r}: Conv2d with groups={base.groups}, dilation={dilation}, "
+                    f"layer {path!r}: Conv2d with groups={conv.groups}, dilation={dilation}, "
                     f"padding_mode={padding_mode!r} has no LoRA equivalent (PEFT's LoRA Conv2d keeps kernel size, "
                     "stride and padding only: it needs groups=1, dilation 1 and padding_mode='zeros')"
                 )

@@ -124,7 +124,11 @@ class KroneckerOperator(StructuredOperator):
                 if n <= n_params and (best is None or key > best[0]):
                     best = (key, (o1, i1))
         if best is None:
-            smallest = cls.num_parameters(out_features, in_features)
+            smallest = min(
+                _count(out_features, in_features, o1, i1)
+                for o1 in _factor_candidates(out_features)
+                for i1 in _factor_candidates(in_features)
+            )
             raise ConfigError(
                 f"budget of {n_params} parameters is too small for a ({out_features} x {in_features}) layer: "
                 f"the smallest Kronecker factorisation has {smallest}"

@@ -219,13 +219,14 @@ class StructPeftConfigMixin(_MixinBase):
     def _normalise_budget(self) -> None:
         """Check ``budget`` and store an integer one as a plain int (a numpy integer is accepted but cannot be
         written to adapter_config.json)."""
-        from ..budget import parse_budget
+        from ..budget import ParameterBudget, parse_budget
 
         if self.budget is None:
             return
-        parse_budget(self.budget)
+        parsed = parse_budget(self.budget)
         if not isinstance(self.budget, str):
-            self.budget = operator.index(self.budget)
+            # a ParameterBudget as its string form ('lora-8' / '5000'), JSON-writable like the others
+            self.budget = str(parsed) if isinstance(self.budget, ParameterBudget) else operator.index(self.budget)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save ``adapter_config.json`` as PEFT does, then write / update the folder's model card (``README.md``)

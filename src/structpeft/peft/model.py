@@ -454,6 +454,12 @@ class SurmModel(StructuredTuner):
 
                 total = budget_to_parameters(config.budget, *shape)
                 if config.placement == "adapter" and getattr(base, "bias", None) is not None:
+                    if total <= out_features:
+                        raise ConfigError(
+                            f"budget={config.budget!r} gives module {key!r} {total} parameters, and its adapter "
+                            f"block's bias alone takes {out_features} (the width of its output): give a budget of "
+                            f"more than {out_features} parameters"
+                        )
                     total -= out_features
                 n_params = total // len(roles)
             options = {role: self._resolve_operator(config, s, n_params) for role, s in roles.items()}
