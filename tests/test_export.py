@@ -228,7 +228,8 @@ def test_half_precision_exports_report_the_error_of_what_is_stored(dtype, tmp_pa
     assert all(t.dtype == torch.float32 for k, t in stored.items() if "lora_" in k)
     for r in reports:
         layer = dict(model.base_model.model.named_modules())[r.module]
-        delta = layer.get_delta_weight("default", exact=True)
+        with torch.no_grad():
+            delta = layer.get_delta_weight("default", exact=True)
         key = f"base_model.model.{r.module}"
         ba = stored[f"{key}.lora_B.weight"].double() @ stored[f"{key}.lora_A.weight"].double()
         actual = float(torch.linalg.norm(delta - ba) / torch.linalg.norm(delta))
