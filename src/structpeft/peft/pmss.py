@@ -193,6 +193,16 @@ def _checksum(w2d: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> str:
     return skeleton_checksum(w2d.detach().to(torch.bfloat16), cols, rows)
 
 
+def _selection_record(w2d: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> dict[str, Any]:
+    """What ``layer_options`` records of a selection: the indices, the checksum and the sketch of W₀'s factors."""
+    return {
+        "col_idx": cols.tolist(),
+        "row_idx": rows.tolist(),
+        "checksum": _checksum(w2d, cols, rows),
+        "sketch": skeleton_sketch(w2d, cols, rows),
+    }
+
+
 # the sketches of the same weights rounded to fp16 or bf16 differ by about 1e-3 of the factors' norm (at most
 # 2^-9 = 2e-3 per entry for bf16), those of other weights by about 1: see selection.skeleton_sketch
 SKETCH_TOLERANCE = 1e-2
@@ -225,11 +235,13 @@ class PmssLayer(StructuredLayer):
     scaling_attr = "pmss_scaling"
     dropout_attr = "pmss_dropout"
 
+    def _row_bias(self) -> torch.Tensor | None:
+        """The bias whose entries b[J] the gather path subtracts from the base output (Linear / Conv1D only)."""
+        return base_bias(self.get_base_layer()) if self.kind in ("linear", "conv1d") else None
+
     def _build_operator(self, adapter_name: str, config: PmssConfig, options: dict[str, Any]) -> SkeletonOperator:
-        base = self.get_base_layer()
-        bias = base_bias(base) if self.kind in ("linear", "conv1d") else None
         op = SkeletonOperator(  # C = W₀[:, I], R = W₀[J, :] from the unmerged W₀ (another adapter may be merged)
-            self.unmerged_weight_2d(), options["col_idx"], options["row_idx"], config.skeleton_scaling, bias=bias
+            self.unmerged_weight_2d(), options["col_idx"], options["row_idx"], config.skeleton_scaling, self._row_bias()
         )
         op.reset_parameters(config.init_weights)
         op.compute_mode = self._recorded_compute(config).get("delta", "fast")
@@ -294,9 +306,7 @@ def _load_skeleton_indices(
                 f"adapter {name!r} on {layer.module_path or 'this layer'} is merged; the state dict selects other "
                 "columns / rows: unmerge_adapter() before loading it"
             )
-        base = layer.get_base_layer()
-        bias = base_bias(base) if layer.kind in ("linear", "conv1d") else None
-        op.regather(layer.unmerged_weight_2d(), given["col_idx"], given["row_idx"], bias)
+        op.regather(layer.unmerged_weight_2d(), given["col_idx"], given["row_idx"], layer._row_bias())
         _FUSED_CACHES.pop(layer, None)  # its folded W + s·ΔW was built from the old C and R
 
 
@@ -352,14 +362,8 @@ class PmssModel(StructuredTuner):
                     and rec["options"]["row_idx"] == op.row_idx.tolist()
                 ):
                     continue
-                w2d, cols, rows = module.unmerged_weight_2d(), op.col_idx.cpu(), op.row_idx.cpu()
-                rec["options"] = {
-                    **rec["options"],
-                    "col_idx": cols.tolist(),
-                    "row_idx": rows.tolist(),
-                    "checksum": _checksum(w2d, cols, rows),
-                    "sketch": skeleton_sketch(w2d, cols, rows),
-                }
+                selection = _selection_record(module.unmerged_weight_2d(), op.col_idx.cpu(), op.row_idx.cpu())
+                rec["options"] = {**rec["options"], **selection}
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
     def _prepare_model(self, peft_config: Any, model: nn.Module) -> None:
@@ -391,14 +395,7 @@ class PmssModel(StructuredTuner):
         if cached is None:
             k_in, k_out = config.layer_k(*shape)
             cols, rows = select_skeleton(w2d, k_in, k_out, config.selection, seed=config.seed)
-            cached = {
-                "k_in": k_in,
-                "k_out": k_out,
-                "col_idx": cols.tolist(),
-                "row_idx": rows.tolist(),
-                "checksum": _checksum(w2d, cols, rows),
-                "sketch": skeleton_sketch(w2d, cols, rows),
-            }
+            cached = {"k_in": k_in, "k_out": k_out, **_selection_record(w2d, cols, rows)}
             self._selection_cache[key] = cached
         if record:
             compute = {"delta": self._choose_compute(config, shape, cached, base)}
