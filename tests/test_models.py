@@ -236,6 +236,7 @@ def test_smollm2_cache_matches_gguf(tmp_path):
 def _recorded_cache(root):
     """A cache folder as the SmolLM2 build leaves it, with a small stand-in weights file and its record."""
     from structpeft import models
+    from structpeft._staging import file_sha256
 
     d = root / "smollm2"
     _fake_model_dir(d)
@@ -245,7 +246,7 @@ def _recorded_cache(root):
     weights.write_bytes(b"x" * 4096)
     stat = weights.stat()
     marker = {"weights_bytes": stat.st_size, "weights_mtime_ns": stat.st_mtime_ns}
-    marker["weights_sha256"] = models._sha256(weights)
+    marker["weights_sha256"] = file_sha256(weights)
     (d / models._SMOLLM2_MARKER).write_text(json.dumps(marker))
     return d, weights
 

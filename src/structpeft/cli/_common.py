@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._staging import staged_folder
+from .._staging import make_readable, staged_folder
 from ..errors import StructPeftError
 
 PROG = "structpeft"
@@ -209,13 +209,7 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     with staged_folder(out) as tmp:
         yield tmp
-        # mkdtemp creates 0o700 and some writers use mkstemp (0o600): make the run folder world-readable
-        for root, dirs, files in os.walk(tmp):
-            for d in dirs:
-                os.chmod(os.path.join(root, d), 0o755)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
-        os.chmod(tmp, 0o755)
+        make_readable(tmp)  # mkdtemp creates 0o700 and some writers use mkstemp (0o600)
         check_out_dir(out, overwrite)  # again: something may have appeared there while we trained
 
 

