@@ -103,43 +103,38 @@ def test_no_matching_target_lists_what_exists():
     assert_same_snapshot(before, snapshot(model))
 
 
+def _load_with_edited_records(tmp_path, edit, match: str) -> None:
+    """Save a PMSS adapter, ``edit(options)`` every layer record of its adapter_config.json, and check that loading
+    it raises a ConfigError matching ``match`` before the model changes."""
+    import json
+
+    from peft import PeftModel
+
+    case = CASES_BY_ID["linear-mlp"]
+    get_peft_model(case.model(), case.config(k_in=2, k_out=2)).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for rec in config["layer_options"].values():
+        edit(rec["options"])
+    path.write_text(json.dumps(config))
+    model = case.model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=match):
+        PeftModel.from_pretrained(model, str(tmp_path))
+    assert_same_snapshot(before, snapshot(model))
+
+
 @pytest.mark.parametrize("missing", ["checksum", "col_idx", "k_in"])
 def test_a_saved_skeleton_record_without_its_fields_is_refused(missing, tmp_path):
     """A PMSS layer record in adapter_config.json lacking its selection (edited, foreign): ConfigError naming the
     entry and the missing field before the model changes (was: KeyError from the checksum check)."""
-    import json
-
-    from peft import PeftModel
-
-    case = CASES_BY_ID["linear-mlp"]
-    get_peft_model(case.model(), case.config(k_in=2, k_out=2)).save_pretrained(str(tmp_path))
-    path = tmp_path / "adapter_config.json"
-    config = json.loads(path.read_text())
-    for rec in config["layer_options"].values():
-        del rec["options"][missing]
-    path.write_text(json.dumps(config))
-    model = case.model()
-    before = snapshot(model)
-    with pytest.raises(ConfigError, match=rf"layer_options\[.*options lack \['{missing}'\]"):
-        PeftModel.from_pretrained(model, str(tmp_path))
-    assert_same_snapshot(before, snapshot(model))
+    _load_with_edited_records(
+        tmp_path, lambda options: options.pop(missing), rf"layer_options\[.*options lack \['{missing}'\]"
+    )
 
 
 @pytest.mark.parametrize("sketch", [[1.0, 2.0], "abc", [float("nan")] * 9, [True] * 9])
 def test_an_edited_sketch_is_refused(sketch, tmp_path):
-    import json
-
-    from peft import PeftModel
-
-    case = CASES_BY_ID["linear-mlp"]
-    get_peft_model(case.model(), case.config(k_in=2, k_out=2)).save_pretrained(str(tmp_path))
-    path = tmp_path / "adapter_config.json"
-    config = json.loads(path.read_text())
-    for rec in config["layer_options"].values():
-        rec["options"]["sketch"] = sketch
-    path.write_text(json.dumps(config))
-    model = case.model()
-    before = snapshot(model)
-    with pytest.raises(ConfigError, match=r"\['sketch'\] is invalid"):
-        PeftModel.from_pretrained(model, str(tmp_path))
-    assert_same_snapshot(before, snapshot(model))
+    _load_with_edited_records(
+        tmp_path, lambda options: options.__setitem__("sketch", sketch), r"\['sketch'\] is invalid"
+    )
