@@ -234,3 +234,15 @@ def test_half_precision_exports_report_the_error_of_what_is_stored(dtype, tmp_pa
         ba = stored[f"{key}.lora_B.weight"].double() @ stored[f"{key}.lora_A.weight"].double()
         actual = float(torch.linalg.norm(delta - ba) / torch.linalg.norm(delta))
         assert actual < 1e-6 and r.relative_error == pytest.approx(actual, rel=1e-3, abs=1e-12)
+
+
+def test_the_export_folder_and_its_files_are_readable_by_others(tmp_path):
+    """Like a run folder: safetensors wrote the weights file 0o600 while the other files were 0o644."""
+    model = get_peft_model(_base(), CONFIGS["surm-circulant"]())
+    structpeft.to_lora(model, str(tmp_path / "lora"), rank=2)
+    assert os.stat(tmp_path / "lora").st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "lora").iterdir()} == {
+        "adapter_config.json": 0o644,
+        "adapter_model.safetensors": 0o644,
+        "export_report.json": 0o644,
+    }

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from ._staging import staged_folder
+from ._staging import make_readable, staged_folder
 from .errors import ConfigError, MergeError, UnsupportedLayerError
 from .peft.layer import StructuredLayer, base_weight
 
@@ -167,13 +167,11 @@ def to_lora(
         task_type=structured.task_type,
     )
     with staged_folder(Path(output_dir).absolute()) as tmp:  # replaces an earlier export only (_check_output_dir)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # a normal folder's mode, not mkdtemp's 0700
         lora.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
         with open(tmp / REPORT_FILE, "w") as f:
             json.dump([r.__dict__ for r in reports], f, indent=1)
+        make_readable(tmp)  # mkdtemp makes the folder 0o700, safetensors the weights file 0o600
     return reports
 
 
