@@ -49,16 +49,30 @@ _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MISSED_UPDATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def tensor_refs(tensors: Sequence[torch.Tensor]) -> tuple[weakref.ref, ...]:
-    """Weak references that identify ``tensors`` in a cache entry (see :func:`same_tensors`)."""
-    return tuple(weakref.ref(t) for t in tensors)
-
-
-def same_tensors(refs: tuple[weakref.ref, ...], tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether ``tensors`` are the very objects ``refs`` were taken of. A cache key of storage address and version
-    counter alone also matches a new tensor that the allocator placed where a freed one was, with the same
-    version (an adapter deleted, another loaded under its name: zero init, then one copy from the file)."""
-    return len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors, strict=True))
+def memoised(
+    store: dict[str, Any],
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    build: Callable[[], torch.Tensor],
+    extra: tuple[Any, ...] = (),
+) -> torch.Tensor:
+    """``build()``, kept as ``store[name]`` and returned again while the inference mode and ``extra`` are the
+    same and every tensor of ``tensors`` is the very same object with the same storage, dtype, version counter
+    and :func:`update_count`. The inference caches (the ΔW and spectra of an operator, a layer's folded weight)
+    all use it. The entry keeps weak references to the tensors: storage address and version alone also match a
+    new tensor the allocator placed where a freed one was, with the same version (an adapter deleted, another
+    loaded under its name: zero init, then one copy from the file)."""
+    key = (
+        torch.is_inference_mode_enabled(),
+        *extra,
+        *((t.data_ptr(), t.dtype, t._version, update_count(t)) for t in tensors),
+    )
+    hit = store.get(name)
+    if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[2], tensors, strict=True)):
+        return hit[1]
+    value = build()
+    store[name] = (key, value, tuple(weakref.ref(t) for t in tensors))
+    return value
 
 
 def update_count(param: torch.Tensor) -> int:
@@ -203,15 +217,7 @@ class DenseDeltaMixin:
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if recording or _compiling():
             return build()
-        versions = ((p.data_ptr(), p.dtype, p._version, update_count(p)) for p in params)
-        key = (torch.is_inference_mode_enabled(), *versions)
-        store = _CACHES.setdefault(self, {})
-        hit = store.get(name)
-        if hit is not None and hit[0] == key and same_tensors(hit[2], params):
-            return hit[1]
-        value = build()
-        store[name] = (key, value, tensor_refs(params))
-        return value
+        return memoised(_CACHES.setdefault(self, {}), name, params, build)
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """∂/∂θ Σ_n g_n · (ΔW(θ) x_n) for every parameter θ (``self.parameters()`` order; None where θ is frozen).

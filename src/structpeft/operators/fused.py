@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import _compiling, same_tensors, tensor_refs, update_count
+from .base import _compiling, memoised
 
 FOLDABLE_DTYPES = (torch.float32, torch.float64)
 # compute modes whose adapters a layer folds into its base matmul (see structpeft.operators.dispatch)
@@ -46,21 +46,13 @@ def folded_weight(
     params = [p for op, _ in terms for p in op.parameters()]
     if owner is None or records_grad(weight, [op for op, _ in terms]) or _compiling():
         return _fold(weight, terms, cache=False)
-    key = (
-        torch.is_inference_mode_enabled(),
-        weight.data_ptr(),
-        weight.dtype,
-        weight._version,
-        tuple(scale for _, scale in terms),
-        # update_count: the updates the version counter misses (fused optimisers, .data; see operators.base)
-        tuple((p.data_ptr(), p.dtype, p._version, update_count(p)) for p in params),
+    return memoised(
+        _CACHES.setdefault(owner, {}),
+        "folded",
+        [weight, *params],
+        lambda: _fold(weight, terms, cache=False),
+        extra=(tuple(scale for _, scale in terms),),
     )
-    hit = _CACHES.get(owner)
-    if hit is not None and hit[0] == key and same_tensors(hit[2], [weight, *params]):
-        return hit[1]
-    w = _fold(weight, terms, cache=False)
-    _CACHES[owner] = (key, w, tensor_refs([weight, *params]))
-    return w
 
 
 def records_grad(weight: torch.Tensor, ops: Sequence[nn.Module]) -> bool:
