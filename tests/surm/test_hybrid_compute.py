@@ -1,8 +1,9 @@
 """compute="hybrid": forward and input gradient through W + s·ΔW, the adapter's gradient through the structure.
 
 What makes it worth having is what it does *not* compute: the (out × in) weight gradient gᵀx that autograd through
-the folded weight forms. The probe below records the shapes of every matmul in the backward, and is checked to
-see that matrix on the "dense" path, so that it can fail.
+the folded weight forms. The probe below records the shape and the contracted length of every matmul in the
+backward (gᵀx contracts over the N rows; rebuilding a PMSS ΔW = C·U·R in the backward is also (out × in), but
+contracts over k), and is checked to see that matrix on the "dense" path, so that it can fail.
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ MATMULS = {"mm", "addmm", "bmm", "matmul"}
 
 
 class MatmulShapes(TorchDispatchMode):
-    """Records the output shape of every matrix product dispatched inside the context."""
+    """Records the output shape of every matrix product dispatched inside the context (``shapes``), and with it
+    the length of the contracted dimension (``contractions``: (shape, length))."""
 
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.contractions: list[tuple[tuple[int, ...], int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ in MATMULS:
+        name = func.overloadpacket.__name__
+        if name in MATMULS:
             self.shapes.append(tuple(out.shape))
+            left = args[1] if name == "addmm" else args[0]  # addmm(bias, a, b)
+            self.contractions.append((tuple(out.shape), left.shape[-1]))
         return out
 
 
@@ -61,10 +67,13 @@ def test_hybrid_backward_never_forms_the_weight_gradient(method):
         loss = model(x).square().sum()
         with MatmulShapes() as probe:
             loss.backward()
-        shapes[compute] = probe.shapes
-    # the probe sees gᵀx of both layers on the dense fold (so it can fail) and neither on the hybrid path
-    assert {(24, 13), (7, 24)} <= set(shapes["dense"])
-    assert not {(24, 13), (13, 24), (7, 24), (24, 7)} & set(shapes["hybrid"]), shapes["hybrid"]
+        shapes[compute] = set(probe.contractions)
+    # the probe sees gᵀx of both layers (contracted over the 5 rows) on the dense fold (so it can fail) and neither
+    # on the hybrid path
+    weight_grads = {((24, 13), 5), ((7, 24), 5)}
+    assert weight_grads <= shapes["dense"]
+    transposed = {((13, 24), 5), ((24, 7), 5)}
+    assert not (weight_grads | transposed) & shapes["hybrid"], shapes["hybrid"]
 
 
 @pytest.mark.parametrize("method", ["circulant", "kronecker", "pmss"])
@@ -73,7 +82,7 @@ def test_hybrid_calls_param_grads_once_per_layer_and_step(method, monkeypatch):
     real = fused._HybridLinear.backward
 
     def spy(ctx, grad):
-        calls.append(tuple(grad.shape))
+        calls.append(tuple(grad.reshape(-1, grad.shape[-1]).shape))  # rows × out
         return real(ctx, grad)
 
     monkeypatch.setattr(fused._HybridLinear, "backward", staticmethod(spy))
@@ -179,3 +188,36 @@ def test_hybrid_with_adapter_dropout_runs_the_structured_product(method):
     torch.testing.assert_close(results["hybrid"][0], results["fast"][0], atol=0, rtol=0)
     for name, g in results["fast"][1].items():
         torch.testing.assert_close(results["hybrid"][1][name], g, atol=0, rtol=0)
+
+
+def test_dense_and_hybrid_adapters_of_one_layer_train_together():
+    """A "dense" adapter (gradient through the rebuilt ΔW) and a "hybrid" one (through the structure) on the same
+    folded layer: output and every gradient equal the structured products' ("fast")."""
+    x = torch.randn(4, 13, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for computes in (("fast", "fast"), ("dense", "hybrid"), ("hybrid", "dense")):
+        torch.manual_seed(1)
+        model = get_peft_model(_mlp(), _config("toeplitz", computes[0]))
+        model.add_adapter("other", _config("circulant", computes[1], alpha=-0.7, block_size=4))
+        model.base_model.set_adapter(["default", "other"])
+        results[computes] = _adapter_grads(model, x)
+    out_fast, grads_fast = results[("fast", "fast")]
+    for computes in (("dense", "hybrid"), ("hybrid", "dense")):
+        out, grads = results[computes]
+        torch.testing.assert_close(out, out_fast, atol=1e-12, rtol=0)
+        assert grads.keys() == grads_fast.keys()
+        for name, g in grads_fast.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-10, rtol=1e-10, msg=f"{computes} {name}")
+
+
+@pytest.mark.parametrize("compute", ["dense", "hybrid"])
+def test_changing_an_adapter_between_forward_and_backward_is_an_error(compute):
+    """W_eff is rebuilt in the backward from the adapter's parameters; autograd's version check refuses parameters
+    changed in place since the forward (as it would have refused the saved W_eff's inputs)."""
+    torch.manual_seed(1)
+    model = get_peft_model(_mlp(), _config("circulant", compute))
+    y = model(torch.randn(3, 13, dtype=torch.float64)).sum()
+    with torch.no_grad():
+        model.base_model.model[0].surm_op["default"].weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import DenseDeltaMixin, StructuredOperator
-from .fused import folded_linear, hybrid_linear
+from .fused import hybrid_linear
 
 PATHS = ("fast", "dense", "hybrid")  # what "auto" chooses among
 COMPUTE_MODES = ("auto", *PATHS)
@@ -145,8 +145,8 @@ def _time_paths(
             y = y + (from_base(x, y) if from_base is not None else op(x)) * 0.5
         y.backward(g)
 
-    def dense() -> None:
-        folded_linear(x, w, None, [(op, 0.5)]).backward(g)
+    def dense() -> None:  # as a frozen layer trains it: the fold rebuilt in the backward, gᵀx through to_dense
+        hybrid_linear(x, w, None, [(op, 0.5)], structured=[False]).backward(g)
 
     def hybrid() -> None:
         hybrid_linear(x, w, None, [(op, 0.5)]).backward(g)

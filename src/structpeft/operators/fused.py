@@ -6,17 +6,22 @@ base matmul plus, per adapter, three matmuls of the same size (forward x ΔWᵀ,
     W_eff = W + Σ_a s_a·ΔW_a,      y = x W_effᵀ + b,      ∂x = g W_eff,      ∂ΔW_a = s_a·gᵀ x,
 
 so the forward and the input gradient cost exactly what the frozen base layer costs, and the adapters add one
-matmul (gᵀ x, shared by all of them; autograd then maps it to the structured parameters through ``to_dense``,
-O(out·in)) plus building ΔW (O(out·in) for every structure). Nothing beyond x (which the base matmul keeps
-anyway) and W_eff (out × in) is saved for the backward: less memory than LoRA, which also keeps x·Aᵀ.
+matmul (gᵀ x, shared by all of them, mapped to the structured parameters through ``to_dense``'s backward,
+O(out·in)) plus building ΔW (O(out·in) for every structure). In training with a frozen base weight
+(:func:`hybrid_linear`) only x is saved for the backward, as LoRA keeps it too; W_eff and the intermediates of
+building ΔW are built again in the backward (one more O(out·in) build per step) instead of being kept, so a
+folded layer holds no (out × in) matrix between forward and backward. With a trainable base weight, or under
+``torch.compile``, :func:`folded_linear` lets autograd differentiate W + Σ s·ΔW (it keeps W_eff and the build's
+intermediates, one (out × in) matrix or more per layer).
 In inference (no autograd graph through the parameters) W_eff is cached per layer while W and every adapter
 parameter keep their version counters, so repeated forwards run at exactly the base layer's speed. The cache holds
 one (out × in) weight per layer; a config's ``fold_inference=True`` extends this inference fold to the layers that
 train with the structured product (``compute_mode="fast"``).
 
-Hybrid (compute mode "hybrid", :func:`hybrid_linear`): the same forward and ∂x, but W_eff is built outside
-autograd and each adapter's parameter gradient comes from ``op.param_grads(x, g)`` through the structure, so gᵀx
-(N·out·in multiply-adds) is replaced by the structure's own cost (e.g. the block DFTs of x and g for circulant).
+Hybrid (compute mode "hybrid"): the same forward and ∂x, but each adapter's parameter gradient comes from
+``op.param_grads(x, g)`` through the structure, so gᵀx (N·out·in multiply-adds) is replaced by the structure's own
+cost (e.g. the block DFTs of x and g for circulant). "dense" and "hybrid" adapters of one layer train together
+through :func:`hybrid_linear`.
 
 Precision: W_eff is formed in the base weight's dtype, so folding is used only for float32 / float64 base
 weights (in half precision the rounding of W + s·ΔW to W's 8 / 11 mantissa bits would swallow small ΔW). Under
@@ -87,48 +92,88 @@ def hybrid_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     terms: Sequence[tuple[nn.Module, float]],
+    structured: Sequence[bool] | None = None,
 ) -> torch.Tensor:
-    """x·(W + Σ s·ΔW)ᵀ + b with the adapter parameters' gradients from ``op.param_grads`` (compute "hybrid").
+    """x·(W + Σ s·ΔW)ᵀ + b for training with a frozen base weight W, keeping only x for the backward.
 
-    The folded weight W_eff is built outside autograd; the backward computes ∂x = g·W_eff (what the frozen base
-    layer's backward costs) and, per adapter, s·``op.param_grads(x, g)`` through the structure, so the (out × in)
-    matrix gᵀx is never formed. Saved for the backward: x and W_eff, as in :func:`folded_linear`. For a frozen
-    base weight only (a trainable W needs gᵀx anyway: use :func:`folded_linear`).
+    W_eff = W + Σ s·ΔW is built outside autograd in the forward and built again in the backward, where it gives
+    ∂x = g·W_eff (what the frozen base layer's backward costs). Each adapter's parameter gradient comes either
+    from the structure, s·``op.param_grads(x, g)`` (``structured[i]`` True, compute "hybrid": the (out × in)
+    matrix gᵀx is never formed), or from autograd through the rebuilt ΔW with the incoming s·gᵀx (False,
+    compute "dense": one gᵀx shared by all such adapters). Saved for the backward: x (which LoRA keeps too), and
+    no (out × in) matrix: neither W_eff nor the intermediates of building ΔW (for Toeplitz and LDR the dense factor
+    stacks), at the cost of building ΔW once more per step (O(out·in) and less than the layer's matmuls).
+    ``structured`` defaults to all True. For a frozen base weight only (a trainable W needs gᵀx anyway: use
+    :func:`folded_linear`); once differentiable (no double backward).
     """
-    with torch.no_grad():
-        w = _fold(weight, terms, cache=False)
+    flags = tuple(True for _ in terms) if structured is None else tuple(bool(f) for f in structured)
+    if len(flags) != len(terms):
+        raise ValueError(f"structured has {len(flags)} entries for {len(terms)} adapters")
     params = [p for op, _ in terms for p in op.parameters()]
-    # the Function works on 2-D rows (its output is then a fresh tensor, not a view, so in-place ops on the
-    # layer output stay legal)
-    y = _HybridLinear.apply(x.reshape(-1, x.shape[-1]), w, bias, tuple(terms), *params)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    # x as it comes (the matmul on it is then the one folded_linear and the base layer run, bit for bit); the
+    # output is the Function's own tensor, not a view, so in-place ops on the layer output stay legal
+    return _HybridLinear.apply(x, weight, bias, tuple(terms), flags, *params)
+
+
+def _trainable(op: nn.Module) -> bool:
+    return any(p.requires_grad for p in op.parameters())
 
 
 class _HybridLinear(torch.autograd.Function):
-    """y = x·W_effᵀ + b for x (N × in); backward: ∂x = g·W_eff, ∂b = Σ g, ∂θ_a = s_a·``op_a.param_grads(x, g)``."""
+    """y = x·W_effᵀ + b for x (..., in), W_eff = W + Σ s_a·ΔW_a built in the forward and again in the backward;
+    backward: ∂x = g·W_eff, ∂b = Σ g, ∂θ_a = s_a·``op_a.param_grads(x, g)`` (structured) or the vector-Jacobian
+    product of ΔW_a(θ_a) with s_a·gᵀx (dense)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, terms, *params):
-        ctx.save_for_backward(x, w)
-        ctx.terms = terms
+    def forward(ctx, x, weight, bias, terms, flags, *params):
+        # the parameters are saved for autograd's check that nothing changed them in place before the backward
+        # (they are the module's own tensors: no memory); ΔW and W_eff are rebuilt from them there
+        ctx.save_for_backward(x, weight, *params)
+        ctx.terms, ctx.flags = terms, flags
+        w = _fold(weight, terms, cache=False)  # no autograd graph inside a Function's forward
         return nn.functional.linear(x, w, bias)  # under autocast: in the autocast dtype, as the base layer's
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
+        x_in, weight, *_ = ctx.saved_tensors
+        terms, flags = ctx.terms, ctx.flags
+        x, grad = x_in.reshape(-1, x_in.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N × in), (N × out) rows
+        rows = x.shape[0]
+        # the dense adapters' ΔW with an autograd graph through their parameters (for the vector-Jacobian product)
+        with torch.enable_grad():
+            deltas = {
+                i: op.delta_weight(cache=False)
+                for i, (op, _) in enumerate(terms)
+                if not flags[i] and _trainable(op) and rows
+            }
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ w.to(grad.dtype)).to(x.dtype)
+            with torch.no_grad():  # W_eff exactly as the forward built it (same order and casts as _fold)
+                w = weight
+                for i, (op, scale) in enumerate(terms):
+                    delta = deltas[i].detach() if i in deltas else op.delta_weight(cache=False)
+                    w = w + (delta * scale).to(weight.dtype)
+            grad_x = (grad @ w.to(grad.dtype)).to(x.dtype).view(x_in.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         grads: list[torch.Tensor | None] = []
-        for op, scale in ctx.terms:
-            if x.shape[0] == 0:  # no rows: zero gradients (the FFT-based structured gradients refuse empty batches)
+        gx: torch.Tensor | None = None  # gᵀx (out × in), shared by the dense adapters
+        for i, (op, scale) in enumerate(terms):
+            if not rows:  # no rows: zero gradients (the FFT-based structured gradients refuse empty batches)
                 grads.extend(torch.zeros_like(p) if p.requires_grad else None for p in op.parameters())
-                continue
-            grads.extend(None if d is None else d * scale for d in op.param_grads(x, grad))
-        return (grad_x, None, grad_bias, None, *grads)
+            elif flags[i]:
+                grads.extend(None if d is None else d * scale for d in op.param_grads(x, grad))
+            elif i not in deltas:  # a frozen dense adapter
+                grads.extend(None for _ in op.parameters())
+            else:
+                delta = deltas[i]
+                if gx is None or gx.dtype != delta.dtype:
+                    gx = grad.to(delta.dtype).T @ x.to(delta.dtype)
+                trainable = [p for p in op.parameters() if p.requires_grad]
+                found = iter(torch.autograd.grad(delta, trainable, gx * scale, allow_unused=True))
+                grads.extend(next(found) if p.requires_grad else None for p in op.parameters())
+        return (grad_x, None, grad_bias, None, None, *grads)
 
 
 def clear_cache(owner: object) -> None:

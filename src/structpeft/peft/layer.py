@@ -411,15 +411,12 @@ class StructuredLayer(BaseTunerLayer):
             return terms  # fast-path adapters in inference: the cached W_eff (one weight copy, base speed)
         return None
 
-    def _trains_hybrid(self, terms: list[tuple[nn.Module, float]]) -> bool:
-        """True if the folded ``terms`` train by :func:`hybrid_linear`: every one in ``compute_mode="hybrid"``,
-        autograd recording through an adapter, the base weight frozen and no ``torch.compile`` tracing (there, and
-        for a mix with "dense" adapters, autograd through W + Σ s·ΔW gives the same gradients)."""
-        ops = [op for op, _ in terms]
-        if any(getattr(op, "compute_mode", "fast") != "hybrid" for op in ops):
-            return False
+    def _trains_refolding(self, terms: list[tuple[nn.Module, float]]) -> bool:
+        """True if the folded ``terms`` train by :func:`hybrid_linear` (W_eff rebuilt in the backward, only x
+        kept): autograd recording through an adapter, the base weight frozen and no ``torch.compile`` tracing
+        (there, and for a trainable base weight, autograd through W + Σ s·ΔW gives the same gradients)."""
         weight = base_weight(self.get_base_layer())
-        return not weight.requires_grad and not _compiling() and records_grad(weight, ops)
+        return not weight.requires_grad and not _compiling() and records_grad(weight, [op for op, _ in terms])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)  # injected by the tuner for a mixed-adapter batch
@@ -434,8 +431,9 @@ class StructuredLayer(BaseTunerLayer):
         terms = None if args or kwargs else self._folded_terms()
         if terms:  # dense ΔWs folded into the base matmul (see structpeft.operators.fused)
             base = self.get_base_layer()
-            if self._trains_hybrid(terms):
-                return hybrid_linear(x, weight_2d(base), base_bias(base), terms)
+            if self._trains_refolding(terms):
+                structured = [getattr(op, "compute_mode", "fast") == "hybrid" for op, _ in terms]
+                return hybrid_linear(x, weight_2d(base), base_bias(base), terms, structured)
             return folded_linear(x, weight_2d(base), base_bias(base), terms, owner=self)
         result = self.base_layer(x, *args, **kwargs)
         base_out = result
