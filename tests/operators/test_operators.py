@@ -212,6 +212,16 @@ def test_gradcheck(case, shape):
 
 
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
+def test_gradgradcheck(case, shape):
+    """Second derivatives of the structured product in the input and the parameters (a gradient penalty trains
+    through them; Kronecker's product has a backward of its own)."""
+    out_features, in_features = shape
+    params, f = _of_parameters(case.make(out_features, in_features), lambda op, x: op(x))
+    x = randn(2, in_features).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x, *p: f(p, x), (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
 def test_dense_gradcheck(case, shape):
     """The materialised ΔW (the fold's path) has correct first and second derivatives in its parameters."""
     params, f = _of_parameters(case.make(*shape), lambda op: op.to_dense())

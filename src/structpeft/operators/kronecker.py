@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import StructuredOperator, _split_blocks, check_positive_int, compute_dtype
+from .base import StructuredOperator, _compiling, _split_blocks, check_positive_int, compute_dtype
 
 MAX_PAD_FRACTION = 0.05
 
@@ -146,20 +146,9 @@ class KroneckerOperator(StructuredOperator):
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        (o1, i1), (o2, i2) = self.left.shape, self.right.shape
-        dtype = torch.promote_types(x.dtype, self.left.dtype)
-        lead = x.shape[:-1]
-        xm = _split_blocks(x.to(dtype), i1, i2).reshape(-1, i1, i2)  # (N, i1, i2), zero-padded to i1·i2
-        left, right = self.left.to(dtype), self.right.to(dtype)
-        # plain 2-D matmuls (not broadcast batched ones, whose kernel choice depends on requires_grad), so that
-        # the result is bit-identical in training and inference mode
-        if self._right_first:
-            t = (xm.reshape(-1, i2) @ right.T).reshape(-1, i1, o2)  # X Rᵀ
-            y = (t.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, o2, o1).transpose(1, 2)
-        else:
-            t = (xm.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, i2, o1)  # (L X)ᵀ
-            y = (t.transpose(1, 2).reshape(-1, i2) @ right.T).reshape(-1, o1, o2)
-        return y.reshape(*lead, o1 * o2)[..., : self.out_features]
+        if _compiling() or not (torch.is_grad_enabled() and (x.requires_grad or _trainable(self))):
+            return _kronecker_product(x, self.left, self.right, self.out_features, self._right_first)
+        return _KroneckerProduct.apply(x, self.left, self.right, self.out_features, self._right_first)
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """With X_n (i1 × i2), G_n (o1 × o2) the reshaped (padded) rows: ∂L = Σ_n G_n (X_n Rᵀ)ᵀ and
@@ -191,3 +180,72 @@ class KroneckerOperator(StructuredOperator):
         left, right = self.left.to(dtype), self.right.to(dtype)
         full = (left[:, None, :, None] * right[None, :, None, :]).reshape(o1 * o2, i1 * i2)
         return full[: self.out_features, : self.in_features]
+
+
+def _trainable(op: nn.Module) -> bool:
+    return any(p.requires_grad for p in op.parameters())
+
+
+def _kronecker_product(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, out_features: int, right_first: bool
+) -> torch.Tensor:
+    """crop(vec(L · X_n · Rᵀ)) for every row x_n of ``x`` (..., in) reshaped (zero-padded) to X_n (i1 × i2)."""
+    (o1, i1), (o2, i2) = left.shape, right.shape
+    dtype = torch.promote_types(x.dtype, left.dtype)
+    lead = x.shape[:-1]
+    xm = _split_blocks(x.to(dtype), i1, i2).reshape(-1, i1, i2)  # (N, i1, i2), zero-padded to i1·i2
+    left, right = left.to(dtype), right.to(dtype)
+    # plain 2-D matmuls (not broadcast batched ones, whose kernel choice depends on requires_grad), so that
+    # the result is bit-identical in training and inference mode
+    if right_first:
+        t = (xm.reshape(-1, i2) @ right.T).reshape(-1, i1, o2)  # X Rᵀ
+        y = (t.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, o2, o1).transpose(1, 2)
+    else:
+        t = (xm.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, i2, o1)  # (L X)ᵀ
+        y = (t.transpose(1, 2).reshape(-1, i2) @ right.T).reshape(-1, o1, o2)
+    return y.reshape(*lead, o1 * o2)[..., :out_features]
+
+
+class _KroneckerProduct(torch.autograd.Function):
+    """:func:`_kronecker_product` keeping only x (and the small factors) for the backward.
+
+    Autograd through the two reshaped matmuls keeps the intermediate T_n = X_n Rᵀ (or L X_n), a copy as large as
+    the input (N × i1·o2), per layer. Here it is recomputed in the backward (one thin matmul, N·i1·i2·o2
+    multiply-adds), with G_n (o1 × o2) the reshaped output gradient and U_n = Lᵀ G_n (i1 × o2):
+
+        ∂X_n = U_n R,      ∂R = Σ_n U_nᵀ X_n,      ∂L = Σ_n G_n (X_n Rᵀ)ᵀ,
+
+    five thin matmuls, in the compute dtype with autocast off. The backward is itself differentiable (double
+    backward works).
+    """
+
+    @staticmethod
+    def forward(ctx, x, left, right, out_features, right_first):
+        ctx.save_for_backward(x, left, right)
+        ctx.out_features = out_features
+        return _kronecker_product(x, left, right, out_features, right_first)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, left, right = ctx.saved_tensors
+        (o1, i1), (o2, i2) = left.shape, right.shape
+        dtype = compute_dtype(x.dtype, grad.dtype, left.dtype, right.dtype)
+        need_x, need_left, need_right = ctx.needs_input_grad[:3]
+        grad_x = grad_left = grad_right = None
+        device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            xm = _split_blocks(x.to(dtype), i1, i2).reshape(-1, i1, i2)  # (N, i1, i2)
+            gm = _split_blocks(grad.to(dtype), o1, o2).reshape(-1, o1, o2)  # (N, o1, o2)
+            lf, rf = left.to(dtype), right.to(dtype)
+            g_rows = gm.transpose(1, 2).reshape(-1, o1)  # rows (n, j) of G_nᵀ
+            if need_x or need_right:
+                u_rows = (g_rows @ lf).reshape(-1, o2, i1).transpose(1, 2).reshape(-1, o2)  # rows (n, a) of U_n
+                if need_x:
+                    gx = (u_rows @ rf).reshape(-1, i1 * i2)[:, : x.shape[-1]]  # rows of U_n R, cropped to in
+                    grad_x = gx.reshape(x.shape).to(x.dtype)
+                if need_right:
+                    grad_right = (u_rows.T @ xm.reshape(-1, i2)).to(right.dtype)
+            if need_left:
+                t = (xm.reshape(-1, i2) @ rf.T).reshape(-1, i1, o2)  # X_n Rᵀ, recomputed
+                grad_left = (g_rows.T @ t.transpose(1, 2).reshape(-1, i1)).to(left.dtype)
+        return grad_x, grad_left, grad_right, None, None
