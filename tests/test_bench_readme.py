@@ -133,3 +133,17 @@ def test_each_other_models_speed_table_gets_its_own_section(repo):
     (docs / "speed-smollm2.png").write_bytes(b"png")
     assert R.main(["--root", str(repo)]) == 0
     assert "![speed-smollm2](docs/bench/speed-smollm2.png)" in (repo / "README.md").read_text()
+
+
+def test_each_further_accuracy_sweep_gets_its_own_section(repo):
+    """A sweep written to docs/bench/accuracy-NAME (a partial re-run) is listed after the main one, with its own
+    command, run count and table; the main one's are unchanged."""
+    other = repo / "other"
+    _fake_sweep(other, {"lora-r8": [0.70, 0.72], "surm-circulant-lora2": [0.65, 0.66], "pmss-deim-lora8": [0.5, 0.5]})
+    (other / "docs" / "bench" / "accuracy").rename(repo / "docs" / "bench" / "accuracy-rerun")
+    assert R.main(["--root", str(repo)]) == 0
+    section = (repo / "README.md").read_text().split(R.BEGIN)[1].split(R.END)[0]
+    main, rest = section.split("### Accuracy, rerun", 1)
+    assert "62.00 ± 0.71" in main and "62.00 ± 0.71" not in rest
+    assert "71.00 ± 1.41" in rest and "6 of 6 planned runs are in" in rest
+    assert "docs/bench/accuracy-rerun/accuracy_vs_params_snli.png" in rest

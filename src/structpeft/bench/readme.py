@@ -4,7 +4,9 @@
 ``<!-- results:end -->`` in README.md with:
 
 * the accuracy sweep (``docs/bench/accuracy/summary.md`` and its plots, written by ``structpeft bench accuracy``),
-  with the targets it checks and how many of the planned runs / seeds are in;
+  with the targets it checks and how many of the planned runs / seeds are in, then each further sweep written to
+  ``docs/bench/accuracy-<name>/`` (``structpeft bench accuracy --out docs/bench/accuracy-<name>``, e.g. a
+  partial re-run) under its own heading;
 * the matrix-approximation experiment (``docs/bench/approx.md`` / ``approx.png``, ``structpeft bench approx``);
 * the speed table (``docs/bench/speed.md``, ``structpeft bench speed``) and one more per other model measured
   (``docs/bench/speed-<model>.md``, ``structpeft bench speed --model <model>``);
@@ -139,6 +141,33 @@ def _speed_table(md: Path) -> list[str]:
     return lines
 
 
+def _accuracy_section(folder: Path, title: str) -> list[str] | None:
+    """The README lines of one accuracy report folder (``summary.json`` / ``summary.md`` / plots), or None."""
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    meta = summary["meta"]
+    rel = f"docs/bench/{folder.name}"
+    parts = [
+        f"### {title}",
+        "",
+        f"Command: `{meta['command']}` (resumable; `--report-only` rewrites the reports). Hardware: "
+        f"{meta['hardware']}. **{meta['finished']} of {meta['planned']} planned runs are in** "
+        f"({meta['failed']} failed); cells show mean ± sample std over the seeds finished so far."
+        + (f" **Data: {meta['data_note']}.**" if meta.get("data_note") else ""),
+        "",
+    ]
+    findings = _accuracy_findings(summary)
+    if findings:
+        parts += [f"- {f}" for f in findings] + [""]
+    parts += [(folder / "summary.md").read_text().strip(), ""]
+    for png in sorted(folder.glob("accuracy_vs_params_*.png")):
+        parts.append(f"![{png.stem}]({rel}/{png.name})")
+    parts.append("")
+    return parts
+
+
 def render(root: Path) -> str:
     docs = root / "docs" / "bench"
     parts: list[str] = [
@@ -146,28 +175,11 @@ def render(root: Path) -> str:
         "`python -m structpeft.bench.readme`; re-run the command named with each table to reproduce it.",
         "",
     ]
-    summary_path = docs / "accuracy" / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        meta = summary["meta"]
-        parts += [
-            "### Accuracy (real models, real data)",
-            "",
-            f"Command: `{meta['command']}` (resumable; `--report-only` rewrites the reports). Hardware: "
-            f"{meta['hardware']}. **{meta['finished']} of {meta['planned']} planned runs are in** "
-            f"({meta['failed']} failed); cells show mean ± sample std over the seeds finished so far."
-            + (f" **Data: {meta['data_note']}.**" if meta.get("data_note") else ""),
-            "",
-        ]
-        findings = _accuracy_findings(summary)
-        if findings:
-            parts += [f"- {f}" for f in findings] + [""]
-        parts += [(docs / "accuracy" / "summary.md").read_text().strip(), ""]
-        for png in sorted((docs / "accuracy").glob("accuracy_vs_params_*.png")):
-            parts.append(f"![{png.stem}](docs/bench/accuracy/{png.name})")
-        parts.append("")
-    else:
-        parts += ["### Accuracy", "", "Not run yet: `structpeft bench accuracy --suite minilm`.", ""]
+    accuracy = _accuracy_section(docs / "accuracy", "Accuracy (real models, real data)")
+    parts += accuracy or ["### Accuracy", "", "Not run yet: `structpeft bench accuracy --suite minilm`.", ""]
+    # further sweeps written with --out docs/bench/accuracy-NAME (e.g. a partial re-run), each under its own heading
+    for folder in sorted(p.parent for p in docs.glob("accuracy-*/summary.json")):
+        parts += _accuracy_section(folder, f"Accuracy, {folder.name.removeprefix('accuracy-')}") or []
 
     approx_md = _read(docs / "approx.md")
     if approx_md is not None:
