@@ -354,6 +354,11 @@ def _split_blocks(t: torch.Tensor, n_blocks: int, b: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], n_blocks, b)
 
 
+def has_trainable(module: nn.Module) -> bool:
+    """True if a parameter of ``module`` requires grad."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())

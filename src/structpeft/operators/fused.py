@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import _compiling, memoised
+from .base import _compiling, has_trainable, memoised
 
 FOLDABLE_DTYPES = (torch.float32, torch.float64)
 # compute modes whose adapters a layer folds into its base matmul (see structpeft.operators.dispatch)
@@ -115,10 +115,6 @@ def hybrid_linear(
     return _HybridLinear.apply(x, weight, bias, tuple(terms), flags, *params)
 
 
-def _trainable(op: nn.Module) -> bool:
-    return any(p.requires_grad for p in op.parameters())
-
-
 class _HybridLinear(torch.autograd.Function):
     """y = x·W_effᵀ + b for x (..., in), W_eff = W + Σ s_a·ΔW_a built in the forward and again in the backward;
     backward: ∂x = g·W_eff, ∂b = Σ g, ∂θ_a = s_a·``op_a.param_grads(x, g)`` (structured) or the vector-Jacobian
@@ -145,7 +141,7 @@ class _HybridLinear(torch.autograd.Function):
             deltas = {
                 i: op.delta_weight(cache=False)
                 for i, (op, _) in enumerate(terms)
-                if not flags[i] and _trainable(op) and rows
+                if not flags[i] and has_trainable(op) and rows
             }
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import StructuredOperator, _compiling, _split_blocks, check_positive_int, compute_dtype
+from .base import StructuredOperator, _compiling, _split_blocks, check_positive_int, compute_dtype, has_trainable
 
 MAX_PAD_FRACTION = 0.05
 
@@ -146,7 +146,7 @@ class KroneckerOperator(StructuredOperator):
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if _compiling() or not (torch.is_grad_enabled() and (x.requires_grad or _trainable(self))):
+        if _compiling() or not (torch.is_grad_enabled() and (x.requires_grad or has_trainable(self))):
             return _kronecker_product(x, self.left, self.right, self.out_features, self._right_first)
         return _KroneckerProduct.apply(x, self.left, self.right, self.out_features, self._right_first)
 
@@ -180,10 +180,6 @@ class KroneckerOperator(StructuredOperator):
         left, right = self.left.to(dtype), self.right.to(dtype)
         full = (left[:, None, :, None] * right[None, :, None, :]).reshape(o1 * o2, i1 * i2)
         return full[: self.out_features, : self.in_features]
-
-
-def _trainable(op: nn.Module) -> bool:
-    return any(p.requires_grad for p in op.parameters())
 
 
 def _kronecker_product(
