@@ -163,10 +163,7 @@ class KroneckerOperator(StructuredOperator):
             gm = _split_blocks(g.to(dtype), o1, o2)
             left, right = self.left.to(dtype), self.right.to(dtype)
             if self.left.requires_grad:
-                t = (xm.reshape(-1, i2) @ right.T).reshape(-1, i1, o2)  # X_n Rᵀ
-                # Σ_n,j G_n[a, j] T_n[c, j]: rows (n, j) of G_nᵀ and T_nᵀ
-                grad_left = gm.transpose(1, 2).reshape(-1, o1).T @ t.transpose(1, 2).reshape(-1, i1)
-                grad_left = grad_left.to(self.left.dtype)
+                grad_left = _grad_left(xm, gm.transpose(1, 2).reshape(-1, o1), right).to(self.left.dtype)
             if self.right.requires_grad:
                 st = (xm.transpose(1, 2).reshape(-1, i1) @ left.T).reshape(-1, i2, o1)  # (L X_n)ᵀ
                 # Σ_n,a G_n[a, j] (L X_n)[a, k]: rows (n, a) of G_n and L X_n
@@ -202,6 +199,14 @@ def _kronecker_product(
     return y.reshape(*lead, o1 * o2)[..., :out_features]
 
 
+def _grad_left(xm: torch.Tensor, g_rows: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """∂L = Σ_n G_n (X_n Rᵀ)ᵀ (o1 × i1) from the rows X_n (N, i1, i2) and ``g_rows``, the rows (n, j) of G_nᵀ
+    (N·o2, o1): T_n = X_n Rᵀ, then Σ_n,j G_n[a, j] T_n[c, j] as one matmul over the stacked rows (n, j)."""
+    i1, i2 = xm.shape[-2:]
+    t = (xm.reshape(-1, i2) @ right.T).reshape(-1, i1, right.shape[0])  # X_n Rᵀ
+    return g_rows.T @ t.transpose(1, 2).reshape(-1, i1)
+
+
 class _KroneckerProduct(torch.autograd.Function):
     """:func:`_kronecker_product` keeping only x (and the small factors) for the backward.
 
@@ -218,7 +223,6 @@ class _KroneckerProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, left, right, out_features, right_first):
         ctx.save_for_backward(x, left, right)
-        ctx.out_features = out_features
         return _kronecker_product(x, left, right, out_features, right_first)
 
     @staticmethod
@@ -242,6 +246,5 @@ class _KroneckerProduct(torch.autograd.Function):
                 if need_right:
                     grad_right = (u_rows.T @ xm.reshape(-1, i2)).to(right.dtype)
             if need_left:
-                t = (xm.reshape(-1, i2) @ rf.T).reshape(-1, i1, o2)  # X_n Rᵀ, recomputed
-                grad_left = (g_rows.T @ t.transpose(1, 2).reshape(-1, i1)).to(left.dtype)
+                grad_left = _grad_left(xm, g_rows, rf).to(left.dtype)  # X_n Rᵀ recomputed there
         return grad_x, grad_left, grad_right, None, None
