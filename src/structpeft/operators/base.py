@@ -214,7 +214,7 @@ class DenseDeltaMixin:
         weight spectra (rfft of the frozen weights) for inference.
         """
         params = list(self.parameters())
-        recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        recording = torch.is_grad_enabled() and has_trainable(self)  # type: ignore[arg-type]  # a Module mixin
         if recording or _compiling():
             return build()
         return memoised(_CACHES.setdefault(self, {}), name, params, build)

@@ -65,7 +65,7 @@ def records_grad(weight: torch.Tensor, ops: Sequence[nn.Module]) -> bool:
     inference (``torch.no_grad`` / ``torch.inference_mode``, or everything frozen)."""
     if not torch.is_grad_enabled():
         return False
-    return weight.requires_grad or any(p.requires_grad for op in ops for p in op.parameters())
+    return weight.requires_grad or any(has_trainable(op) for op in ops)
 
 
 def _fold(weight: torch.Tensor, terms: Sequence[tuple[nn.Module, float]], cache: bool) -> torch.Tensor:
