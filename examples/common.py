@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structure", default="circulant", help="SURM structure")
     parser.add_argument("--placement", choices=("lora", "adapter"), default="lora", help="SURM placement")
     parser.add_argument("--budget", default="lora-8", help="trainable parameters per layer ('lora-R' or an int)")
+    parser.add_argument(
+        "--compute",
+        default="auto",
+        choices=("auto", "fast", "dense", "hybrid"),
+        help="compute path per layer (auto: timed in each process, so a resumed run may pick another one)",
+    )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--save-steps", type=int, default=100, help="checkpoint every this many steps")
@@ -48,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def peft_config(args: argparse.Namespace) -> Any:
     """The structpeft config of the run (sequence classification: PEFT also trains and saves the head)."""
     if args.method == "pmss":
-        return structpeft.PmssConfig(task_type="SEQ_CLS", target_modules=["query", "value"], budget=args.budget)
+        return structpeft.PmssConfig(
+            task_type="SEQ_CLS", target_modules=["query", "value"], budget=args.budget, compute=args.compute
+        )
     if args.placement == "adapter":
         return structpeft.SurmConfig(
             task_type="SEQ_CLS",
@@ -57,7 +65,11 @@ def peft_config(args: argparse.Namespace) -> Any:
             target_modules=["attention.output.dense", "output.dense"],
         )
     return structpeft.SurmConfig(
-        task_type="SEQ_CLS", structure=args.structure, target_modules=["query", "value"], budget=args.budget
+        task_type="SEQ_CLS",
+        structure=args.structure,
+        target_modules=["query", "value"],
+        budget=args.budget,
+        compute=args.compute,
     )
 
 
