@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compute",
         default="auto",
         choices=("auto", "fast", "dense", "hybrid"),
-        help="compute path per layer (auto: timed in each process, so a resumed run may pick another one)",
+        help="compute path per layer (auto: timed and recorded; a resumed run reuses the checkpoint's choice)",
     )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--max-steps", type=int, default=300)
@@ -130,7 +130,12 @@ def build(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict], Any]:
         collate = DataCollatorWithPadding(tokenizer)
     if args.gradient_checkpointing:  # transformers 5 renamed it activation_checkpointing_enable
         (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
-    model = get_peft_model(base, peft_config(args))
+    config = peft_config(args)
+    if args.resume_from_checkpoint:
+        # the layers as the checkpoint recorded them, with the compute paths its run timed: timed again here,
+        # compute="auto" could pick another path and the resumed run would round differently from an uninterrupted one
+        config = config.for_resume(args.resume_from_checkpoint)
+    model = get_peft_model(base, config)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, train, test, collate

@@ -23,8 +23,8 @@ from testkit import subprocess_env
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPTS = {"trainer": EXAMPLES / "train_trainer.py", "accelerate": EXAMPLES / "train_accelerate.py"}
-# one compute path in every process: "auto" times the paths per process, and a resumed run that picked another
-# path would round its gradients differently (the resume test compares the final adapters bit for bit)
+# one compute path in every process: "auto" times the paths per process, and a run that picked another path would
+# round its gradients differently (the resume and launch tests compare runs bit for bit)
 TINY = ["--tiny", "--max-steps", "6", "--save-steps", "3", "--batch-size", "8", "--lr", "2e-2", "--compute", "hybrid"]
 FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 _RUNS: dict[str, Path] = {}
@@ -112,8 +112,13 @@ def test_example_checkpoints_hold_the_adapter_only(name, tmp_path_factory):
 def test_example_resume_continues_the_same_loss_curve(name, tmp_path_factory):
     full = uninterrupted(name, tmp_path_factory)
     resumed = tmp_path_factory.mktemp(f"{name}-resumed")
-    cmd = [sys.executable, str(SCRIPTS[name]), "--output-dir", str(resumed), *TINY]
+    # the resumed process leaves the path to "auto": it must take the one the checkpoint recorded ("hybrid"), not
+    # time the paths again (config.for_resume)
+    tiny = [*TINY[:-1], "auto"]
+    cmd = [sys.executable, str(SCRIPTS[name]), "--output-dir", str(resumed), *tiny]
     run_script([*cmd, "--resume-from-checkpoint", str(full / "checkpoint-3")])
+    recorded = json.loads((resumed / "adapter" / "adapter_config.json").read_text())["layer_options"]
+    assert recorded and all(rec["compute"] == {"delta": "hybrid"} for rec in recorded.values())
     expected = {step: loss for step, loss in losses(full).items() if step > 3}
     assert losses(resumed) == expected
     # the final adapters agree as well

@@ -168,3 +168,25 @@ def test_a_trainable_base_layer_gets_the_same_gradients_on_every_path(case_id):
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-10, rtol=0, msg=name)
         torch.testing.assert_close(moved, ref_moved, atol=1e-12, rtol=0)
+
+
+def test_for_resume_keeps_the_checkpoints_timed_paths_and_skeleton(tmp_path, monkeypatch):
+    """PMSS: ``config.for_resume(ckpt)`` rebuilds with the recorded compute paths (and the recorded, verified
+    skeleton); a PMSS config with another selection, or a SURM checkpoint, is refused."""
+    from peft import LoraConfig
+
+    from structpeft import AdapterFileError
+
+    monkeypatch.setattr(dispatch, "choose_compute_for", lambda *a, **k: "dense")
+    get_peft_model(CASE.model(), CASE.config(init_weights=False, k_in=5, k_out=4)).save_pretrained(tmp_path / "a")
+    monkeypatch.setattr(dispatch, "choose_compute_for", lambda *a, **k: "fast")
+    cfg = CASE.config(k_in=5, k_out=4)
+    model = get_peft_model(CASE.model(), cfg.for_resume(tmp_path / "a"))
+    assert {layer.pmss_op["default"].compute_mode for layer in pmss_layers(model).values()} == {"dense"}
+    assert cfg.layer_options == {}
+    with pytest.raises(ConfigError, match=r"k_in=6 here, 5 in the checkpoint"):
+        CASE.config(k_in=6, k_out=4).for_resume(tmp_path / "a")
+    lora = LoraConfig(target_modules=list(CASE.target_modules), r=2)
+    get_peft_model(CASE.model(), lora).save_pretrained(tmp_path / "lora")
+    with pytest.raises(AdapterFileError, match=r"holds a LORA adapter"):
+        cfg.for_resume(tmp_path / "lora")

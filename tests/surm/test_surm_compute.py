@@ -219,3 +219,43 @@ def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(structure, size
     y.sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is None or not g.any() for g in grads)
+
+
+def _timed_as(monkeypatch, path):
+    """compute="auto" answers ``path`` for every layer (a stand-in for a process whose timings came out so)."""
+    monkeypatch.setattr(dispatch, "choose_compute", lambda *a, **k: path)
+
+
+def test_for_resume_keeps_the_checkpoints_timed_paths(tmp_path, monkeypatch):
+    """A resumed run (Trainer: load_adapter into the model the script built) times "auto" again; built from
+    ``config.for_resume(ckpt)`` it uses the paths the checkpoint recorded instead."""
+    cfg = SurmConfig(structure="circulant", block_size=4, target_modules=["0", "2"], init_weights=False)
+    _timed_as(monkeypatch, "dense")
+    get_peft_model(_mlp(), copy.deepcopy(cfg)).save_pretrained(tmp_path)
+    _timed_as(monkeypatch, "hybrid")  # the new process would pick another path
+    assert {op.compute_mode for op in _ops(get_peft_model(_mlp(), copy.deepcopy(cfg))).values()} == {"hybrid"}
+    resumed = cfg.for_resume(tmp_path)
+    assert cfg.layer_options == {}  # the caller's config is not modified
+    model = get_peft_model(_mlp(), resumed)
+    assert {k: op.compute_mode for k, op in _ops(model).items()} == {"0": "dense", "2": "dense"}
+    # a forced path still applies to every layer
+    forced = copy.deepcopy(cfg)
+    forced.compute = "fast"
+    assert {op.compute_mode for op in _ops(get_peft_model(_mlp(), forced.for_resume(tmp_path))).values()} == {"fast"}
+
+
+def test_for_resume_refuses_a_checkpoint_of_another_adapter(tmp_path):
+    cfg = SurmConfig(structure="circulant", block_size=4, target_modules=["0", "2"], compute="fast")
+    get_peft_model(_mlp(), copy.deepcopy(cfg)).save_pretrained(tmp_path)
+    other = SurmConfig(structure="circulant", block_size=8, target_modules=["0", "2"], compute="fast")
+    with pytest.raises(ConfigError, match=r"block_size=8 here, 4 in the checkpoint"):
+        other.for_resume(tmp_path)
+    toeplitz = SurmConfig(structure="toeplitz", block_size=4, target_modules=["0", "2"], compute="fast")
+    with pytest.raises(ConfigError, match=r"structure='toeplitz' here, 'circulant' in the checkpoint"):
+        toeplitz.for_resume(tmp_path)
+    with pytest.raises(ConfigError, match=r"holds no adapter_config.json"):
+        cfg.for_resume(tmp_path / "missing")
+    # fields a resumed run may change: the compute settings and the initial values
+    relaxed = SurmConfig(structure="circulant", block_size=4, target_modules=["2", "0"], compute="dense")
+    relaxed.init_weights = False
+    assert set(relaxed.for_resume(tmp_path).layer_options) == {"0", "2"}

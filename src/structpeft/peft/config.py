@@ -52,6 +52,21 @@ SURM_PEFT_TYPE = MethodName("SURM")
 SURM_STRUCTURE_FIELDS: dict[str, tuple[str, ...]] = {name: cls.option_names for name, cls in OPERATORS.items()}
 STRUCTURE_OPTION_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(f for fs in SURM_STRUCTURE_FIELDS.values() for f in fs))
 PLACEMENTS = ("lora", "adapter")
+# fields a resumed run may set differently from its checkpoint (StructPeftConfigMixin.for_resume): where it trains
+# is checked against the record when the model is built, the compute settings are per process, and the initial
+# values are replaced by the checkpoint's
+_RESUME_FREE_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "layer_options",
+    "compute",
+    "compute_tokens",
+    "fold_inference",
+    "init_weights",
+)
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float, high_open: bool = False) -> None:
@@ -123,6 +138,7 @@ class StructPeftConfigMixin(_MixinBase):
         layers_pattern: list[str] | str | None
         modules_to_save: list[str] | None
         budget: str | int | None
+        compute: str
         layer_options: dict[str, dict[str, Any]]
 
     @classmethod
@@ -152,6 +168,54 @@ class StructPeftConfigMixin(_MixinBase):
 
             validate_adapter_folder(folder, config)
         return config
+
+    def for_resume(self, checkpoint: str | os.PathLike[str]) -> Any:
+        """A copy of this config that rebuilds the layers as ``checkpoint`` (an adapter folder or a ``Trainer``
+        checkpoint, holding ``adapter_config.json``) recorded them: its ``layer_options`` (each targeted module's
+        resolved options and, for ``compute="auto"``, the path that was timed and chosen then).
+
+        Resuming loads only the weights into the model you built (``Trainer`` calls ``load_adapter`` under the
+        existing adapter name, which does not read the checkpoint's config), so ``compute="auto"`` would time the
+        paths again in the new process and may pick another one: training then continues with other rounding than
+        an uninterrupted run. ``get_peft_model(base, config.for_resume(ckpt))`` keeps the recorded paths; a forced
+        ``compute`` ("fast" / "dense" / "hybrid") still applies to every layer. The fields that decide the
+        layers (structure, budget, sizes, selection, ...) must equal the checkpoint's, else :class:`ConfigError`
+        naming them; the target modules are checked against the record when the model is built. This config is
+        not modified."""
+        import copy
+        from dataclasses import fields
+
+        folder = os.fspath(checkpoint)
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise ConfigError(
+                f"checkpoint={folder!r} holds no adapter_config.json; expected a folder written by save_pretrained "
+                "or a Trainer checkpoint-N folder"
+            )
+        saved = type(self).from_pretrained(folder)  # AdapterFileError for another method or a broken weights file
+        skip = {f.name for f in fields(PeftConfig)} | set(_RESUME_FREE_FIELDS)
+
+        def plain(config: Any) -> dict[str, Any]:
+            values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in skip}
+            return json.loads(json.dumps(values, default=lambda v: sorted(v, key=str)))
+
+        mine, theirs = plain(self), plain(saved)
+        differ = [name for name in mine if mine[name] != theirs.get(name)]
+        if differ:
+            listed = "; ".join(f"{n}={mine[n]!r} here, {theirs.get(n)!r} in the checkpoint" for n in differ)
+            raise ConfigError(
+                f"{folder} was trained with another adapter ({listed}); resume with the checkpoint's values, or start "
+                "a fresh run"
+            )
+        resumed = copy.deepcopy(self)
+        resumed.layer_options = copy.deepcopy(saved.layer_options)
+        if self.compute != "auto":  # forced: as get_peft_model applies it, to every operator of every layer
+            for rec in resumed.layer_options.values():
+                rec["compute"] = {role: self.compute for role in rec.get("compute") or self._operator_roles(rec)}
+        return resumed
+
+    def _operator_roles(self, record: dict[str, Any]) -> tuple[str, ...]:
+        """The operator roles of a ``layer_options`` record (one ΔW: "delta")."""
+        return ("delta",)
 
     def _validate_common(self) -> None:
         """The checks both methods share: the target / exclude module selectors (lists become sets, as PEFT keeps
@@ -470,6 +534,10 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
                 for name, p in module.named_parameters()
             }
         return expected
+
+    def _operator_roles(self, record: dict[str, Any]) -> tuple[str, ...]:
+        """SURM records options per operator role ("delta"; "op"; "down" / "up")."""
+        return tuple(record["options"])
 
     def structure_options(self) -> dict[str, Any]:
         """The structure-specific options the user set (block size etc.), without the resolved per-layer ones."""
