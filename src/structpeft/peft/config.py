@@ -69,6 +69,13 @@ _RESUME_FREE_FIELDS = (
 )
 
 
+def _json_default(value: Any) -> Any:
+    """``json.dumps``'s fallback for config values: a set as PEFT writes it (target_modules: a list), else TypeError."""
+    if isinstance(value, set):
+        return sorted(value, key=str)
+    raise TypeError(f"{value!r} ({type(value).__name__})")
+
+
 def _check_number(name: str, value: Any, *, low: float, high: float, high_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and low <= value and (value < high if high_open else value <= high)
@@ -196,7 +203,7 @@ class StructPeftConfigMixin(_MixinBase):
 
         def plain(config: Any) -> dict[str, Any]:
             values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in skip}
-            return json.loads(json.dumps(values, default=lambda v: sorted(v, key=str)))
+            return json.loads(json.dumps(values, default=_json_default))
 
         mine, theirs = plain(self), plain(saved)
         differ = [name for name in mine if mine[name] != theirs.get(name)]
@@ -299,14 +306,8 @@ class StructPeftConfigMixin(_MixinBase):
         ``PeftModel.save_pretrained`` calls this on the main process only, after writing the weights file. A value
         that JSON cannot hold (set on the config after it was used) is a :class:`ConfigError` before the file is
         opened, so an existing ``adapter_config.json`` is not truncated."""
-
-        def as_json(value: Any) -> Any:
-            if isinstance(value, set):  # PEFT writes sets (target_modules) as lists
-                return sorted(value, key=str)
-            raise TypeError(f"{value!r} ({type(value).__name__})")
-
         try:
-            json.dumps(self.to_dict(), default=as_json)
+            json.dumps(self.to_dict(), default=_json_default)
         except (TypeError, ValueError) as err:
             raise ConfigError(
                 f"the config cannot be written to adapter_config.json: {err} is not a JSON value; set the field to a "
