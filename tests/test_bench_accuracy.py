@@ -246,6 +246,28 @@ def test_a_committed_report_restores_into_another_runs_folder(tmp_path):
     assert not A.same_command(recorded["argv"][:-2] + ["--seed", "1"], recorded["argv"])
 
 
+def test_forgetting_target_states_the_pooled_seed_noise():
+    """The verdict stays the one-std rule; the detail adds the seed-to-seed std pooled over the rows (head-only,
+    whose encoder never changes, left out) and how many standard errors the largest excess is."""
+    rs = [
+        _result("bbc", "lora-r8", "LoRA", 0, 0.90, 73728, 1.0),
+        _result("bbc", "lora-r8", "LoRA", 1, 0.90, 73728, 3.0),
+        _result("bbc", "surm-circulant-lora2", "SURM circulant", 0, 0.90, 18432, 4.0),
+        _result("bbc", "surm-circulant-lora2", "SURM circulant", 1, 0.90, 18432, 6.0),
+        _result("bbc", "head-only", "head-only", 0, 0.50, 0, 0.0),
+        _result("bbc", "head-only", "head-only", 1, 0.50, 0, 0.0),
+    ]
+    cells = A.summarise(rs, A.plan(["bbc"], [0, 1]))
+    std, rows = A.pooled_forgetting_std(cells)
+    assert rows == 2 and std == pytest.approx(2**0.5)  # both rows have sample std sqrt(2); head-only not counted
+    forgetting = next(t for t in A.check_targets(cells) if "forgetting" in t["target"])
+    assert not forgetting["met"]  # +5.0 > +2.0 + max(std, std) = +3.41
+    assert "pooled over the task's 2 rows: 1.41 points" in forgetting["detail"]
+    # excess 3.0 over a standard error of sqrt(2)·sqrt(1/2 + 1/2) = 1.41
+    assert "surm-circulant-lora2 +3.00, is 2.1 standard errors" in forgetting["detail"]
+    assert A.pooled_forgetting_std([c for c in cells if c.method == "head-only"]) is None
+
+
 def test_targets_compare_with_the_better_lora_r8_learning_rate():
     rs = [
         _result("bbc", "lora-r8", "LoRA", 0, 0.70, 73728),  # undertrained at its default lr

@@ -147,6 +147,36 @@ def _gap_text(gap: float, best: Cell, ref: Cell) -> str:
     return f"{gap:+.2f} points{spread}; {best.n} / {ref.n} seeds"
 
 
+def pooled_forgetting_std(cells: Sequence[Cell]) -> tuple[float, int] | None:
+    """The seed-to-seed std of the forgetting measure pooled over a task's rows, sqrt(Σ (n_i − 1)·s_i² / Σ (n_i − 1))
+    over the rows with at least two seeds whose encoder or model changes (head-only leaves the encoder as it was:
+    its forgetting is 0 by construction), with the number of rows; None without such rows. It is the measure's
+    resolution: the one-std rule reads each row's own std over 3 seeds, itself a noisy estimate."""
+    rows = [c for c in cells if c.n >= 2 and c.family != "head-only"]
+    dof = sum(c.n - 1 for c in rows)
+    if not dof:
+        return None
+    return math.sqrt(sum((c.n - 1) * c.forgetting_std**2 for c in rows) / dof), len(rows)
+
+
+def _forgetting_noise_text(cells: Sequence[Cell], ref: Cell, worse: Sequence[Cell], unit: str) -> str:
+    """The forgetting target's noise reading: the pooled seed std and, for the largest excess over the reference,
+    how many standard errors of a difference of means (pooled std · sqrt(1/n_a + 1/n_b)) it is."""
+    pooled = pooled_forgetting_std(cells)
+    if pooled is None:
+        return ""
+    std, rows = pooled
+    text = f" (seed-to-seed std of the forgetting pooled over the task's {rows} rows: {std:.2f} {unit}"
+    top = max(worse, key=lambda c: c.forgetting, default=None)
+    if top is not None and std > 0 and top.n and ref.n:
+        se = std * math.sqrt(1 / top.n + 1 / ref.n)
+        text += (
+            f"; the largest excess, {top.method} {top.forgetting - ref.forgetting:+.2f}, is "
+            f"{(top.forgetting - ref.forgetting) / se:.1f} standard errors of the difference"
+        )
+    return text + ")"
+
+
 def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """The issue's targets, each met / missed (or not measured) with its numbers."""
     out = []
@@ -209,7 +239,8 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                         "worse: " + ", ".join(f"{c.method} {c.forgetting:+.3f}" for c in worse)
                         if worse
                         else f"all {len(structured)} SURM / PMSS settings within"
-                    ),
+                    )
+                    + _forgetting_noise_text(list(cs.values()), lora, worse, unit),
                 }
             )
     return out
