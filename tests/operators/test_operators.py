@@ -299,7 +299,7 @@ def test_circulant_param_grads_by_either_transform(monkeypatch, max_block, shape
 def test_kronecker_products_by_either_layout(monkeypatch, min_block, right_first, shape, factor_shape):
     """Both ways of applying L to the rows' middle axis (a batched matmul with L broadcast for blocks of at least
     ``BMM_MIN_BLOCK`` columns, transposed copies otherwise), in either factor order, match the dense reference in
-    the forward, the custom backward (∂x, ∂L, ∂R; gradcheck) and ``param_grads``."""
+    the forward, the custom backward (∂x, ∂L, ∂R; gradcheck and gradgradcheck) and ``param_grads``."""
     from structpeft.operators import kronecker
 
     monkeypatch.setattr(kronecker, "BMM_MIN_BLOCK", min_block)
@@ -317,10 +317,10 @@ def test_kronecker_products_by_either_layout(monkeypatch, min_block, right_first
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) <= 1e-12
     _check_param_grads(op, lead=(2, 3))
-    apply = kronecker._KroneckerProduct.apply
-    left, right = op.left.detach().requires_grad_(True), op.right.detach().requires_grad_(True)
+    params, f = _of_parameters(op, lambda op, x: op(x))
     xs = randn(2, in_features, seed=4).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b, c: apply(a, b, c, out_features, right_first), (xs, left, right))
+    assert torch.autograd.gradcheck(lambda x, *p: f(p, x), (xs, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(lambda x, *p: f(p, x), (xs, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("b", [1, 2, 5, 16])

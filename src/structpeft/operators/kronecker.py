@@ -258,7 +258,8 @@ class _KroneckerProduct(torch.autograd.Function):
 
         ∂X_n = U_n R,      ∂R = Σ_n U_nᵀ X_n,      ∂L = Σ_n G_n (X_n Rᵀ)ᵀ,
 
-    five thin matmuls, in the compute dtype with autocast off. The backward is itself differentiable (double
+    five matmuls (Lᵀ G_n batched with Lᵀ broadcast for blocks of at least BMM_MIN_BLOCK columns), in the
+    compute dtype with autocast off. The backward is itself differentiable (double
     backward works).
     """
 

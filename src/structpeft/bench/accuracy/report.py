@@ -168,7 +168,7 @@ def _forgetting_noise_text(cells: Sequence[Cell], ref: Cell, worse: Sequence[Cel
     std, rows = pooled
     text = f" (seed-to-seed std of the forgetting pooled over the task's {rows} rows: {std:.2f} {unit}"
     top = max(worse, key=lambda c: c.forgetting, default=None)
-    if top is not None and std > 0 and top.n and ref.n:
+    if top is not None and std > 0:
         se = std * math.sqrt(1 / top.n + 1 / ref.n)
         text += (
             f"; the largest excess, {top.method} {top.forgetting - ref.forgetting:+.2f}, is "
