@@ -61,6 +61,64 @@ def ids_input(vocab: int, shape: tuple[int, ...]) -> Callable[[torch.Generator],
     return lambda g: {"input_ids": torch.randint(0, vocab, shape, generator=g)}
 
 
+# ------------------------------------------------------------------- dtypes: a 48-wide BERT with adapters
+# max |y − y32| / max |y32| allowed for a half-precision model against its float32 reference (README, Speed)
+HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+BERT48_IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def cotangent_loss(y: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """Σ y · c for a fixed random c of y's shape (seeded), in float32 / float64: a loss whose gradient reaches
+    every layer. (Not y.pow(2).sum(): a layer-normed output, such as BERT's last hidden state or GPT-2's, has an
+    almost constant sum of squares, so its gradient is rounding noise that any two computations "agree" on.)"""
+    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    c = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (y.to(dtype) * c.to(y.device, dtype)).sum()
+
+
+def tiny_bert48() -> nn.Module:
+    """BERT without dropout: width 48, 2 layers, 4 heads, FFN 96, vocabulary 100; seeded weights, eval mode."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=100,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(cfg).eval()
+
+
+def adapted_bert48(method: str, compute: str = "dense") -> nn.Module:
+    """:func:`tiny_bert48` with a random non-zero adapter on query / value: ``method`` a SURM structure (blocks of
+    16; Kronecker's default factors) or ``"pmss"`` (8 × 8 core), on the compute path ``compute``."""
+    from peft import get_peft_model
+
+    from structpeft import PmssConfig, SurmConfig
+
+    if method == "pmss":
+        cfg: Any = PmssConfig(
+            target_modules=["query", "value"], k_in=8, k_out=8, init_weights="random", alpha=300.0, compute=compute
+        )
+    else:
+        size = {} if method == "kronecker" else {"block_size": 16}
+        cfg = SurmConfig(
+            structure=method, target_modules=["query", "value"], init_weights=False, compute=compute, **size
+        )
+    torch.manual_seed(1)
+    return get_peft_model(tiny_bert48(), cfg)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y − ref| / max |ref|, in float32 on ``ref``'s device."""
+    y, ref = y.detach().to(ref.device).float(), ref.detach().float()
+    return float((y - ref).abs().max() / ref.abs().max())
+
+
 # ---------------------------------------------------------------------------------------------- snapshots
 def snapshot(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, torch.Tensor]]:
     """(module names and types, a cloned state dict): everything a failed call must leave unchanged."""

@@ -12,51 +12,18 @@ import copy
 
 import pytest
 import torch
-from peft import get_peft_model
 from torch import nn
 
-from structpeft import PmssConfig, SurmConfig
 from structpeft.operators import OPERATORS
+from testkit import BERT48_IDS as IDS
+from testkit import HALF_TOLERANCE as TOLERANCE
+from testkit import adapted_bert48 as adapted
+from testkit import cotangent_loss
+from testkit import rel_error as rel
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 STRUCTURES = [name for name in OPERATORS if name != "dense"]  # every registered structure
-TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        vocab_size=100,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertModel(cfg).eval()
-
-
-def adapted(method: str, compute: str = "dense") -> nn.Module:
-    if method == "pmss":
-        cfg = PmssConfig(
-            target_modules=["query", "value"], k_in=8, k_out=8, init_weights="random", alpha=300.0, compute=compute
-        )
-    else:
-        size = {} if method == "kronecker" else {"block_size": 16}
-        cfg = SurmConfig(
-            structure=method, target_modules=["query", "value"], init_weights=False, compute=compute, **size
-        )
-    torch.manual_seed(1)
-    return get_peft_model(tiny_bert(), cfg)
-
-
-def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.detach().float() - ref).abs().max() / ref.abs().max())
-
-
-IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("method", [*STRUCTURES, "pmss"])
@@ -85,7 +52,7 @@ def test_bf16_autocast_matches_float32_and_trains(method, compute):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(input_ids=IDS).last_hidden_state
     assert rel(y, ref) <= TOLERANCE[torch.bfloat16]
-    y.float().pow(2).mean().backward()
+    cotangent_loss(y).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
@@ -96,7 +63,7 @@ def test_folded_dense_and_hybrid_paths_give_the_fast_paths_outputs_and_gradients
     for compute in ("fast", "dense", "hybrid"):
         model = adapted(structure, compute).double()
         y = model(input_ids=IDS).last_hidden_state
-        y.pow(2).mean().backward()
+        cotangent_loss(y).backward()
         outs[compute] = y.detach()
         grads[compute] = [p.grad for p in model.parameters() if p.requires_grad]
     for compute in ("dense", "hybrid"):
@@ -165,7 +132,7 @@ def test_inference_caches_follow_a_fused_optimiser_step(method, compute):
             before = model(input_ids=IDS).last_hidden_state.clone()  # fills the caches
         if switch_modes:
             model.train()
-        model(input_ids=IDS).last_hidden_state.pow(2).sum().backward()
+        cotangent_loss(model(input_ids=IDS).last_hidden_state).backward()
         opt.step()
         opt.zero_grad()
         if switch_modes:
@@ -232,4 +199,4 @@ def test_inductor_compiled_model_matches_eager(method, compute):
     compiled = torch.compile(model)
     y = compiled(input_ids=IDS).last_hidden_state
     torch.testing.assert_close(y, model(input_ids=IDS).last_hidden_state, atol=1e-5, rtol=1e-4)
-    y.sum().backward()
+    cotangent_loss(y).backward()
