@@ -135,6 +135,10 @@ def build(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict], Any]:
         # the layers as the checkpoint recorded them, with the compute paths its run timed: timed again here,
         # compute="auto" could pick another path and the resumed run would round differently from an uninterrupted one
         config = config.for_resume(args.resume_from_checkpoint)
+    # compute="auto" times each layer's compute paths where the layer is: on the GPU the run will train on (this
+    # process's, under torchrun), not on the CPU the weights were loaded on; Trainer / accelerate keep it there
+    if torch.cuda.is_available():
+        base.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     model = get_peft_model(base, config)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()

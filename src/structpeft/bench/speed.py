@@ -193,7 +193,8 @@ def build(
     info: dict | None = None,
     tokens: int | None = None,
 ) -> nn.Module:
-    """A model for ``method`` on a deep copy of ``base`` (its base weights frozen, adapter trainable).
+    """A model for ``method`` on a deep copy of ``base`` (its base weights frozen, adapter trainable), on ``base``'s
+    device (``compute="auto"`` times the compute paths there: build on the device the model will run on).
 
     For ``*-merged`` the merged model's output is compared with the unmerged one's on a small batch and the
     largest absolute difference is written to ``info["merged_max_abs_diff"]``.
@@ -213,7 +214,7 @@ def build(
     if chosen and info is not None:
         info["compute"] = sorted(chosen)  # the per-layer fast / dense choices of compute="auto"
     if method.endswith("-merged"):
-        probe = torch.randint(0, 1000, (2, 16))
+        probe = torch.randint(0, 1000, (2, 16)).to(next(base.parameters()).device)
         with torch.inference_mode():
             before = net(input_ids=probe).last_hidden_state
         net = net.merge_and_unload()
@@ -427,7 +428,7 @@ def _memory_probe(method: str, args: argparse.Namespace) -> None:
     cases = resolve_cases(args)
     case = next(iter(cases.values()))
     tokens = compute_tokens(cases)
-    model = build(method, build_base(args.model), args.model, args.targets, tokens=tokens).to(device)
+    model = build(method, build_base(args.model).to(device), args.model, args.targets, tokens=tokens)
     step = make_step(model, case, device)
     if method.endswith("-compiled"):
         step()  # compile outside the measurement
@@ -479,11 +480,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     spec = MODELS[args.model]
     cases = resolve_cases(args)
-    base = build_base(args.model)
+    # on the device before the adapters are added: compute="auto" times the paths where the layers are
+    base = build_base(args.model).to(device)
     methods = args.methods or default_methods(args)
     info: dict[str, dict] = {m: {} for m in methods}
     tokens = compute_tokens(cases)
-    models = {m: build(m, base, args.model, args.targets, info[m], tokens).to(device) for m in methods}
+    models = {m: build(m, base, args.model, args.targets, info[m], tokens) for m in methods}
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     results: dict[str, Any] = {
         "setting": {
