@@ -93,9 +93,10 @@ def tiny_bert48() -> nn.Module:
     return BertModel(cfg).eval()
 
 
-def adapted_bert48(method: str, compute: str = "dense") -> nn.Module:
+def adapted_bert48(method: str, compute: str = "dense", device: torch.device | str = "cpu") -> nn.Module:
     """:func:`tiny_bert48` with a random non-zero adapter on query / value: ``method`` a SURM structure (blocks of
-    16; Kronecker's default factors) or ``"pmss"`` (8 × 8 core), on the compute path ``compute``."""
+    16; Kronecker's default factors) or ``"pmss"`` (8 × 8 core), on the compute path ``compute``; the base model
+    is moved to ``device`` first (the skeleton is selected, and ``compute="auto"`` timed, there)."""
     from peft import get_peft_model
 
     from structpeft import PmssConfig, SurmConfig
@@ -109,8 +110,9 @@ def adapted_bert48(method: str, compute: str = "dense") -> nn.Module:
         cfg = SurmConfig(
             structure=method, target_modules=["query", "value"], init_weights=False, compute=compute, **size
         )
+    base = tiny_bert48().to(device)
     torch.manual_seed(1)
-    return get_peft_model(tiny_bert48(), cfg)
+    return get_peft_model(base, cfg)
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

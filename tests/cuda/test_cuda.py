@@ -88,7 +88,7 @@ def test_operator_product_and_gradients_on_the_device(case, dtype, compute):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_model_on_the_device_matches_float32(method, dtype):
-    model = adapted_bert48(method).to(DEVICE)
+    model = adapted_bert48(method, device=DEVICE)
     ids = BERT48_IDS.to(DEVICE)
     with torch.no_grad():
         ref = model(input_ids=ids).last_hidden_state
@@ -104,7 +104,7 @@ def test_half_precision_model_on_the_device_matches_float32(method, dtype):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_autocast_training_step_on_the_device(method, compute, dtype):
-    model = adapted_bert48(method, compute).to(DEVICE)
+    model = adapted_bert48(method, compute, device=DEVICE)
     ids = BERT48_IDS.to(DEVICE)
     with torch.no_grad():
         ref = model(input_ids=ids).last_hidden_state
@@ -123,7 +123,7 @@ def test_autocast_training_step_on_the_device(method, compute, dtype):
 def test_compute_paths_agree_on_the_device(method):
     outs, grads = {}, {}
     for compute in ("fast", "dense", "hybrid"):
-        model = adapted_bert48(method, compute).to(DEVICE)
+        model = adapted_bert48(method, compute, device=DEVICE)
         y = model(input_ids=BERT48_IDS.to(DEVICE)).last_hidden_state
         cotangent_loss(y).backward()
         outs[compute] = y.detach()
@@ -134,10 +134,28 @@ def test_compute_paths_agree_on_the_device(method):
             assert rel_error(a, b) <= 1e-4
 
 
+@pytest.fixture
+def timed_on(monkeypatch):
+    """(device of the timing, device of the timed operator) for each compute="auto" timing from here on."""
+    from structpeft.operators import dispatch
+
+    timed: list[tuple[str, str]] = []
+    real = dispatch._time_paths
+
+    def spy(op, out_features, in_features, device, *args, **kwargs):
+        timed.append((torch.device(device).type, next(op.parameters()).device.type))
+        return real(op, out_features, in_features, device, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "_time_paths", spy)
+    monkeypatch.setattr(dispatch, "_CACHE", {})  # time again, not the answers of earlier tests
+    return timed
+
+
 @pytest.mark.parametrize("method", ["circulant", "kronecker", "pmss"])
-def test_auto_compute_times_the_paths_on_the_device(method):
-    model = adapted_bert48(method, "auto").to(DEVICE)  # the paths are timed when the model is built or first run
-    fast = adapted_bert48(method, "fast").to(DEVICE)
+def test_auto_compute_times_the_paths_on_the_device(method, timed_on):
+    model = adapted_bert48(method, "auto", device=DEVICE)
+    assert timed_on and set(timed_on) == {(DEVICE.type, DEVICE.type)}
+    fast = adapted_bert48(method, "fast", device=DEVICE)
     ids = BERT48_IDS.to(DEVICE)
     with torch.no_grad():
         y = model(input_ids=ids).last_hidden_state
@@ -152,7 +170,7 @@ def test_merge_and_save_on_the_device_load_on_the_cpu(method, tmp_path):
 
     from testkit import tiny_bert48
 
-    model = adapted_bert48(method).to(DEVICE)
+    model = adapted_bert48(method, device=DEVICE)
     ids = BERT48_IDS.to(DEVICE)
     with torch.no_grad():
         y = model(input_ids=ids).last_hidden_state
@@ -163,19 +181,9 @@ def test_merge_and_save_on_the_device_load_on_the_cpu(method, tmp_path):
         assert rel_error(loaded(input_ids=BERT48_IDS).last_hidden_state, y) <= 1e-5
 
 
-def test_speed_benchmark_builds_its_models_and_times_their_paths_on_the_device(monkeypatch):
+def test_speed_benchmark_builds_its_models_and_times_their_paths_on_the_device(timed_on):
     from structpeft.bench import speed
-    from structpeft.operators import dispatch
 
-    timed = []
-    real = dispatch._time_paths
-
-    def spy(op, out_features, in_features, device, *args, **kwargs):
-        timed.append((torch.device(device).type, next(op.parameters()).device.type))
-        return real(op, out_features, in_features, device, *args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "_time_paths", spy)
-    monkeypatch.setattr(dispatch, "_CACHE", {})
     model = speed.build("surm-circulant", speed.build_base().to(DEVICE), "minilm", ["query"], tokens=64)
-    assert timed and set(timed) == {(DEVICE.type, DEVICE.type)}
+    assert timed_on and set(timed_on) == {(DEVICE.type, DEVICE.type)}
     assert {p.device.type for p in model.parameters()} == {DEVICE.type}
