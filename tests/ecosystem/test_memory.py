@@ -171,4 +171,6 @@ def test_gradient_checkpointing_gives_identical_gradients(kind):
     assert all(_prefix(kind) in n for n in grads[0])
     for name, grad in grads[0].items():
         assert torch.count_nonzero(grad), name
-        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+        # atol relative to the gradient's own scale: PMSS's are about 4e-9 here (its C and R are columns and rows of
+        # a tiny random BERT's weights), below any fixed atol that suits the others
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6 * float(grad.abs().max()), rtol=1e-5, msg=name)
