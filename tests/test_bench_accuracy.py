@@ -77,6 +77,12 @@ def test_summary_mean_std_and_targets():
     cells = A.summarise(rs, order)
     quarter = next(t for t in A.check_targets(cells) if "1/4" in t["target"])
     assert not quarter["met"] and "-2.00 points" in quarter["detail"]
+    assert "59.00 ± 0.00 vs lora-r8 61.00 ± 1.41" in quarter["detail"]
+
+    # a sweep in progress: one seed each, so no std to state (not "± 0.00")
+    cells = A.summarise([rs[0], rs[2]], order)
+    quarter = next(t for t in A.check_targets(cells) if "1/4" in t["target"])
+    assert "surm-circulant-lora2 (18,432 vs 73,728 parameters): 59.00 vs lora-r8 60.00 (" in quarter["detail"]
 
 
 def test_runs_on_different_machines_are_marked_in_the_report():

@@ -141,6 +141,11 @@ def gap_standard_error(a: Cell, b: Cell) -> float | None:
     return 100 * math.sqrt(a.accuracy_std**2 / a.n + b.accuracy_std**2 / b.n)
 
 
+def _accuracy_text(c: Cell) -> str:
+    """Accuracy in points, mean ± sample std over the seeds (one seed: no std, which it does not have)."""
+    return f"{100 * c.accuracy:.2f}" + (f" ± {100 * c.accuracy_std:.2f}" if c.n > 1 else "")
+
+
 def _gap_text(gap: float, best: Cell, ref: Cell) -> str:
     se = gap_standard_error(best, ref)
     spread = f", standard error of the difference {se:.2f}" if se is not None else ""
@@ -203,8 +208,8 @@ def check_targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                         "(any modules, at most a quarter of the smallest LoRA r=8, against the best LoRA r=8)",
                         "met": gap >= -0.5,
                         "detail": f"best {best.method} ({best.adapter_params:,} vs {lora.adapter_params:,} "
-                        f"parameters): {100 * best.accuracy:.2f} ± {100 * best.accuracy_std:.2f} vs {lora.method} "
-                        f"{100 * lora.accuracy:.2f} ± {100 * lora.accuracy_std:.2f} ({_gap_text(gap, best, lora)})",
+                        f"parameters): {_accuracy_text(best)} vs {lora.method} {_accuracy_text(lora)} "
+                        f"({_gap_text(gap, best, lora)})",
                     }
                 )
             out += _same_module_targets(task, cs, loras)
@@ -288,8 +293,7 @@ def _same_module_targets(task: str, cs: dict[str, Cell], loras: Sequence[Cell]) 
                 "LoRA r=8's parameters within 0.5 points of it",
                 "met": gap >= -0.5,
                 "detail": f"best {best.method} ({best.adapter_params:,} vs {ref.adapter_params:,} parameters): "
-                f"{100 * best.accuracy:.2f} ± {100 * best.accuracy_std:.2f} vs {ref.method} "
-                f"{100 * ref.accuracy:.2f} ± {100 * ref.accuracy_std:.2f} ({_gap_text(gap, best, ref)})",
+                f"{_accuracy_text(best)} vs {ref.method} {_accuracy_text(ref)} ({_gap_text(gap, best, ref)})",
             }
         )
     return out
@@ -351,7 +355,7 @@ def markdown(cells: Sequence[Cell], targets: Sequence[dict[str, Any]], meta: dic
             vs = f"{100 * (c.accuracy - lora.accuracy):+.2f}" if lora is not None else "—"
             step = (f"{c.step_time_s:.3f}" + ("†" if c.machines > 1 else "")) if c.step_time_s else "—"
             mem = f"{c.peak_rss_mb:,.0f}" if c.peak_rss_mb else "—"
-            acc = f"{100 * c.accuracy:.2f}" + (f" ± {100 * c.accuracy_std:.2f}" if c.n > 1 else "")
+            acc = _accuracy_text(c)
             fgt = f"{c.forgetting:+.3f}" + (f" ± {c.forgetting_std:.3f}" if c.n > 1 else "")
             lines.append(
                 f"| {c.method} | {c.adapter_params:,} | {c.trainable_percent:.3f} | {acc} | {vs} | {step} | {mem} | "
