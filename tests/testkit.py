@@ -78,12 +78,11 @@ def cotangent_loss(y: torch.Tensor, seed: int = 1) -> torch.Tensor:
 
 def tiny_bert48() -> nn.Module:
     """BERT without dropout: width 48, 2 layers, 4 heads, FFN 96, vocabulary 100; seeded weights, eval mode."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(
+    cfg = tiny_bert_config(
         hidden_size=48,
-        num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=96,
         vocab_size=100,
@@ -115,10 +114,10 @@ def adapted_bert48(method: str, compute: str = "dense", device: torch.device | s
     return get_peft_model(base, cfg)
 
 
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |y − ref| / max |ref|, in float32 on ``ref``'s device."""
-    y, ref = y.detach().to(ref.device).float(), ref.detach().float()
-    return float((y - ref).abs().max() / ref.abs().max())
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual − expected| / max |expected|, in float64 on ``expected``'s device."""
+    a, e = actual.detach().to(expected.device, torch.float64), expected.detach().to(torch.float64)
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-300))
 
 
 # ---------------------------------------------------------------------------------------------- snapshots

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 import testkit
 from structpeft.peft.surm_layer import SurmLayer
 from testkit import assert_same_snapshot as assert_same_snapshot
+from testkit import rel_err as rel_err
 from testkit import snapshot as snapshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,11 +125,6 @@ def reference_output(
 def assert_close64(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL64) -> None:
     assert actual.dtype == expected.dtype == torch.float64, (actual.dtype, expected.dtype)
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
 
 
 def assert_original_types(case: AdapterLayerCase, model: nn.Module) -> None:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from structpeft.operators import OPERATORS
-from testkit import BERT48_IDS, HALF_TOLERANCE, adapted_bert48, cotangent_loss, rel_error
+from testkit import BERT48_IDS, HALF_TOLERANCE, adapted_bert48, cotangent_loss, rel_err
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.cuda
@@ -76,13 +76,13 @@ def test_operator_product_and_gradients_on_the_device(case, dtype, compute):
     y = op(xd)  # FFT products return float32, matmul products the input dtype (the layer casts back to it)
     assert y.dtype in (dtype, torch.float32) and y.device.type == DEVICE.type
     tol = 1e-5 if dtype == torch.float32 else HALF_TOLERANCE[dtype]
-    assert rel_error(y, want) <= tol
+    assert rel_err(y, want) <= tol
     grads = torch.autograd.grad(y, [xd, *op.parameters()], g.to(DEVICE, dtype))
     assert grads[0].dtype == dtype
-    assert rel_error(grads[0], g @ dense) <= tol
+    assert rel_err(grads[0], g @ dense) <= tol
     for got, ref in zip(grads[1:], want_grads, strict=True):
         assert got.dtype == dtype and bool(torch.isfinite(got).all())
-        assert rel_error(got, ref) <= 10 * tol  # a sum over the 15 rows of products rounded to the input dtype
+        assert rel_err(got, ref) <= 10 * tol  # a sum over the 15 rows of products rounded to the input dtype
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -96,8 +96,8 @@ def test_half_precision_model_on_the_device_matches_float32(method, dtype):
         with model.disable_adapter():
             plain = model(input_ids=ids).last_hidden_state
     assert y.dtype == dtype and y.device.type == DEVICE.type
-    assert rel_error(y, ref) <= HALF_TOLERANCE[dtype]
-    assert rel_error(plain, ref) > rel_error(y, ref)  # the adapter survives the rounding
+    assert rel_err(y, ref) <= HALF_TOLERANCE[dtype]
+    assert rel_err(plain, ref) > rel_err(y, ref)  # the adapter survives the rounding
 
 
 @pytest.mark.parametrize("compute", ["dense", "fast", "hybrid"])
@@ -111,7 +111,7 @@ def test_autocast_training_step_on_the_device(method, compute, dtype):
     cotangent_loss(ref).backward()
     with torch.autocast(DEVICE.type, dtype=dtype):
         y = model(input_ids=ids).last_hidden_state
-    assert rel_error(y, ref) <= HALF_TOLERANCE[dtype]
+    assert rel_err(y, ref) <= HALF_TOLERANCE[dtype]
     cotangent_loss(y).backward()
     pairs = [
         (p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters(), strict=True) if p.requires_grad
@@ -119,7 +119,7 @@ def test_autocast_training_step_on_the_device(method, compute, dtype):
     assert pairs
     for got, want in pairs:  # on the CPU at most 1.7e-3 (fp16) / 1.7e-2 (bf16) of the largest entry
         assert got is not None and got.dtype == torch.float32 and got.device.type == DEVICE.type
-        assert rel_error(got, want) <= HALF_TOLERANCE[dtype]
+        assert rel_err(got, want) <= HALF_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -132,9 +132,9 @@ def test_compute_paths_agree_on_the_device(method):
         outs[compute] = y.detach()
         grads[compute] = [p.grad for p in model.parameters() if p.requires_grad]
     for compute in ("dense", "hybrid"):
-        assert rel_error(outs[compute], outs["fast"]) <= 1e-5
+        assert rel_err(outs[compute], outs["fast"]) <= 1e-5
         for a, b in zip(grads[compute], grads["fast"], strict=True):
-            assert rel_error(a, b) <= 1e-4
+            assert rel_err(a, b) <= 1e-4
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_auto_compute_times_the_paths_on_the_device(method, timed_on):
     ids = BERT48_IDS.to(DEVICE)
     with torch.no_grad():
         y = model(input_ids=ids).last_hidden_state
-        assert rel_error(y, fast(input_ids=ids).last_hidden_state) <= 1e-5
+        assert rel_err(y, fast(input_ids=ids).last_hidden_state) <= 1e-5
     chosen = {getattr(m, "compute_mode", None) for m in model.modules()} - {None}
     assert chosen and chosen <= {"fast", "dense", "hybrid"}
 
@@ -179,9 +179,9 @@ def test_merge_and_save_on_the_device_load_on_the_cpu(method, tmp_path):
         y = model(input_ids=ids).last_hidden_state
         model.save_pretrained(tmp_path)
         merged = copy.deepcopy(model).merge_and_unload()
-        assert rel_error(merged(input_ids=ids).last_hidden_state, y) <= 1e-5
+        assert rel_err(merged(input_ids=ids).last_hidden_state, y) <= 1e-5
         loaded = PeftModel.from_pretrained(tiny_bert48(), tmp_path)
-        assert rel_error(loaded(input_ids=BERT48_IDS).last_hidden_state, y) <= 1e-5
+        assert rel_err(loaded(input_ids=BERT48_IDS).last_hidden_state, y) <= 1e-5
 
 
 def test_speed_benchmark_builds_its_models_and_times_their_paths_on_the_device(timed_on):

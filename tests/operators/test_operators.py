@@ -16,6 +16,7 @@ import torch
 from structpeft.errors import ConfigError, ShapeError, UnknownStructureError
 from structpeft.operators import OPERATORS, StructuredOperator, get_operator_class
 from structpeft.operators.base import BlockGridOperator
+from testkit import rel_err
 
 EXPECTED_STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 
@@ -28,12 +29,6 @@ LEADING_SHAPES = [(), (5,), (2, 3)]
 
 def shape_id(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |got - ref| / max |ref| (in float64)."""
-    got, ref = got.detach().to(torch.float64), ref.detach().to(torch.float64)
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:

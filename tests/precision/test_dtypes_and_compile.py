@@ -19,7 +19,7 @@ from testkit import BERT48_IDS as IDS
 from testkit import HALF_TOLERANCE as TOLERANCE
 from testkit import adapted_bert48 as adapted
 from testkit import cotangent_loss
-from testkit import rel_error as rel
+from testkit import rel_err as rel
 
 pytest.importorskip("transformers")
 
