@@ -92,22 +92,36 @@ def tiny_bert48() -> nn.Module:
     return BertModel(cfg).eval()
 
 
-def adapted_bert48(method: str, compute: str = "dense", device: torch.device | str = "cpu") -> nn.Module:
+def adapted_bert48(
+    method: str, compute: str = "dense", device: torch.device | str = "cpu", keep_folded_weight: bool = False
+) -> nn.Module:
     """:func:`tiny_bert48` with a random non-zero adapter on query / value: ``method`` a SURM structure (blocks of
-    16; Kronecker's default factors) or ``"pmss"`` (8 × 8 core), on the compute path ``compute``; the base model
-    is moved to ``device`` first (the skeleton is selected, and ``compute="auto"`` timed, there)."""
+    16; Kronecker's default factors) or ``"pmss"`` (8 × 8 core), on the compute path ``compute`` (folds held for
+    the backward with ``keep_folded_weight``); the base model is moved to ``device`` first (the skeleton is
+    selected, and ``compute="auto"`` timed, there)."""
     from peft import get_peft_model
 
     from structpeft import PmssConfig, SurmConfig
 
     if method == "pmss":
         cfg: Any = PmssConfig(
-            target_modules=["query", "value"], k_in=8, k_out=8, init_weights="random", alpha=300.0, compute=compute
+            target_modules=["query", "value"],
+            k_in=8,
+            k_out=8,
+            init_weights="random",
+            alpha=300.0,
+            compute=compute,
+            keep_folded_weight=keep_folded_weight,
         )
     else:
         size = {} if method == "kronecker" else {"block_size": 16}
         cfg = SurmConfig(
-            structure=method, target_modules=["query", "value"], init_weights=False, compute=compute, **size
+            structure=method,
+            target_modules=["query", "value"],
+            init_weights=False,
+            compute=compute,
+            keep_folded_weight=keep_folded_weight,
+            **size,
         )
     base = tiny_bert48().to(device)
     torch.manual_seed(1)

@@ -137,6 +137,23 @@ def test_compute_paths_agree_on_the_device(method):
             assert rel_err(a, b) <= 1e-4
 
 
+@pytest.mark.parametrize("compute", ["dense", "hybrid"])
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_folded_weight_gives_the_default_training_step_on_the_device(method, compute):
+    """keep_folded_weight holds W + s·ΔW for the backward instead of rebuilding it: the same values (bit for bit
+    on the CPU; 1e-6 here, in case a device kernel's reduction order is not deterministic)."""
+    results = []
+    for keep in (False, True):
+        model = adapted_bert48(method, compute, device=DEVICE, keep_folded_weight=keep)
+        y = model(input_ids=BERT48_IDS.to(DEVICE)).last_hidden_state
+        cotangent_loss(y).backward()
+        results.append((y.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (y0, g0), (y1, g1) = results
+    assert g0 and rel_err(y1, y0) <= 1e-6
+    for a, b in zip(g1, g0, strict=True):
+        assert rel_err(a, b) <= 1e-6
+
+
 @pytest.fixture
 def timed_on(monkeypatch):
     """(device of the timing, device of the timed operator) for each compute="auto" timing from here on."""

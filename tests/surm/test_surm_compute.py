@@ -106,7 +106,7 @@ def test_compute_tokens_is_the_timed_row_count_and_part_of_the_cache_key(monkeyp
     """compute="auto" times each layer on ``compute_tokens`` rows; another row count is timed again, not reused."""
     timed = []
 
-    def fake_time_paths(op, out_features, in_features, device, tokens, reps, paths):
+    def fake_time_paths(op, out_features, in_features, device, tokens, reps, paths, keep=False):
         timed.append(tokens)
         return "fast" if tokens < 100 else "dense"
 
@@ -141,7 +141,7 @@ def test_auto_offers_hybrid_only_to_folding_operators_with_their_own_parameter_g
 def test_auto_times_the_offered_paths(monkeypatch):
     timed = {}
 
-    def fake_time_paths(op, out_features, in_features, device, tokens, reps, paths):
+    def fake_time_paths(op, out_features, in_features, device, tokens, reps, paths, keep=False):
         timed[op.structure] = paths
         return paths[-1]
 

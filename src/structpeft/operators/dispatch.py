@@ -75,8 +75,10 @@ def choose_compute(
     tokens: int = DEFAULT_COMPUTE_TOKENS,
     reps: int = 5,
     paths: tuple[str, ...] = PATHS,
+    keep: bool = False,
 ) -> str:
-    """The one of ``paths`` that adds least to a frozen layer's forward + backward of ``tokens`` rows (cached)."""
+    """The one of ``paths`` that adds least to a frozen layer's forward + backward of ``tokens`` rows (cached);
+    ``keep``: the folded paths timed as they train with ``keep_folded_weight=True``."""
     if cls.structure == "dense":
         return "fast"
 
@@ -86,7 +88,7 @@ def choose_compute(
         return op
 
     key = (cls.structure, out_features, in_features, json.dumps(options, sort_keys=True))
-    return choose_compute_for(key, make, out_features, in_features, device, tokens, reps, paths)
+    return choose_compute_for(key, make, out_features, in_features, device, tokens, reps, paths, keep)
 
 
 def choose_compute_for(
@@ -98,18 +100,20 @@ def choose_compute_for(
     tokens: int = DEFAULT_COMPUTE_TOKENS,
     reps: int = 5,
     paths: tuple[str, ...] = PATHS,
+    keep: bool = False,
 ) -> str:
     """:func:`choose_compute` for any operator with ``delta_weight`` and ``param_grads``: ``make_op()`` builds one
-    (on the CPU, with non-zero parameters); the answer is cached under ``key``, the device, ``tokens`` and
-    ``paths``."""
+    (on the CPU, with non-zero parameters); the answer is cached under ``key``, the device, ``tokens``, ``paths``
+    and ``keep``."""
     device = torch.device(device)
-    key = (*key, str(device), tokens, tuple(paths))
+    key = (*key, str(device), tokens, tuple(paths), bool(keep))
     if key not in _CACHE:
         # the timing draws random tensors: keep the caller's RNG streams untouched, so that adapter initialisation
         # after get_peft_model is the same whether or not this shape was timed before in the process
         cuda_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):
-            _CACHE[key] = _time_paths(make_op().to(device), out_features, in_features, device, tokens, reps, paths)
+            op = make_op().to(device)
+            _CACHE[key] = _time_paths(op, out_features, in_features, device, tokens, reps, paths, keep)
     return _CACHE[key]
 
 
@@ -121,9 +125,11 @@ def _time_paths(
     tokens: int,
     reps: int,
     paths: tuple[str, ...] = PATHS,
+    keep: bool = False,
 ) -> str:
     """Time a frozen layer alone and with each of ``paths`` (the structured product added, ΔW folded in, ΔW
-    folded in with the parameter gradients through the structure): the cheapest path."""
+    folded in with the parameter gradients through the structure; the folds held for the backward if ``keep``):
+    the cheapest path."""
     w = torch.randn(out_features, in_features, device=device) * in_features**-0.5
     x = torch.randn(tokens, in_features, device=device, requires_grad=True)
     # a dense output gradient, as training's: ``y.sum().backward()`` would send an expanded (stride-0) tensor of
@@ -145,11 +151,11 @@ def _time_paths(
             y = y + (from_base(x, y) if from_base is not None else op(x)) * 0.5
         y.backward(g)
 
-    def dense() -> None:  # as a frozen layer trains it: the fold rebuilt in the backward, gᵀx through to_dense
-        hybrid_linear(x, w, None, [(op, 0.5)], structured=[False]).backward(g)
+    def dense() -> None:  # as a frozen layer trains it: the fold rebuilt in the backward (or kept), gᵀx through
+        hybrid_linear(x, w, None, [(op, 0.5)], structured=[False], keep=keep).backward(g)
 
     def hybrid() -> None:
-        hybrid_linear(x, w, None, [(op, 0.5)]).backward(g)
+        hybrid_linear(x, w, None, [(op, 0.5)], keep=keep).backward(g)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     candidates = {"fast": fast, "dense": dense, "hybrid": hybrid}

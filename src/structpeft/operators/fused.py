@@ -10,7 +10,8 @@ matmul (gᵀ x, shared by all of them, mapped to the structured parameters throu
 O(out·in)) plus building ΔW (O(out·in) for every structure). In training with a frozen base weight
 (:func:`hybrid_linear`) only x is saved for the backward, as LoRA keeps it too; W_eff and the intermediates of
 building ΔW are built again in the backward (one more O(out·in) build per step) instead of being kept, so a
-folded layer holds no (out × in) matrix between forward and backward. With a trainable base weight, or under
+folded layer holds no (out × in) matrix between forward and backward; ``keep=True`` (a config's
+``keep_folded_weight=True``) holds them instead, for one build less per step. With a trainable base weight, or under
 ``torch.compile``, :func:`folded_linear` lets autograd differentiate W + Σ s·ΔW (it keeps W_eff and the build's
 intermediates, one (out × in) matrix or more per layer).
 In inference (no autograd graph through the parameters) W_eff is cached per layer while W and every adapter
@@ -30,6 +31,7 @@ weights (in half precision the rounding of W + s·ΔW to W's 8 / 11 mantissa bit
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -93,6 +95,7 @@ def hybrid_linear(
     bias: torch.Tensor | None,
     terms: Sequence[tuple[nn.Module, float]],
     structured: Sequence[bool] | None = None,
+    keep: bool = False,
 ) -> torch.Tensor:
     """x·(W + Σ s·ΔW)ᵀ + b for training with a frozen base weight W, keeping only x for the backward.
 
@@ -105,6 +108,11 @@ def hybrid_linear(
     stacks), at the cost of building ΔW once more per step (O(out·in) and less than the layer's matmuls).
     ``structured`` defaults to all True. For a frozen base weight only (a trainable W needs gᵀx anyway: use
     :func:`folded_linear`); once differentiable (no double backward).
+
+    ``keep=True`` trades memory for time: W_eff (one (out × in) matrix) and the dense adapters' ΔW with its
+    autograd graph (for Toeplitz / LDR the factor stacks, about F more (out × in) matrices) are built once, in the
+    forward, and held until the backward, which then builds nothing. The values are the same as with
+    ``keep=False``, bit for bit (the same operations in the same order); only the time and the memory differ.
     """
     flags = tuple(True for _ in terms) if structured is None else tuple(bool(f) for f in structured)
     if len(flags) != len(terms):
@@ -112,44 +120,49 @@ def hybrid_linear(
     params = [p for op, _ in terms for p in op.parameters()]
     # x as it comes (the matmul on it is then the one folded_linear and the base layer run, bit for bit); the
     # output is the Function's own tensor, not a view, so in-place ops on the layer output stay legal
-    return _HybridLinear.apply(x, weight, bias, tuple(terms), flags, *params)
+    return _HybridLinear.apply(x, weight, bias, tuple(terms), flags, bool(keep), *params)
 
 
 class _HybridLinear(torch.autograd.Function):
-    """y = x·W_effᵀ + b for x (..., in), W_eff = W + Σ s_a·ΔW_a built in the forward and again in the backward;
-    backward: ∂x = g·W_eff, ∂b = Σ g, ∂θ_a = s_a·``op_a.param_grads(x, g)`` (structured) or the vector-Jacobian
-    product of ΔW_a(θ_a) with s_a·gᵀx (dense)."""
+    """y = x·W_effᵀ + b for x (..., in), W_eff = W + Σ s_a·ΔW_a built in the forward and again in the backward
+    (or, with ``keep``, built once and held); backward: ∂x = g·W_eff, ∂b = Σ g, ∂θ_a = s_a·``op_a.param_grads(x,
+    g)`` (structured) or the vector-Jacobian product of ΔW_a(θ_a) with s_a·gᵀx (dense)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, terms, flags, *params):
-        # the parameters are saved for autograd's check that nothing changed them in place before the backward
-        # (they are the module's own tensors: no memory); ΔW and W_eff are rebuilt from them there
-        ctx.save_for_backward(x, weight, *params)
-        ctx.terms, ctx.flags = terms, flags
-        w = _fold(weight, terms, cache=False)  # no autograd graph inside a Function's forward
+    def forward(ctx, x, weight, bias, terms, flags, keep, *params):
+        ctx.terms, ctx.flags, ctx.keep = terms, flags, keep
+        rows = math.prod(x.shape[:-1])
+        if keep:  # build once, with the dense adapters' graphs, and hold W_eff and those graphs for the backward
+            deltas = _dense_deltas(terms, flags, rows)
+            w = _fold_with(weight, terms, deltas)
+            ctx.deltas = deltas
+            # the parameters are saved for autograd's check that nothing changed them in place before the backward
+            ctx.save_for_backward(x, weight, w, *params)
+        else:
+            # ΔW and W_eff are rebuilt from the parameters in the backward (they are the module's own tensors: no
+            # memory)
+            ctx.save_for_backward(x, weight, *params)
+            w = _fold(weight, terms, cache=False)  # no autograd graph inside a Function's forward
         return nn.functional.linear(x, w, bias)  # under autocast: in the autocast dtype, as the base layer's
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x_in, weight, *_ = ctx.saved_tensors
-        terms, flags = ctx.terms, ctx.flags
+        terms, flags, keep = ctx.terms, ctx.flags, ctx.keep
+        if keep:
+            x_in, weight, w, *_ = ctx.saved_tensors
+            deltas = ctx.deltas
+        else:
+            x_in, weight, *_ = ctx.saved_tensors
+            w, deltas = None, None
         x, grad = x_in.reshape(-1, x_in.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N × in), (N × out) rows
         rows = x.shape[0]
-        # the dense adapters' ΔW with an autograd graph through their parameters (for the vector-Jacobian product)
-        with torch.enable_grad():
-            deltas = {
-                i: op.delta_weight(cache=False)
-                for i, (op, _) in enumerate(terms)
-                if not flags[i] and has_trainable(op) and rows
-            }
+        if deltas is None:  # the dense adapters' ΔW with an autograd graph through their parameters (for the VJP)
+            deltas = _dense_deltas(terms, flags, rows)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            with torch.no_grad():  # W_eff exactly as the forward built it (same order and casts as _fold)
-                w = weight
-                for i, (op, scale) in enumerate(terms):
-                    delta = deltas[i].detach() if i in deltas else op.delta_weight(cache=False)
-                    w = w + (delta * scale).to(weight.dtype)
+            if w is None:
+                w = _fold_with(weight, terms, deltas)  # W_eff exactly as the forward built it
             grad_x = (grad @ w.to(grad.dtype)).to(x.dtype).view(x_in.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
@@ -167,9 +180,36 @@ class _HybridLinear(torch.autograd.Function):
                 if gx is None or gx.dtype != delta.dtype:
                     gx = grad.to(delta.dtype).T @ x.to(delta.dtype)
                 trainable = [p for p in op.parameters() if p.requires_grad]
-                found = iter(torch.autograd.grad(delta, trainable, gx * scale, allow_unused=True))
+                # retain_graph with keep: the held graph stays usable if the caller retains the outer graph (it is
+                # freed with ctx)
+                found = iter(torch.autograd.grad(delta, trainable, gx * scale, allow_unused=True, retain_graph=keep))
                 grads.extend(next(found) if p.requires_grad else None for p in op.parameters())
-        return (grad_x, None, grad_bias, None, None, *grads)
+        return (grad_x, None, grad_bias, None, None, None, *grads)
+
+
+def _dense_deltas(
+    terms: Sequence[tuple[nn.Module, float]], flags: Sequence[bool], rows: int
+) -> dict[int, torch.Tensor]:
+    """The ΔW of each trainable dense adapter (``flags[i]`` False), with an autograd graph through its parameters."""
+    with torch.enable_grad():
+        return {
+            i: op.delta_weight(cache=False)  # type: ignore[operator]  # nn.Module's __getattr__ hides the method
+            for i, (op, _) in enumerate(terms)
+            if not flags[i] and has_trainable(op) and rows
+        }
+
+
+def _fold_with(
+    weight: torch.Tensor, terms: Sequence[tuple[nn.Module, float]], deltas: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """W + Σ s·ΔW as :func:`_fold` builds it (same order and casts), reusing the ΔWs in ``deltas`` (detached)."""
+    with torch.no_grad():
+        w = weight
+        for i, (op, scale) in enumerate(terms):
+            # nn.Module's __getattr__ hides the method from mypy
+            delta = deltas[i].detach() if i in deltas else op.delta_weight(cache=False)  # type: ignore[operator]
+            w = w + (delta * scale).to(weight.dtype)
+    return w
 
 
 def clear_cache(owner: object) -> None:

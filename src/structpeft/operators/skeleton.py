@@ -45,8 +45,9 @@ class SkeletonOperator(DenseDeltaMixin, nn.Module):
     rows: torch.Tensor
     row_scale: torch.Tensor
     row_bias: torch.Tensor | None
-    # set by the PMSS layer (PmssConfig.fold_inference); read by the layer's inference fold
+    # set by the PMSS layer (PmssConfig.fold_inference / keep_folded_weight); read by the layer's folds
     fold_inference: bool
+    keep_folded_weight: bool
 
     def __init__(
         self,

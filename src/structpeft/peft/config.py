@@ -65,6 +65,7 @@ _RESUME_FREE_FIELDS = (
     "compute",
     "compute_tokens",
     "fold_inference",
+    "keep_folded_weight",
     "init_weights",
 )
 
@@ -123,7 +124,18 @@ FOLD_INFERENCE_HELP = (
 )
 
 
-def _check_compute(value: Any, tokens: Any = DEFAULT_COMPUTE_TOKENS, fold_inference: Any = False) -> None:
+KEEP_FOLDED_WEIGHT_HELP = (
+    "Training of layers with compute 'dense' / 'hybrid' (the fold W + alpha·ΔW in one matmul): True builds W + "
+    "alpha·ΔW (and, for 'dense', ΔW with its autograd graph) once per step, in the forward, and keeps it for the "
+    "backward: one (out × in) matrix per such layer held between forward and backward (Toeplitz / LDR 'dense': "
+    "their factor stacks too, about one more per factor), for one ΔW build less per step. False (default): only the "
+    "layer input is kept and the fold is built again in the backward. The results are the same bit for bit."
+)
+
+
+def _check_compute(
+    value: Any, tokens: Any = DEFAULT_COMPUTE_TOKENS, fold_inference: Any = False, keep_folded_weight: Any = False
+) -> None:
     from ..operators.dispatch import COMPUTE_MODES
 
     if value not in COMPUTE_MODES:
@@ -132,6 +144,8 @@ def _check_compute(value: Any, tokens: Any = DEFAULT_COMPUTE_TOKENS, fold_infere
         raise ConfigError(f"compute_tokens={tokens!r} is invalid: expected an integer >= 1 (batch × sequence length)")
     if not isinstance(fold_inference, bool):
         raise ConfigError(f"fold_inference={fold_inference!r} is invalid: expected True or False")
+    if not isinstance(keep_folded_weight, bool):
+        raise ConfigError(f"keep_folded_weight={keep_folded_weight!r} is invalid: expected True or False")
 
 
 class StructPeftConfigMixin(_MixinBase):
@@ -399,6 +413,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
     compute_tokens: int = field(default=DEFAULT_COMPUTE_TOKENS, metadata={"help": COMPUTE_TOKENS_HELP})
     fold_inference: bool = field(default=False, metadata={"help": FOLD_INFERENCE_HELP})
+    keep_folded_weight: bool = field(default=False, metadata={"help": KEEP_FOLDED_WEIGHT_HELP})
     placement: str = field(
         default="lora",
         metadata={
@@ -460,7 +475,7 @@ class SurmConfig(StructPeftConfigMixin, PeftConfig):
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights={self.init_weights!r} is invalid: expected True or False")
         self._check_placement()
-        _check_compute(self.compute, self.compute_tokens, self.fold_inference)
+        _check_compute(self.compute, self.compute_tokens, self.fold_inference, self.keep_folded_weight)
         used = SURM_STRUCTURE_FIELDS[self.structure]
         for name in STRUCTURE_OPTION_FIELDS:
             if getattr(self, name) is not None and name not in used:

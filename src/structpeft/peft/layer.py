@@ -16,7 +16,8 @@ Operators in ``compute_mode`` "dense" or "hybrid" (no dropout, float32 / float64
 the base matmul instead: forward(x) = x·(W + Σ_a s_a·ΔW_a)ᵀ + b, one matmul (see :mod:`structpeft.operators.fused`;
 "hybrid" takes the adapter parameters' gradients through the structure instead of through W + Σ_a s_a·ΔW_a);
 with the config's ``fold_inference=True`` the ``"fast"`` ones are too, in inference only (no autograd graph
-through the weights), where W + Σ s·ΔW is built once and cached.
+through the weights), where W + Σ s·ΔW is built once and cached. In training the fold is built again in the
+backward (only x kept), or, with the config's ``keep_folded_weight=True``, built once and held until the backward.
 
 Mixed-adapter batches (inference): ``forward(x, adapter_names=[...])``, one name per example along dim 0, gives
 each example the base output plus *its* adapter's output (``"__base__"``: none), as PEFT's LoRA layers do; the
@@ -413,8 +414,9 @@ class StructuredLayer(BaseTunerLayer):
 
     def _trains_refolding(self, terms: list[tuple[nn.Module, float]]) -> bool:
         """True if the folded ``terms`` train by :func:`hybrid_linear` (W_eff rebuilt in the backward, only x
-        kept): autograd recording through an adapter, the base weight frozen and no ``torch.compile`` tracing
-        (there, and for a trainable base weight, autograd through W + Σ s·ΔW gives the same gradients)."""
+        kept; or held, with ``keep_folded_weight``): autograd recording through an adapter, the base weight frozen
+        and no ``torch.compile`` tracing (there, and for a trainable base weight, autograd through W + Σ s·ΔW gives
+        the same gradients)."""
         weight = base_weight(self.get_base_layer())
         return not weight.requires_grad and not _compiling() and records_grad(weight, [op for op, _ in terms])
 
@@ -433,7 +435,9 @@ class StructuredLayer(BaseTunerLayer):
             base = self.get_base_layer()
             if self._trains_refolding(terms):
                 structured = [getattr(op, "compute_mode", "fast") == "hybrid" for op, _ in terms]
-                return hybrid_linear(x, weight_2d(base), base_bias(base), terms, structured)
+                # W_eff held for the backward only if every folded adapter's config asks (keep_folded_weight)
+                keep = all(getattr(op, "keep_folded_weight", False) for op, _ in terms)
+                return hybrid_linear(x, weight_2d(base), base_bias(base), terms, structured, keep=keep)
             return folded_linear(x, weight_2d(base), base_bias(base), terms, owner=self)
         result = self.base_layer(x, *args, **kwargs)
         base_out = result

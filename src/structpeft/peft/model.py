@@ -484,7 +484,10 @@ class SurmModel(StructuredTuner):
         # only a ΔW-placed operator folds into the base weight (an adapter block's act on the layer output)
         paths = auto_paths(cls, folds=role == "delta")
         return measure_compute(
-            base, lambda d: choose_compute(cls, *shape, options, device=d, tokens=tokens, paths=paths)
+            base,
+            lambda d: choose_compute(
+                cls, *shape, options, device=d, tokens=tokens, paths=paths, keep=config.keep_folded_weight
+            ),
         )
 
     @staticmethod

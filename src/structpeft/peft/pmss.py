@@ -41,6 +41,7 @@ from .config import (
     COMPUTE_HELP,
     COMPUTE_TOKENS_HELP,
     FOLD_INFERENCE_HELP,
+    KEEP_FOLDED_WEIGHT_HELP,
     MethodName,
     StructPeftConfigMixin,
     _check_compute,
@@ -91,6 +92,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
     compute: str = field(default="auto", metadata={"help": COMPUTE_HELP})
     compute_tokens: int = field(default=DEFAULT_COMPUTE_TOKENS, metadata={"help": COMPUTE_TOKENS_HELP})
     fold_inference: bool = field(default=False, metadata={"help": FOLD_INFERENCE_HELP})
+    keep_folded_weight: bool = field(default=False, metadata={"help": KEEP_FOLDED_WEIGHT_HELP})
     init_weights: bool | str = field(
         default=True,
         metadata={
@@ -143,7 +145,7 @@ class PmssConfig(StructPeftConfigMixin, PeftConfig):
                 )
         _check_number("alpha", self.alpha, low=-1e6, high=1e6)
         _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        _check_compute(self.compute, self.compute_tokens, self.fold_inference)
+        _check_compute(self.compute, self.compute_tokens, self.fold_inference, self.keep_folded_weight)
         if (self.k_in is None) != (self.k_out is None):
             raise ConfigError(f"k_in={self.k_in!r}, k_out={self.k_out!r}: give both or neither")
         for name in ("k_in", "k_out"):
@@ -246,6 +248,7 @@ class PmssLayer(StructuredLayer):
         op.reset_parameters(config.init_weights)
         op.compute_mode = self._recorded_compute(config).get("delta", "fast")
         op.fold_inference = config.fold_inference
+        op.keep_folded_weight = config.keep_folded_weight
         return op
 
     def unmerge(self) -> None:
@@ -421,4 +424,7 @@ class PmssModel(StructuredTuner):
 
         key = ("skeleton", out_features, in_features, k_in, k_out)
         tokens = config.compute_tokens
-        return measure_compute(base, lambda d: choose_compute_for(key, make, *shape, device=d, tokens=tokens))
+        keep = config.keep_folded_weight
+        return measure_compute(
+            base, lambda d: choose_compute_for(key, make, *shape, device=d, tokens=tokens, keep=keep)
+        )

@@ -30,6 +30,7 @@ class SurmLayer(StructuredLayer):
             operator = cast(StructuredOperator, op)  # build_surm_module builds structured operators
             operator.compute_mode = compute.get(role, "fast")
             operator.fold_inference = config.fold_inference
+            operator.keep_folded_weight = config.keep_folded_weight
         if any(p.is_meta for p in module.parameters()):  # PEFT's low_cpu_mem_usage: filled by the state dict load
             return module
         return module.to(base_weight(base).device)
