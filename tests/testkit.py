@@ -128,6 +128,24 @@ def adapted_bert48(
     return get_peft_model(base, cfg)
 
 
+def saved_non_parameter_tensors(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd keeps for the backward of ``model(x)``, other than the model's own
+    parameters and buffers (which cost no memory of their own); the backward runs outside the hooks, so what it
+    builds for a moment is not counted."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x).sum()
+    y.backward()
+    return shapes
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected|, in float64 on ``expected``'s device."""
     a, e = actual.detach().to(expected.device, torch.float64), expected.detach().to(torch.float64)

@@ -92,6 +92,15 @@ def pmss(targets: list[str], **kwargs: Any):
     return PmssConfig(target_modules=targets, init_weights=False, **kwargs)
 
 
+# every ΔW-placed method (the four SURM structures and PMSS) on the MLP's fc1 and fc2, as config factories
+MLP_DELTA_METHODS: dict[str, Callable[..., Any]] = {
+    "surm-circulant": lambda **kw: surm_lora("circulant", ["fc1", "fc2"], **kw),
+    "surm-toeplitz": lambda **kw: surm_lora("toeplitz", ["fc1", "fc2"], **kw),
+    "surm-kronecker": lambda **kw: surm_lora("kronecker", ["fc1", "fc2"], **kw),
+    "surm-ldr": lambda **kw: surm_lora("ldr", ["fc1", "fc2"], **kw),
+    "pmss": lambda **kw: pmss(["fc1", "fc2"], **kw),
+}
+
 ADAPTER_KINDS: dict[str, Callable[..., Any]] = {
     "surm-circulant": lambda targets, **kw: surm_lora("circulant", targets, **kw),
     "surm-kronecker": lambda targets, **kw: surm_lora("kronecker", targets, **kw),

@@ -10,20 +10,14 @@ import json
 
 import pytest
 import torch
-from eco_models import MLP, pmss, seeded, surm_adapter, surm_lora
+from eco_models import MLP, MLP_DELTA_METHODS, seeded, surm_adapter
 from peft import PeftModel, get_peft_model
 
 import structpeft.peft.layer as layer_module
 from structpeft import ConfigError, PmssConfig, SurmConfig
 from structpeft.operators import fused
 
-METHODS = {
-    "surm-circulant": lambda **kw: surm_lora("circulant", ["fc1", "fc2"], **kw),
-    "surm-toeplitz": lambda **kw: surm_lora("toeplitz", ["fc1", "fc2"], **kw),
-    "surm-kronecker": lambda **kw: surm_lora("kronecker", ["fc1", "fc2"], **kw),
-    "surm-ldr": lambda **kw: surm_lora("ldr", ["fc1", "fc2"], **kw),
-    "pmss": lambda **kw: pmss(["fc1", "fc2"], **kw),
-}
+METHODS = MLP_DELTA_METHODS
 ATOL = 1e-12  # float64: the fold changes only the order of the additions
 
 

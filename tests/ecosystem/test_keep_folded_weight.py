@@ -14,21 +14,16 @@ import math
 
 import pytest
 import torch
-from eco_models import MLP, pmss, seeded, surm_lora
+from eco_models import MLP, MLP_DELTA_METHODS, seeded
 from peft import PeftModel, get_peft_model
 
 import structpeft.peft.layer as layer_module
 from structpeft import ConfigError, PmssConfig, SurmConfig
 from structpeft.operators import dispatch
 from structpeft.operators.fused import hybrid_linear
+from testkit import saved_non_parameter_tensors
 
-METHODS = {
-    "surm-circulant": lambda **kw: surm_lora("circulant", ["fc1", "fc2"], **kw),
-    "surm-toeplitz": lambda **kw: surm_lora("toeplitz", ["fc1", "fc2"], **kw),
-    "surm-kronecker": lambda **kw: surm_lora("kronecker", ["fc1", "fc2"], **kw),
-    "surm-ldr": lambda **kw: surm_lora("ldr", ["fc1", "fc2"], **kw),
-    "pmss": lambda **kw: pmss(["fc1", "fc2"], **kw),
-}
+METHODS = MLP_DELTA_METHODS
 CASES = [(m, c) for m in METHODS for c in ("dense", "hybrid")]
 IDS = [f"{m}-{c}" for m, c in CASES]
 
@@ -80,22 +75,6 @@ def test_training_is_bit_for_bit_the_default(method, compute, keeps):
         assert torch.equal(g, expected[2][name]), name
 
 
-def _saved_sizes(model, x) -> list[tuple[int, ...]]:
-    """Shapes of the tensors autograd keeps for the backward of ``model(x)``, other than parameters and buffers."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    shapes: list[tuple[int, ...]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in own:
-            shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = model(x).sum()
-    y.backward()
-    return shapes
-
-
 @pytest.mark.parametrize("compute", ["dense", "hybrid"])
 @pytest.mark.parametrize("structure", ["circulant", "toeplitz"])
 def test_the_folded_weight_is_what_the_backward_holds_in_addition(structure, compute):
@@ -109,7 +88,7 @@ def test_the_folded_weight_is_what_the_backward_holds_in_addition(structure, com
         return get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 48)).double(), config)
 
     x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
-    default, kept = _saved_sizes(model(False), x), _saved_sizes(model(True), x)
+    default, kept = saved_non_parameter_tensors(model(False), x), saved_non_parameter_tensors(model(True), x)
     assert sum(math.prod(s) for s in default) <= x.numel(), default
     assert (48, 64) in kept, kept
     assert sum(math.prod(s) for s in kept) >= x.numel() + 48 * 64

@@ -16,27 +16,11 @@ from peft import get_peft_model
 from torch import nn
 
 from structpeft import PmssConfig, SurmConfig
+from testkit import saved_non_parameter_tensors
 
 FOLD_METHODS = ["circulant", "toeplitz", "kronecker", "ldr", "pmss"]
 # (method, compute) pairs that keep x only; the fast products of the FFT structures keep their spectra (not here)
 CASES = [(m, c) for m in FOLD_METHODS for c in ("dense", "hybrid")] + [("kronecker", "fast")]
-
-
-def _saved_non_parameter_tensors(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
-    """Shapes of the tensors autograd keeps for the backward of ``model(x)``, other than the model's own
-    parameters and buffers (which cost no memory of their own)."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    shapes: list[tuple[int, ...]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in own:
-            shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = model(x).sum()
-    y.backward()  # outside the hooks: what the backward builds for a moment is not kept
-    return shapes
 
 
 @pytest.mark.parametrize(("method", "compute"), CASES, ids=[f"{m}-{c}" for m, c in CASES])
@@ -48,7 +32,7 @@ def test_training_keeps_only_the_input_for_the_backward(method, compute):
     # the input requires grad, as a layer's input does behind trainable layers (a frozen matmul with such an input
     # keeps its weight operand)
     x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
-    saved = _saved_non_parameter_tensors(model, x)
+    saved = saved_non_parameter_tensors(model, x)
     assert saved, "the probe saw nothing: it cannot fail"
     assert sum(math.prod(s) for s in saved) <= x.numel(), saved  # x itself, and nothing else
 
