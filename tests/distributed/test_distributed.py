@@ -2,11 +2,12 @@
 
 One ``torchrun --standalone --nproc_per_node 2 dist_worker.py`` launch (module fixture) trains every case of
 ``dist_cases.CASES`` — SURM circulant / Kronecker (LoRA placement) on nn.Linear, a bottleneck SURM-Adapter, PMSS,
-SURM LDR on GPT-2's Conv1D — with DDP, with FSDP1 (``FullyShardedDataParallel``, one unit per block + root,
-``use_orig_params=True``: frozen base weights and trainable structured parameters in one flat parameter) and with
-FSDP2 (``fully_shard`` per block + root: frozen base weights and trainable structured parameters sharded side by
-side). Each test compares one (case, mode) with the single-process reference of ``dist_cases.reference_run``
-computed here.
+SURM LDR on GPT-2's Conv1D, and three with ``keep_folded_weight`` (W_eff held from the forward to the backward,
+across FSDP's reshard: Kronecker "hybrid", PMSS and LDR "dense") — with DDP, with FSDP1
+(``FullyShardedDataParallel``, one unit per block + root, ``use_orig_params=True``: frozen base weights and
+trainable structured parameters in one flat parameter) and with FSDP2 (``fully_shard`` per block + root: frozen base
+weights and trainable structured parameters sharded side by side). Each test compares one (case, mode) with the
+single-process reference of ``dist_cases.reference_run`` computed here.
 """
 
 from __future__ import annotations
