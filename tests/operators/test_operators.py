@@ -275,6 +275,21 @@ def test_circulant_real_dft_matrix_is_rfft(b):
     assert rel_err(x @ real_dft_matrix(b, torch.float64).T, want) <= 1e-13
 
 
+def test_circulant_real_dft_matrix_is_kept_and_usable_with_autograd():
+    """Built once per (b, dtype, device); a matrix first built under inference mode is a normal tensor, so a later
+    product with a tensor that requires grad can save it for the backward."""
+    from structpeft.operators.circulant import _DFT_MATRICES, real_dft_matrix
+
+    _DFT_MATRICES.pop((13, torch.float32, torch.device("cpu")), None)
+    with torch.inference_mode():
+        first = real_dft_matrix(13, torch.float32)
+    assert real_dft_matrix(13, torch.float32, "cpu") is first and not first.is_inference()
+    assert real_dft_matrix(13, torch.float64) is not first
+    x = randn(3, 13).float().requires_grad_(True)
+    (x @ first.T).sum().backward()
+    torch.testing.assert_close(x.grad, first.sum(0).expand(3, 13))
+
+
 @pytest.mark.parametrize("max_block", [0, 10_000], ids=["rfft", "dft-matmul"])
 @pytest.mark.parametrize("shape", [(24, 40), (97, 89), (384, 1536)], ids=shape_id)
 def test_circulant_param_grads_by_either_transform(monkeypatch, max_block, shape):

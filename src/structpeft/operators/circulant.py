@@ -114,12 +114,23 @@ DFT_MATMUL_MAX_BLOCK = 96
 def real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
     """The real DFT of length b as a (2f × b) matrix, f = b // 2 + 1, rows (frequency, re / im):
     (D x)[2k] = Σ_t x_t cos(2π k t / b), (D x)[2k + 1] = −Σ_t x_t sin(2π k t / b), i.e. rfft(x) interleaved.
-    Built in float64 (angles reduced mod b) and cast."""
-    f = b // 2 + 1
-    t = torch.arange(b, dtype=torch.float64, device=device)
-    k = torch.arange(f, dtype=torch.float64, device=device)
-    angle = (2 * torch.pi / b) * torch.remainder(k[:, None] * t[None, :], b)  # (f, b)
-    return torch.stack([torch.cos(angle), -torch.sin(angle)], dim=1).reshape(2 * f, b).to(dtype)
+    Built in float64 (angles reduced mod b) and cast; kept per (b, dtype, device), since every backward of a
+    circulant layer reads it (building it costs about ten small tensor operations). Do not modify the result."""
+    key = (b, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    dft = _DFT_MATRICES.get(key)
+    if dft is None:
+        with torch.inference_mode(False):  # a normal tensor even if first built under inference mode
+            f = b // 2 + 1
+            t = torch.arange(b, dtype=torch.float64, device=key[2])
+            k = torch.arange(f, dtype=torch.float64, device=key[2])
+            angle = (2 * torch.pi / b) * torch.remainder(k[:, None] * t[None, :], b)  # (f, b)
+            dft = torch.stack([torch.cos(angle), -torch.sin(angle)], dim=1).reshape(2 * f, b).to(dtype)
+        _DFT_MATRICES[key] = dft
+    return dft
+
+
+# real_dft_matrix's matrices: at most one per block size up to DFT_MATMUL_MAX_BLOCK, dtype and device (small)
+_DFT_MATRICES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
