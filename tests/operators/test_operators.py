@@ -278,9 +278,9 @@ def test_circulant_real_dft_matrix_is_rfft(b):
 def test_circulant_real_dft_matrix_is_kept_and_usable_with_autograd():
     """Built once per (b, dtype, device); a matrix first built under inference mode is a normal tensor, so a later
     product with a tensor that requires grad can save it for the backward."""
-    from structpeft.operators.circulant import _DFT_MATRICES, real_dft_matrix
+    from structpeft.operators.circulant import _real_dft_matrix, real_dft_matrix
 
-    _DFT_MATRICES.pop((13, torch.float32, torch.device("cpu")), None)
+    _real_dft_matrix.cache_clear()
     with torch.inference_mode():
         first = real_dft_matrix(13, torch.float32)
     assert real_dft_matrix(13, torch.float32, "cpu") is first and not first.is_inference()

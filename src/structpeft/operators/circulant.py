@@ -15,6 +15,7 @@ N(0, 1/in) entries. Only ``rfft`` / ``irfft`` are used: the data are real.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -116,21 +117,17 @@ def real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device | str | Non
     (D x)[2k] = Σ_t x_t cos(2π k t / b), (D x)[2k + 1] = −Σ_t x_t sin(2π k t / b), i.e. rfft(x) interleaved.
     Built in float64 (angles reduced mod b) and cast; kept per (b, dtype, device), since every backward of a
     circulant layer reads it (building it costs about ten small tensor operations). Do not modify the result."""
-    key = (b, dtype, torch.device(device) if device is not None else torch.device("cpu"))
-    dft = _DFT_MATRICES.get(key)
-    if dft is None:
-        with torch.inference_mode(False):  # a normal tensor even if first built under inference mode
-            f = b // 2 + 1
-            t = torch.arange(b, dtype=torch.float64, device=key[2])
-            k = torch.arange(f, dtype=torch.float64, device=key[2])
-            angle = (2 * torch.pi / b) * torch.remainder(k[:, None] * t[None, :], b)  # (f, b)
-            dft = torch.stack([torch.cos(angle), -torch.sin(angle)], dim=1).reshape(2 * f, b).to(dtype)
-        _DFT_MATRICES[key] = dft
-    return dft
+    return _real_dft_matrix(b, dtype, torch.device("cpu") if device is None else torch.device(device))
 
 
-# real_dft_matrix's matrices: at most one per block size up to DFT_MATMUL_MAX_BLOCK, dtype and device (small)
-_DFT_MATRICES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+@functools.cache  # at most one matrix per block size up to DFT_MATMUL_MAX_BLOCK, dtype and device (small)
+def _real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even if first built under inference mode
+        f = b // 2 + 1
+        t = torch.arange(b, dtype=torch.float64, device=device)
+        k = torch.arange(f, dtype=torch.float64, device=device)
+        angle = (2 * torch.pi / b) * torch.remainder(k[:, None] * t[None, :], b)  # (f, b)
+        return torch.stack([torch.cos(angle), -torch.sin(angle)], dim=1).reshape(2 * f, b).to(dtype)
 
 
 def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
