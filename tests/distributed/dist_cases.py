@@ -10,6 +10,7 @@ setup).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,21 +173,6 @@ CASES: list[DistCase] = [
         _mlp_loss,
         _mlp_blocks,
     ),
-    DistCase(  # keep_folded_weight: W + s·ΔW built in the forward and held for the backward, past FSDP's reshard
-        "mlp-kronecker-hybrid-keep",
-        _mlp,
-        "surm",
-        {
-            "structure": "kronecker",
-            "target_modules": MLP_TARGETS,
-            "init_weights": False,
-            "compute": "hybrid",
-            "keep_folded_weight": True,
-        },
-        _mlp_batch,
-        _mlp_loss,
-        _mlp_blocks,
-    ),
     DistCase(
         "mlp-adapter-bottleneck",
         _mlp,
@@ -213,22 +199,6 @@ CASES: list[DistCase] = [
         _mlp_loss,
         _mlp_blocks,
     ),
-    DistCase(  # the "dense" path with keep_folded_weight also holds ΔW's graph (the PMSS gather) for the backward
-        "mlp-pmss-dense-keep",
-        _mlp,
-        "pmss",
-        {
-            "target_modules": MLP_TARGETS,
-            "k_in": 3,
-            "k_out": 3,
-            "init_weights": False,
-            "compute": "dense",
-            "keep_folded_weight": True,
-        },
-        _mlp_batch,
-        _mlp_loss,
-        _mlp_blocks,
-    ),
     DistCase(
         "gpt2-ldr",
         _gpt2,
@@ -239,23 +209,20 @@ CASES: list[DistCase] = [
         _gpt2_blocks,
         task_type="CAUSAL_LM",
     ),
-    DistCase(
-        "gpt2-ldr-dense-keep",
-        _gpt2,
-        "surm",
-        {
-            "structure": "ldr",
-            "block_size": 8,
-            "target_modules": ["c_attn", "mlp.c_proj"],
-            "init_weights": False,
-            "compute": "dense",
-            "keep_folded_weight": True,
-        },
-        _lm_batch,
-        _lm_loss,
-        _gpt2_blocks,
-        task_type="CAUSAL_LM",
-    ),
+]
+# keep_folded_weight: W + s·ΔW built in the forward and held for the backward, across FSDP's reshard; on "dense" it
+# also holds ΔW's graph (the PMSS gather, the LDR factor products). Each is its twin above on one folded path.
+_KEEP_TWINS = [
+    ("mlp-kronecker-hybrid", "hybrid", "mlp-kronecker-hybrid-keep"),
+    ("mlp-pmss", "dense", "mlp-pmss-dense-keep"),
+    ("gpt2-ldr", "dense", "gpt2-ldr-dense-keep"),
+]
+_TWINS = {c.id: c for c in CASES}  # a renamed twin fails here (KeyError) rather than dropping its keep case
+CASES += [
+    dataclasses.replace(
+        _TWINS[twin], id=keep_id, options={**_TWINS[twin].options, "compute": compute, "keep_folded_weight": True}
+    )
+    for twin, compute, keep_id in _KEEP_TWINS
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 
