@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -214,6 +215,20 @@ def test_a_partial_sweep_keeps_the_other_recorded_runs_in_the_reports(quick_swee
     # a sweep of one method that comes later in the method list still reports in the method list's order
     later = A.plan(["bbc"], [0], ["surm-circulant-lora2"], quick=True)
     assert [r.id for r in A.report_runs(later, root, quick=True)] == sorted(before, key=full.index)
+
+
+def test_the_reproduce_command_keeps_the_run_and_report_folders():
+    """A report that covers more than the invocation's plan names the full sweep's command, into the same folders
+    (a bare ``--suite all`` would write the default report instead); otherwise the invocation's own arguments."""
+    given = ["--tasks", "gsm", "--runs-dir", "runs/v2", "--out", "docs/v2", "--report-only", "--no-progress"]
+    runs, out = Path("runs/v2"), Path("docs/v2")
+    assert A.reproduce_command(given, runs, out, whole_plan=True) == (
+        "structpeft bench accuracy --suite all --runs-dir runs/v2 --out docs/v2"
+    )
+    assert A.reproduce_command(given, None, None, whole_plan=True) == "structpeft bench accuracy --suite all"
+    assert A.reproduce_command(given, runs, out, whole_plan=False) == (
+        "structpeft bench accuracy --tasks gsm --runs-dir runs/v2 --out docs/v2"
+    )
 
 
 def test_bench_accuracy_cli_errors(tmp_path, capsys):

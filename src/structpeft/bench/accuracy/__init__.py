@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ __all__ = [
     "parser",
     "plan",
     "plots",
+    "reproduce_command",
     "pooled_forgetting_std",
     "report_runs",
     "restore_from_report",
@@ -145,6 +147,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def reproduce_command(given: Sequence[str], runs_dir: Path | None, out: Path | None, whole_plan: bool) -> str:
+    """The command a report names as the one that (re)produces its runs: this invocation's arguments ``given``
+    without the report-only / display flags; for a report that also covers runs outside this invocation's plan
+    (``whole_plan``), the full sweep's command, writing to the same run and report folders as this one."""
+    if not whole_plan:
+        return "structpeft bench accuracy " + " ".join(a for a in given if a not in ("--report-only", "--no-progress"))
+    folders = [(flag, path) for flag, path in (("--runs-dir", runs_dir), ("--out", out)) if path is not None]
+    return " ".join(["structpeft bench accuracy --suite all", *(f"{flag} {path}" for flag, path in folders)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.worker is not None:
@@ -160,14 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             print(r.id, " ".join(r.method.args))
         return 0
     given = argv if argv is not None else sys.argv[1:]
-    # the command that (re)produces the runs: without the report-only / display flags
-    command = "structpeft bench accuracy " + " ".join(a for a in given if a not in ("--report-only", "--no-progress"))
     failed: dict[str, Any] = {}
     # the reports cover this plan and every other run the existing report records (never dropped by a partial
     # sweep); reproduced then by the full sweep's command
     covered = report_runs(runs, out, quick=args.quick)
-    if len(covered) > len(runs) and not args.quick:
-        command = "structpeft bench accuracy --suite all"
+    whole_plan = len(covered) > len(runs) and not args.quick
+    command = reproduce_command(given, args.runs_dir, args.out, whole_plan)
     restored = restore_from_report(runs_root, covered, out)
     if restored:
         print(f"{restored} finished runs restored from {out / 'runs.json'}")
