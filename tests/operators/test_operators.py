@@ -216,6 +216,51 @@ def test_gradgradcheck(case, shape):
     assert torch.autograd.gradgradcheck(lambda x, *p: f(p, x), (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages that autograd saves for the backward while ``fn()`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shape", [(97, 89), (24, 40)], ids=shape_id)
+def test_large_fast_intermediates_are_recomputed_not_saved(case, shape):
+    """Where the fast product's intermediates exceed in + out values per row, training keeps only its input and
+    parameters for the backward (torch.utils.checkpoint) and recomputes the rest; outputs and gradients equal the
+    saving path's bit for bit; ``recompute_fast`` forces either way; no checkpoint without autograd."""
+    out_features, in_features = shape
+    op = case.make(out_features, in_features)
+    x = randn(64, in_features).requires_grad_(True)
+    g = randn(64, out_features, seed=2)
+    inputs_bytes = 8 * (x.numel() + sum(p.numel() for p in op.parameters()))
+    assert op._recomputes() == (op.fast_intermediates() > in_features + out_features)
+    results = {}
+    for forced in (False, True):
+        op.recompute_fast = forced
+        y = op(x)
+        results[forced] = (y.detach(), *torch.autograd.grad(y, (x, *op.parameters()), g))
+        saved = _saved_bytes(lambda: op(x))
+        if forced:
+            assert saved == inputs_bytes  # x and the parameters alone
+        else:  # the formula is a lower bound on what the saving path holds
+            assert saved >= 8 * 64 * op.fast_intermediates()
+    for a, b in zip(results[False], results[True], strict=True):
+        assert torch.equal(a, b)
+    op.recompute_fast = None
+    expected = inputs_bytes if op._recomputes() else _saved_bytes(lambda: op.fast_forward(x))
+    assert _saved_bytes(lambda: op(x)) == expected
+    if case.structure.name == "toeplitz" and shape == (97, 89) and case.options.get("num_factors", 2) > 1:
+        assert op._recomputes()  # the case the rule is for: several factors on a block grid (or one big block)
+    with torch.no_grad():
+        assert torch.equal(op(x), results[False][0])
+
+
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
 def test_dense_gradcheck(case, shape):
     """The materialised ΔW (the fold's path) has correct first and second derivatives in its parameters."""

@@ -10,7 +10,9 @@ shift — can be written (Pan) as
 skew(h)·x is a negacyclic convolution: the linear convolution h * x (a circular one of length 2b, one real FFT)
 folded as y[a] = (h*x)[a] − (h*x)[a + b]; circ(c)·z is a cyclic convolution (real FFT of length b). All r terms
 and all grid blocks go through the same batched FFT calls: one rfft(2b) of the input, one batched irfft(2b),
-one batched rfft(b), a sum over r and input blocks in the frequency domain, one irfft(b).
+one batched rfft(b), a sum over r and input blocks in the frequency domain, one irfft(b). Intermediates: r·q·p·2b
+values per row, recomputed in the backward rather than saved where that exceeds in + out
+(:mod:`structpeft.operators.base`).
 Shapes: ``circ`` and ``skew`` (r, q, p, b). Parameters: 2·r·q·p·b (single default block: 2·r·max(out, in)).
 Init (``init=True``, the paper's): circ = 0, skew ~ N(0, 0.02²) → ΔW = 0, circ receives gradient.
 """
@@ -94,6 +96,11 @@ class LDROperator(BlockGridOperator):
         cf = self.cached(f"circ-spectrum-{dtype}", lambda: torch.fft.rfft(self.circ.to(dtype), dim=-1))
         yf = (torch.fft.rfft(z, dim=-1) * cf).sum(dim=(-4, -2))  # sum over r and input blocks -> (..., q, f)
         return self._merge_output(torch.fft.irfft(yf, n=b, dim=-1))
+
+    def fast_intermediates(self) -> int:
+        """The (r, q, p, 2b) convolutions per row and their spectra."""
+        q, p = self.grid
+        return self.displacement_rank * q * p * 2 * self.block_size
 
     def to_dense(self) -> torch.Tensor:
         dtype = compute_dtype(self.circ.dtype)  # products of half-precision factors lose accuracy

@@ -10,7 +10,8 @@ The SURM paper's Toeplitz variant is F = 2 with symmetric factors T(b, b)·T(a, 
 column free) factors, a superset. ``T(v) x`` is the slice [b−1, 2b−1) of the linear convolution v * x, computed
 as a circular convolution of length 2b (no aliasing since len(v * x) = 3b − 2 ≤ 2b + b − 1).
 Shapes: ``weight`` (F, q, p, 2b − 1). Parameters: F·q·p·(2b − 1) (single default block: F·(2·max(out, in) − 1)).
-Cost per token: O(F·q·p·b log b) FFT work, intermediates of q·p·2b values per factor.
+Cost per token: O(F·q·p·b log b) FFT work, intermediates of q·p·2b values per factor (F > 1: recomputed in the
+backward rather than saved where that exceeds in + out, see :mod:`structpeft.operators.base`).
 Init (``init=True``, the paper's): factor 0 ~ N(0, 0.02²), middle factors the identity, last factor 0, so
 ΔW = 0 with a non-zero gradient for the last factor. ``init=False``: every factor N(0, 1/b).
 """
@@ -101,6 +102,11 @@ class ToeplitzOperator(BlockGridOperator):
             yf = h.sum(dim=-2)  # the sum over input blocks commutes with the inverse FFT
         y = torch.fft.irfft(yf, n=n_fft, dim=-1)[..., b - 1 : 2 * b - 1]  # (..., q, b)
         return self._merge_output(y)
+
+    def fast_intermediates(self) -> int:
+        """Several factors: each chains through (q, p, 2b) values per row (spectra and the cropped products)."""
+        q, p = self.grid
+        return 0 if self.num_factors == 1 else q * p * 2 * self.block_size
 
     def factors_dense(self) -> torch.Tensor:
         """The dense Toeplitz factors, shape (F, q, p, b, b)."""
