@@ -147,3 +147,24 @@ def test_each_further_accuracy_sweep_gets_its_own_section(repo):
     assert "62.00 ± 0.71" in main and "62.00 ± 0.71" not in rest
     assert "71.00 ± 1.41" in rest and "6 of 6 planned runs are in" in rest
     assert "docs/bench/accuracy-rerun/accuracy_vs_params_snli.png" in rest
+
+
+def test_the_gpus_results_get_their_own_section_with_device_tests_and_plots(repo):
+    cuda = repo / "docs" / "bench" / "cuda"
+    assert R.main(["--root", str(repo)]) == 0
+    assert "On a GPU" not in (repo / "README.md").read_text()  # nothing measured on a GPU: no section
+    cuda.mkdir(parents=True)
+    (cuda / "speed.md").write_text("| method | train ms |\n|---|---|\n| base | 8.6 |\n")
+    (cuda / "speed.json").write_text(json.dumps({"setting": {"model": "minilm", "device": "cuda"}}))
+    (cuda / "speed.png").write_bytes(b"png")
+    (cuda / "speed-smollm2.md").write_text("| method | train ms |\n|---|---|\n| base | 113.2 |\n")
+    (cuda / "gpu.txt").write_text("name, driver_version\nNVIDIA H200, 580.159.04\n")
+    (cuda / "cuda-tests.txt").write_text("$ python3 -m pytest -q -m cuda tests/cuda\n.....\n106 passed in 16.99s\n")
+    assert R.main(["--root", str(repo)]) == 0
+    section = (repo / "README.md").read_text().split(R.BEGIN)[1].split(R.END)[0]
+    gpu = section.split("### On a GPU (CUDA, measured)")[1]
+    assert "`NVIDIA H200, 580.159.04`" in gpu and "`python3 -m pytest -q -m cuda tests/cuda`: **106 passed" in gpu
+    minilm, smol = gpu.split("#### Speed on the GPU, minilm")[1].split("#### Speed on the GPU, smollm2")
+    assert "| base | 8.6 |" in minilm and "![speed](docs/bench/cuda/speed.png)" in minilm
+    assert "| base | 113.2 |" in smol and "![speed-smollm2]" not in smol
+    assert "| base | 8.6 |" not in section.split("### On a GPU")[0]  # the CPU sections do not pick up the GPU's

@@ -10,6 +10,8 @@
 * the matrix-approximation experiment (``docs/bench/approx.md`` / ``approx.png``, ``structpeft bench approx``);
 * the speed table (``docs/bench/speed.md``, ``structpeft bench speed``) and one more per other model measured
   (``docs/bench/speed-<model>.md``, ``structpeft bench speed --model <model>``);
+* the GPU's: ``docs/bench/cuda/`` (``bash scripts/gpu_check.sh`` on a CUDA machine, its ``bench/`` folder copied
+  there): the device line (``gpu.txt``), the CUDA tests' result line (``cuda-tests.txt``) and its speed tables;
 * sentences on where structured adapters win and where they do not, computed from those numbers.
 
 ``--check`` exits 1 if the README is not up to date with the files (for CI or a pre-commit hook).
@@ -132,13 +134,38 @@ def _speed_header(speed: dict[str, Any]) -> list[str]:
     return [line]
 
 
-def _speed_table(md: Path) -> list[str]:
-    """One ``structpeft bench speed`` output: its setting line (from the .json beside it), table and plot."""
+def _speed_table(md: Path, rel: str = "docs/bench") -> list[str]:
+    """One ``structpeft bench speed`` output: its setting line (from the .json beside it), table and plot
+    (``rel``: the folder of ``md`` as the README links it)."""
     lines = _speed_header(json.loads(_read(md.with_suffix(".json")) or "{}"))
     lines += ["", md.read_text().strip(), ""]
     if md.with_suffix(".png").is_file():
-        lines += [f"![{md.stem}](docs/bench/{md.stem}.png)", ""]
+        lines += [f"![{md.stem}]({rel}/{md.stem}.png)", ""]
     return lines
+
+
+def _cuda_section(folder: Path) -> list[str]:
+    """The GPU's results (``bash scripts/gpu_check.sh``, copied to ``docs/bench/cuda``): device, tests, speed."""
+    tables = sorted(folder.glob("speed*.md"), key=lambda md: (md.stem != "speed", md.stem))  # MiniLM first
+    if not tables:
+        return []
+    parts = ["### On a GPU (CUDA, measured)", ""]
+    parts.append(
+        "Written by `bash scripts/gpu_check.sh` on a CUDA machine (its `bench/` output copied to `docs/bench/cuda/`; "
+        "the commands below name the machine's output folder)."
+    )
+    # nvidia-smi's CSV header ("name, driver_version, ...") left out
+    gpu = [ln.strip() for ln in (_read(folder / "gpu.txt") or "").splitlines() if ln.strip() and ln[:5] != "name,"]
+    if gpu:
+        parts[-1] += " Device and versions: " + "; ".join(f"`{ln}`" for ln in gpu) + "."
+    tests = [ln.strip() for ln in (_read(folder / "cuda-tests.txt") or "").splitlines() if ln.strip()]
+    if tests:
+        parts[-1] += f" `{tests[0].lstrip('$ ')}`: **{tests[-1]}**."
+    parts.append("")
+    for md in tables:
+        name = md.stem.removeprefix("speed").removeprefix("-") or "minilm"
+        parts += [f"#### Speed on the GPU, {name}", ""] + _speed_table(md, "docs/bench/cuda")
+    return parts
 
 
 def _accuracy_section(folder: Path, title: str) -> list[str] | None:
@@ -206,6 +233,7 @@ def render(root: Path) -> str:
         parts += ["### Speed (measured)", "", "Not run yet: `structpeft bench speed --out docs/bench`.", ""]
     for md in sorted(docs.glob("speed-*.md")):  # other models: structpeft bench speed --model NAME --out docs/bench
         parts += [f"### Speed, {md.stem.removeprefix('speed-')} (measured)", ""] + _speed_table(md)
+    parts += _cuda_section(docs / "cuda")
     return "\n".join(parts).rstrip() + "\n"
 
 
