@@ -7,7 +7,8 @@ input embeddings are made trainable so that its backward runs through every laye
 tensors are saved on the GPU, where they are most of the difference in peak memory between methods.
 
     python scripts/saved_for_backward.py toeplitz:fast ldr:fast circulant:fast pmss:fast
-    python scripts/saved_for_backward.py --no-recompute toeplitz:fast ldr:fast   # intermediates saved, not recomputed
+    python scripts/saved_for_backward.py --recompute off toeplitz:fast ldr:fast   # intermediates saved, not recomputed
+    python scripts/saved_for_backward.py --recompute on circulant:fast            # circulant's spectra recomputed too
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ def main() -> None:
     )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--no-recompute", action="store_true", help="set recompute_fast=False on every operator")
+    p.add_argument(
+        "--recompute",
+        choices=("rule", "on", "off"),
+        default="rule",
+        help="recompute_fast of every operator: the rule (default), True or False",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     base = build_base("minilm")
@@ -72,8 +78,8 @@ def main() -> None:
     for name, cfg in rows.items():
         model = get_peft_model(copy.deepcopy(base), cfg)
         for m in model.modules():
-            if args.no_recompute and isinstance(m, StructuredOperator):
-                m.recompute_fast = False
+            if isinstance(m, StructuredOperator):
+                m.recompute_fast = {"rule": None, "on": True, "off": False}[args.recompute]
         mb = saved_mb(model, ids)
         print(f"{name:24s} {mb:8.1f} MB  (+{mb - reference:.1f} over the frozen model)")
 
