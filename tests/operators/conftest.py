@@ -169,6 +169,34 @@ def circulant_check(op: StructuredOperator, dense: np.ndarray) -> int:
     return check_constant_classes(dense, op.options["block_size"], cyclic=True)
 
 
+def circulant_extra_check(op: StructuredOperator) -> None:
+    """The training product (its own backward) keeps x and the weight alone, and its gradients (and their own
+    gradients) are autograd's through rfft · einsum · irfft, to float64 rounding."""
+    from structpeft.operators.circulant import _product
+
+    x = torch.randn(6, op.in_features, dtype=op.weight.dtype, requires_grad=True)
+    g = torch.randn(6, op.out_features, dtype=op.weight.dtype)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = op(x)
+    assert sum(seen.values()) == 8 * (x.numel() + op.weight.numel())
+    wf = torch.fft.rfft(op.weight, dim=-1)
+    reference = _product(x, wf, op.grid, op.block_size, op.out_features)  # autograd through the FFTs
+    assert torch.equal(y, reference)
+    got = torch.autograd.grad(y, (x, op.weight), g, create_graph=True)
+    expected = torch.autograd.grad(reference, (x, op.weight), g, create_graph=True)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # second derivatives: of Σ ∂x² (a gradient penalty) with respect to the weight
+    second = [torch.autograd.grad(d[0].pow(2).sum(), op.weight)[0] for d in (got, expected)]
+    torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-12)
+
+
 def circulant_param_shapes(out_features: int, in_features: int, options: dict) -> dict[str, tuple]:
     b = options["block_size"]
     return {"weight": (*grid(out_features, in_features, b), b)}
@@ -397,6 +425,7 @@ STRUCTURES: dict[str, Structure] = {
             expected_param_shapes=circulant_param_shapes,
             expected_options=circulant_expected_options,
             bad_options=BLOCK_SIZE_BAD,
+            extra_check=circulant_extra_check,
         ),
         Structure(
             name="toeplitz",

@@ -177,12 +177,22 @@ def test_delta_weight_is_cached_only_outside_autograd():
 
 
 @pytest.mark.parametrize(
-    ("method", "compute"), [("circulant", "dense"), ("circulant", "hybrid"), ("pmss", "dense"), ("pmss", "fast")]
+    ("method", "compute"),
+    [
+        ("circulant", "dense"),
+        ("circulant", "hybrid"),
+        ("circulant", "fast"),
+        ("toeplitz", "fast"),
+        ("ldr", "fast"),
+        ("pmss", "dense"),
+        ("pmss", "fast"),
+    ],
 )
 def test_compiled_model_matches_eager_without_graph_breaks(method, compute):
     """torch.compile (aot_eager backend: no C++ build, cheap) with fullgraph=True: the adapter path traces
-    without graph breaks (PMSS "fast": through its fused autograd function), and the compiled forward and
-    gradients equal the eager ones."""
+    without graph breaks (PMSS and circulant "fast": through their own autograd functions; Toeplitz and LDR "fast"
+    on this 3 × 3 grid: through torch.utils.checkpoint), and the compiled forward and gradients equal the eager
+    ones."""
     torch._dynamo.reset()
     model = adapted(method, compute)
     x = torch.randn(4, 6, 48)
@@ -191,9 +201,9 @@ def test_compiled_model_matches_eager_without_graph_breaks(method, compute):
     y = compiled(x)
     ref = layer(x)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
-    (g,) = torch.autograd.grad(y.sum(), [p for p in layer.parameters() if p.requires_grad])
-    (g_ref,) = torch.autograd.grad(ref.sum(), [p for p in layer.parameters() if p.requires_grad])
-    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    params = [p for p in layer.parameters() if p.requires_grad]  # LDR has two
+    for g, g_ref in zip(torch.autograd.grad(y.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -183,6 +183,9 @@ class DenseDeltaMixin:
     parameters cannot change.
     """
 
+    #: True while a checkpointed fast product runs (:meth:`StructuredOperator.forward`): :meth:`cached` builds
+    _uncached: bool = False
+
     if TYPE_CHECKING:  # provided by nn.Module and by the concrete operator
 
         def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
@@ -222,7 +225,7 @@ class DenseDeltaMixin:
         """
         params = list(self.parameters())
         recording = torch.is_grad_enabled() and has_trainable(self)  # type: ignore[arg-type]  # a Module mixin
-        if recording or _compiling() or getattr(self, "_uncached", False):
+        if recording or _compiling() or self._uncached:
             return build()
         return memoised(_CACHES.setdefault(self, {}), name, params, build)
 

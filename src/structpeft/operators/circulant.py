@@ -10,7 +10,8 @@ Shapes: ``weight`` (q, p, b). Parameters: q·p·b = ceil(out/b)·ceil(in/b)·b (
 single block b = max(out, in), exactly max(out, in)). Cost per token: p real FFTs of length b, q·p·(b/2+1)
 complex multiply-adds, q inverse FFTs: O((p + q)·b log b + q·p·b) instead of out·in.
 Init: ``weight = 0`` (ΔW = 0; ΔW is linear in the weight, so gradients are not zero). ``init=False``:
-N(0, 1/in) entries. Only ``rfft`` / ``irfft`` are used: the data are real.
+N(0, 1/in) entries. Only ``rfft`` / ``irfft`` are used: the data are real. In training the product has a backward
+of its own that keeps x and the weight alone (no N × p × f spectrum per layer; ``_CirculantProduct``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from .base import (
     BlockGridOperator,
+    _split_blocks,
     circulant_dense,
     compute_dtype,
     grid_shape,
@@ -68,16 +70,12 @@ class CirculantOperator(BlockGridOperator):
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # training: the same product, keeping x and the weight alone for the backward (_CirculantProduct)
+            return _CirculantProduct.apply(x, self.weight, self.grid, self.out_features)
         dtype = compute_dtype(x.dtype, self.weight.dtype)
-        b = self.block_size
-        xf = torch.fft.rfft(self._split_input(x.to(dtype)), dim=-1)  # (..., p, f)
         wf = self.cached(f"spectrum-{dtype}", lambda: torch.fft.rfft(self.weight.to(dtype), dim=-1))  # (q, p, f)
-        if self.grid == (1, 1):
-            yf = xf * wf[0]  # (..., 1, f)
-        else:
-            yf = torch.einsum("...pf,qpf->...qf", xf, wf)
-        y = torch.fft.irfft(yf, n=b, dim=-1)  # (..., q, b)
-        return self._merge_output(y)
+        return _product(x, wf, self.grid, self.block_size, self.out_features)
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """∂weight[i, j] = Σ_n corr(g_n,i, x_n,j): the circular cross-correlation of output block i's gradient with
@@ -91,16 +89,8 @@ class CirculantOperator(BlockGridOperator):
         if not self.weight.requires_grad:
             return (None,)
         dtype = compute_dtype(x.dtype, g.dtype, self.weight.dtype)
-        b = self.block_size
         with torch.autocast(self._device_type(), enabled=False):
-            xs, gs = self._split_input(x.to(dtype)), self._split_output(g.to(dtype))  # (N, p, b), (N, q, b)
-            if b <= DFT_MATMUL_MAX_BLOCK:
-                spectrum = _cross_spectrum_by_matmul(gs, xs)
-            else:
-                xf = torch.fft.rfft(xs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, p)
-                gf = torch.fft.rfft(gs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, q)
-                spectrum = torch.bmm(gf.mH, xf).conj()  # (f, q, p): Σ_n G_n,q · conj(X_n,p) = conj(Gᴴ X)
-            grad = torch.fft.irfft(spectrum.permute(1, 2, 0), n=b, dim=-1)  # (q, p, b)
+            grad = _weight_grad(x.to(dtype), g.to(dtype), self.grid, self.block_size)
         return (grad.to(self.weight.dtype),)
 
     def to_dense(self) -> torch.Tensor:
@@ -143,3 +133,65 @@ def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor) -> torch.Tenso
     real = torch.bmm(gd.reshape(f, 2 * n, q).mT, xd.reshape(f, 2 * n, p))
     imag = torch.bmm(gd[:, 1].mT, xd[:, 0]) - torch.bmm(gd[:, 0].mT, xd[:, 1])
     return torch.complex(real, imag)
+
+
+def _product(x: torch.Tensor, wf: torch.Tensor, grid: tuple[int, int], b: int, out_features: int) -> torch.Tensor:
+    """x (..., in) times ΔWᵀ from the weight spectrum wf (q, p, f), in wf's (compute) dtype: (..., out)."""
+    xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), dim=-1)  # (..., p, f)
+    yf = xf * wf[0] if grid == (1, 1) else torch.einsum("...pf,qpf->...qf", xf, wf)  # (..., q, f)
+    y = torch.fft.irfft(yf, n=b, dim=-1)  # (..., q, b)
+    return y.reshape(*y.shape[:-2], grid[0] * b)[..., :out_features]
+
+
+def _weight_grad(x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int) -> torch.Tensor:
+    """∂weight (q, p, b) of Σ g·(x ΔWᵀ) for rows x (..., in), g (..., out) of one dtype (see ``param_grads``)."""
+    xs = _split_blocks(x.reshape(-1, x.shape[-1]), grid[1], b)  # (N, p, b)
+    gs = _split_blocks(g.reshape(-1, g.shape[-1]), grid[0], b)  # (N, q, b)
+    if b <= DFT_MATMUL_MAX_BLOCK:
+        spectrum = _cross_spectrum_by_matmul(gs, xs)
+    else:
+        xf = torch.fft.rfft(xs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, p)
+        gf = torch.fft.rfft(gs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, q)
+        spectrum = torch.bmm(gf.mH, xf).conj()  # (f, q, p): Σ_n G_n,q · conj(X_n,p) = conj(Gᴴ X)
+    return torch.fft.irfft(spectrum.permute(1, 2, 0), n=b, dim=-1)  # (q, p, b)
+
+
+class _CirculantProduct(torch.autograd.Function):
+    """The training product y = x ΔWᵀ keeping only x and the weight for the backward.
+
+    Autograd through rfft · einsum · irfft keeps the input's spectrum X (N × p × f complex, as large as x) per
+    layer. Here the backward takes it again from x: with G the spectra of the output gradient's blocks and
+    C the weight spectrum (q, p, f),
+
+        ∂X_j = irfft(Σ_i conj(C_ij) · G_i)   (circ(c)ᵀ is the circulant with spectrum conj(rfft(c))),
+        ∂c_ij = irfft(Σ_n G_n,i · conj(X_n,j))   (``param_grads``: the cross-spectrum, by DFT matmuls for b <= 96),
+
+    in the compute dtype with autocast off. The backward is made of differentiable operations on the saved x and
+    weight, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, grid, out_features):
+        ctx.save_for_backward(x, weight)
+        ctx.grid, ctx.out_features = grid, out_features
+        dtype = compute_dtype(x.dtype, weight.dtype)
+        return _product(x, torch.fft.rfft(weight.to(dtype), dim=-1), grid, weight.shape[-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grid, b = ctx.grid, weight.shape[-1]
+        dtype = compute_dtype(x.dtype, grad.dtype, weight.dtype)
+        grad_x = grad_weight = None
+        device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            g = grad.to(dtype)
+            if ctx.needs_input_grad[0]:
+                gf = torch.fft.rfft(_split_blocks(g, grid[0], b), dim=-1)  # (..., q, f)
+                wf = torch.fft.rfft(weight.to(dtype), dim=-1).conj()  # (q, p, f)
+                xf = gf * wf[0] if grid == (1, 1) else torch.einsum("...qf,qpf->...pf", gf, wf)
+                gx = torch.fft.irfft(xf, n=b, dim=-1)  # (..., p, b)
+                grad_x = gx.reshape(*gx.shape[:-2], grid[1] * b)[..., : x.shape[-1]].to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = _weight_grad(x.to(dtype), g, grid, b).to(weight.dtype)
+        return grad_x, grad_weight, None, None
