@@ -107,7 +107,10 @@ def real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device | str | Non
     (D x)[2k] = Σ_t x_t cos(2π k t / b), (D x)[2k + 1] = −Σ_t x_t sin(2π k t / b), i.e. rfft(x) interleaved.
     Built in float64 (angles reduced mod b) and cast; kept per (b, dtype, device), since every backward of a
     circulant layer reads it (building it costs about ten small tensor operations). Do not modify the result."""
-    return _real_dft_matrix(b, dtype, torch.device("cpu") if device is None else torch.device(device))
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():  # traced into the graph (a constant there); dynamo would skip the cache anyway
+        return _real_dft_matrix.__wrapped__(b, dtype, device)
+    return _real_dft_matrix(b, dtype, device)
 
 
 @functools.cache  # at most one matrix per block size up to DFT_MATMUL_MAX_BLOCK, dtype and device (small)
