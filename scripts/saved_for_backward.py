@@ -75,11 +75,12 @@ def main() -> None:
     print(f"{'frozen model':24s} {reference:8.1f} MB")
     rows = {"lora-r8": peft.LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS)}
     rows.update({spec: config(spec) for spec in args.methods})
+    recompute = {"rule": None, "on": True, "off": False}[args.recompute]
     for name, cfg in rows.items():
         model = get_peft_model(copy.deepcopy(base), cfg)
         for m in model.modules():
             if isinstance(m, StructuredOperator):
-                m.recompute_fast = {"rule": None, "on": True, "off": False}[args.recompute]
+                m.recompute_fast = recompute
         mb = saved_mb(model, ids)
         print(f"{name:24s} {mb:8.1f} MB  (+{mb - reference:.1f} over the frozen model)")
 

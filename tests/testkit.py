@@ -146,6 +146,20 @@ def saved_non_parameter_tensors(model: nn.Module, x: torch.Tensor) -> list[tuple
     return shapes
 
 
+def saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages that autograd keeps for the backward while ``fn()`` runs, parameters
+    included (unlike :func:`saved_non_parameter_tensors`, which lists a model's other saved tensors by shape)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected|, in float64 on ``expected``'s device."""
     a, e = actual.detach().to(expected.device, torch.float64), expected.detach().to(torch.float64)

@@ -16,7 +16,7 @@ import torch
 from structpeft.errors import ConfigError, ShapeError, UnknownStructureError
 from structpeft.operators import OPERATORS, StructuredOperator, get_operator_class
 from structpeft.operators.base import BlockGridOperator
-from testkit import rel_err
+from testkit import rel_err, saved_bytes
 
 EXPECTED_STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 
@@ -216,19 +216,6 @@ def test_gradgradcheck(case, shape):
     assert torch.autograd.gradgradcheck(lambda x, *p: f(p, x), (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages that autograd saves for the backward while ``fn()`` runs."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("shape", [(97, 89), (24, 40)], ids=shape_id)
 def test_large_fast_intermediates_are_recomputed_not_saved(case, shape):
     """Where the fast product's intermediates exceed in + out values per row, training keeps only its input and
@@ -245,7 +232,7 @@ def test_large_fast_intermediates_are_recomputed_not_saved(case, shape):
         op.recompute_fast = forced
         y = op(x)
         results[forced] = (y.detach(), *torch.autograd.grad(y, (x, *op.parameters()), g))
-        saved = _saved_bytes(lambda: op(x))
+        saved = saved_bytes(lambda: op(x))
         if forced:
             assert saved == inputs_bytes  # x and the parameters alone
         else:  # the formula is a lower bound on what the saving path holds
@@ -253,8 +240,8 @@ def test_large_fast_intermediates_are_recomputed_not_saved(case, shape):
     for a, b in zip(results[False], results[True], strict=True):
         assert torch.equal(a, b)
     op.recompute_fast = None
-    expected = inputs_bytes if op._recomputes() else _saved_bytes(lambda: op.fast_forward(x))
-    assert _saved_bytes(lambda: op(x)) == expected
+    expected = inputs_bytes if op._recomputes() else saved_bytes(lambda: op.fast_forward(x))
+    assert saved_bytes(lambda: op(x)) == expected
     if case.structure.name == "toeplitz" and shape == (97, 89) and case.options.get("num_factors", 2) > 1:
         assert op._recomputes()  # the case the rule is for: several factors on a block grid (or one big block)
     with torch.no_grad():

@@ -376,8 +376,7 @@ class BlockGridOperator(StructuredOperator):
 
     def _merge_output(self, y: torch.Tensor) -> torch.Tensor:
         """(..., q, b) -> (..., out), cropping q·b to out."""
-        y = y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
-        return y[..., : self.out_features]
+        return _merge_blocks(y, self.out_features)
 
     def _assemble(self, blocks: torch.Tensor) -> torch.Tensor:
         """(q, p, b, b) dense blocks -> cropped (out, in) matrix."""
@@ -394,6 +393,11 @@ def _split_blocks(t: torch.Tensor, n_blocks: int, b: int) -> torch.Tensor:
     if pad:
         t = nn.functional.pad(t, (0, pad))
     return t.reshape(*t.shape[:-1], n_blocks, b)
+
+
+def _merge_blocks(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., n_blocks, b) -> (..., n), cropping n_blocks·b to n (the adjoint of :func:`_split_blocks`)."""
+    return t.reshape(*t.shape[:-2], t.shape[-2] * t.shape[-1])[..., :n]
 
 
 def has_trainable(module: nn.Module) -> bool:

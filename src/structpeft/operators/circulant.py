@@ -24,6 +24,7 @@ from torch import nn
 
 from .base import (
     BlockGridOperator,
+    _merge_blocks,
     _split_blocks,
     circulant_dense,
     compute_dtype,
@@ -142,8 +143,7 @@ def _product(x: torch.Tensor, wf: torch.Tensor, grid: tuple[int, int], b: int, o
     """x (..., in) times ΔWᵀ from the weight spectrum wf (q, p, f), in wf's (compute) dtype: (..., out)."""
     xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), dim=-1)  # (..., p, f)
     yf = xf * wf[0] if grid == (1, 1) else torch.einsum("...pf,qpf->...qf", xf, wf)  # (..., q, f)
-    y = torch.fft.irfft(yf, n=b, dim=-1)  # (..., q, b)
-    return y.reshape(*y.shape[:-2], grid[0] * b)[..., :out_features]
+    return _merge_blocks(torch.fft.irfft(yf, n=b, dim=-1), out_features)  # (..., q, b) -> (..., out)
 
 
 def _weight_grad(x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int) -> torch.Tensor:
@@ -166,7 +166,8 @@ class _CirculantProduct(torch.autograd.Function):
     layer. Here the backward takes it again from x: with G the spectra of the output gradient's blocks and
     C the weight spectrum (q, p, f),
 
-        ∂X_j = irfft(Σ_i conj(C_ij) · G_i)   (circ(c)ᵀ is the circulant with spectrum conj(rfft(c))),
+        ∂X_j = irfft(Σ_i conj(C_ij) · G_i)   (circ(c)ᵀ is the circulant with spectrum conj(rfft(c)): the same
+                                               product, on the transposed (p, q) grid of conjugate spectra),
         ∂c_ij = irfft(Σ_n G_n,i · conj(X_n,j))   (``param_grads``: the cross-spectrum, by DFT matmuls for b <= 96),
 
     in the compute dtype with autocast off. The backward is made of differentiable operations on the saved x and
@@ -176,7 +177,7 @@ class _CirculantProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, grid, out_features):
         ctx.save_for_backward(x, weight)
-        ctx.grid, ctx.out_features = grid, out_features
+        ctx.grid = grid
         dtype = compute_dtype(x.dtype, weight.dtype)
         return _product(x, torch.fft.rfft(weight.to(dtype), dim=-1), grid, weight.shape[-1], out_features)
 
@@ -189,12 +190,9 @@ class _CirculantProduct(torch.autograd.Function):
         device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
         with torch.autocast(device_type, enabled=False):
             g = grad.to(dtype)
-            if ctx.needs_input_grad[0]:
-                gf = torch.fft.rfft(_split_blocks(g, grid[0], b), dim=-1)  # (..., q, f)
-                wf = torch.fft.rfft(weight.to(dtype), dim=-1).conj()  # (q, p, f)
-                xf = gf * wf[0] if grid == (1, 1) else torch.einsum("...qf,qpf->...pf", gf, wf)
-                gx = torch.fft.irfft(xf, n=b, dim=-1)  # (..., p, b)
-                grad_x = gx.reshape(*gx.shape[:-2], grid[1] * b)[..., : x.shape[-1]].to(x.dtype)
+            if ctx.needs_input_grad[0]:  # g ΔW: the product with ΔWᵀ, whose (p, q) blocks have spectra conj(C_ij)
+                wf_t = torch.fft.rfft(weight.to(dtype), dim=-1).conj().transpose(0, 1)  # (p, q, f)
+                grad_x = _product(g, wf_t, (grid[1], grid[0]), b, x.shape[-1]).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 grad_weight = _weight_grad(x.to(dtype), g, grid, b).to(weight.dtype)
         return grad_x, grad_weight, None, None
