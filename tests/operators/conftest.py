@@ -224,7 +224,25 @@ def toeplitz_check(op: StructuredOperator, dense: np.ndarray) -> int:
 
 
 def toeplitz_extra_check(op: StructuredOperator) -> None:
-    """Each factor alone (the others set to the identity T(e_{b-1})) is Toeplitz; the factor order matters."""
+    """Each factor alone (the others set to the identity T(e_{b-1})) is Toeplitz; the factor order matters. One
+    factor: the training product (its own backward) keeps x and the weight alone, and its gradients (and their own
+    gradients) are autograd's through rfft · einsum · irfft, to float64 rounding."""
+    if op.options["num_factors"] == 1:
+        from structpeft.operators.toeplitz import _product
+
+        b = op.block_size
+        x = torch.randn(6, op.in_features, dtype=op.weight.dtype, requires_grad=True)
+        g = torch.randn(6, op.out_features, dtype=op.weight.dtype)
+        assert saved_bytes(lambda: op(x)) == 8 * (x.numel() + op.weight.numel())
+        y = op(x)
+        reference = _product(x, torch.fft.rfft(op.weight[0], n=2 * b, dim=-1), op.grid, b, op.out_features)
+        assert torch.equal(y, reference)
+        got = torch.autograd.grad(y, (x, op.weight), g, create_graph=True)
+        expected = torch.autograd.grad(reference, (x, op.weight), g, create_graph=True)
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        second = [torch.autograd.grad(d[0].pow(2).sum(), op.weight)[0] for d in (got, expected)]
+        torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-11)
     b, num_factors = op.options["block_size"], op.options["num_factors"]
     identity = torch.zeros(2 * b - 1, dtype=op.weight.dtype)
     identity[b - 1] = 1.0

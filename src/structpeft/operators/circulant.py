@@ -124,14 +124,15 @@ def _real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.
         return torch.stack([torch.cos(angle), -torch.sin(angle)], dim=1).reshape(2 * f, b).to(dtype)
 
 
-def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """S[f, i, j] = Σ_n G_n,i[f]·conj(X_n,j[f]) for blocks gs (N, q, b), xs (N, p, b), the DFTs taken as one real
-    matmul each into a (f, re / im, N, ·) layout: Re S = Gr·Xr + Gi·Xi (one matmul over the stacked 2N rows),
-    Im S = Gi·Xr − Gr·Xi. Returns (f, q, p) complex."""
+def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """S[f, i, j] = Σ_n G_n,i[f]·conj(X_n,j[f]) for blocks gs (N, q, b), xs (N, p, b) zero-padded to length
+    n_fft, the DFTs taken as one real matmul each (the first b columns of the (2f × n_fft) DFT matrix) into a
+    (f, re / im, N, ·) layout: Re S = Gr·Xr + Gi·Xi (one matmul over the stacked 2N rows), Im S = Gi·Xr − Gr·Xi.
+    Returns (f, q, p) complex."""
     n, q, b = gs.shape
     p = xs.shape[1]
-    f = b // 2 + 1
-    dft = real_dft_matrix(b, xs.dtype, xs.device)  # (2f, b)
+    f = n_fft // 2 + 1
+    dft = real_dft_matrix(n_fft, xs.dtype, xs.device)[:, :b]  # (2f, b)
     xd = (dft @ xs.reshape(-1, b).T).view(f, 2, n, p)  # (f, re / im, N, p)
     gd = (dft @ gs.reshape(-1, b).T).view(f, 2, n, q)
     real = torch.bmm(gd.reshape(f, 2 * n, q).mT, xd.reshape(f, 2 * n, p))
@@ -150,13 +151,28 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int
     """∂weight (q, p, b) of Σ g·(x ΔWᵀ) for rows x (..., in), g (..., out) of one dtype (see ``param_grads``)."""
     xs = _split_blocks(x.reshape(-1, x.shape[-1]), grid[1], b)  # (N, p, b)
     gs = _split_blocks(g.reshape(-1, g.shape[-1]), grid[0], b)  # (N, q, b)
-    if b <= DFT_MATMUL_MAX_BLOCK:
-        spectrum = _cross_spectrum_by_matmul(gs, xs)
+    return block_correlation(xs, gs)
+
+
+def block_correlation(xs: torch.Tensor, gs: torch.Tensor, n_fft: int | None = None) -> torch.Tensor:
+    """C[i, j, m] = Σ_n Σ_t gs[n, i, (t + m) mod L]·xs[n, j, t]: the circular cross-correlations (q, p, L) of
+    blocks gs (N, q, b) with blocks xs (N, p, b), both zero-padded to length L = ``n_fft`` (default b), summed over
+    the N rows: irfft of the cross-spectrum Σ_n G_n,i·conj(X_n,j). The DFTs are real matmuls for L <=
+    :data:`DFT_MATMUL_MAX_BLOCK`, rffts above (then a complex bmm over frequencies, or for a single block
+    (q = p = 1) a product summed over the rows, which needs no frequency-major copy)."""
+    b = xs.shape[-1]
+    n_fft = b if n_fft is None else n_fft
+    if n_fft <= DFT_MATMUL_MAX_BLOCK:
+        spectrum = _cross_spectrum_by_matmul(gs, xs, n_fft)
+    elif xs.shape[1] == gs.shape[1] == 1:
+        xf = torch.fft.rfft(xs[:, 0], n=n_fft, dim=-1)  # (N, f)
+        gf = torch.fft.rfft(gs[:, 0], n=n_fft, dim=-1)
+        spectrum = (gf * xf.conj()).sum(dim=0)[:, None, None]  # (f, 1, 1)
     else:
-        xf = torch.fft.rfft(xs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, p)
-        gf = torch.fft.rfft(gs, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, q)
+        xf = torch.fft.rfft(xs, n=n_fft, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, p)
+        gf = torch.fft.rfft(gs, n=n_fft, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, q)
         spectrum = torch.bmm(gf.mH, xf).conj()  # (f, q, p): Σ_n G_n,q · conj(X_n,p) = conj(Gᴴ X)
-    return torch.fft.irfft(spectrum.permute(1, 2, 0), n=b, dim=-1)  # (q, p, b)
+    return torch.fft.irfft(spectrum.permute(1, 2, 0), n=n_fft, dim=-1)  # (q, p, L)
 
 
 class _CirculantProduct(torch.autograd.Function):
