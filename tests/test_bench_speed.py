@@ -74,6 +74,21 @@ def _results(reps: dict[str, list[float]]) -> dict:
     return {"methods": methods, "setting": {"cases": {"train": {"kind": "train", "batch": 1, "seq": 1}}}}
 
 
+def test_keep_method_is_surm_circulant_holding_its_folded_weight():
+    base = speed.build_base("minilm")
+    nets = {
+        m: speed.build(m, base, "minilm", ["query", "value"], tokens=64)
+        for m in ("surm-circulant", "surm-circulant-keep")
+    }
+    kept = {
+        m: [op.keep_folded_weight for op in net.modules() if hasattr(op, "keep_folded_weight")]
+        for m, net in nets.items()
+    }
+    assert kept["surm-circulant-keep"] and all(kept["surm-circulant-keep"])
+    assert kept["surm-circulant"] and not any(kept["surm-circulant"])
+    assert speed.trainable(nets["surm-circulant-keep"]) == speed.trainable(nets["surm-circulant"])
+
+
 def test_overhead_is_paired_per_repetition_and_its_ratio_has_an_interval():
     base = [100.0, 140.0, 90.0, 120.0, 95.0, 130.0]  # a noisy machine: the base itself varies by 50 %
     results = _results({"base": base, "lora-r8": [b + 10 for b in base], "pmss": [b + 5 for b in base]})

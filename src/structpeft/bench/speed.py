@@ -47,6 +47,8 @@ Methods and their sizes (MiniLM; SmolLM2 analogous, see ``method_configs``):
 * ``lokr-r16`` (PEFT LoKr r=16: w1 16×16, w2 24×24, 832 parameters) against ``surm-kronecker-16x16`` (the same
   factor shapes; SmolLM2: ``surm-kronecker-24x24``, L 24 × 24 on every layer, where LoKr factors the 192 × 576
   v_proj as 12 × 24 ⊗ 16 × 24: 57,600 trainable parameters against LoKr's 54,720, 5 % more for SURM);
+* ``surm-circulant-keep``: ``surm-circulant`` with ``keep_folded_weight=True`` (a folded layer holds W + s·ΔW
+  from the forward to the backward instead of building it again there; ``compute="auto"`` times the paths so);
 * ``surm-circulant-merged``: a random (non-zero) circulant adapter after ``merge_and_unload``; its outputs are
   checked against the unmerged model (``merged_max_abs_diff``);
 * ``surm-circulant-compiled``: ``torch.compile`` (inductor) of the ``surm-circulant`` model (compile time is
@@ -162,6 +164,8 @@ def method_configs(model: str, targets: list[str]) -> dict[str, Callable[[], Any
     methods["pmss-fold-inference"] = lambda: structpeft.PmssConfig(
         target_modules=targets, budget="lora-8", fold_inference=True
     )
+    # the same circulant adapter holding its folded weight W + s·ΔW from the forward to the backward
+    methods["surm-circulant-keep"] = surm("circulant", budget="lora-8", keep_folded_weight=True)
     methods["surm-circulant-merged"] = surm("circulant", budget="lora-8", init_weights=False)
     methods["surm-circulant-compiled"] = methods["surm-circulant"]
     return methods
