@@ -565,3 +565,56 @@ def test_ldr_displacement_rank_is_exactly_r(rank, b):
     sv = np.linalg.svd(disp, compute_uv=False)
     scale = np.linalg.svd(m, compute_uv=False)[0]
     assert (sv > 1e-9 * scale).sum() == rank, sv / scale
+
+
+# ------------------------------------------------------------------------------------------- FFT helpers
+@pytest.mark.parametrize(
+    ("n_rows", "q", "p", "b", "n_fft"),
+    [
+        (5, 3, 2, 8, None),  # DFT as a matmul
+        (5, 3, 2, 8, 16),  # the same, zero-padded (Toeplitz)
+        (5, 2, 3, 100, None),  # rfft and a complex bmm over frequencies
+        (5, 2, 3, 60, 120),
+        (5, 1, 1, 120, None),  # one block: the spectrum summed over the rows
+        (5, 1, 1, 100, 200),
+    ],
+)
+def test_block_correlation_is_the_sum_over_rows_of_circular_correlations(n_rows, q, p, b, n_fft):
+    """C[i, j, m] = Σ_n Σ_t gs[n, i, (t + m) mod L]·xs[n, j, t] with both zero-padded to L, on every branch
+    (DFT matmul, rfft + bmm, single block), also when the caller passes the output gradient's spectrum."""
+    from structpeft.operators.circulant import block_correlation
+
+    xs, gs = randn(n_rows, p, b), randn(n_rows, q, b, seed=2)
+    length = n_fft or b
+    xp = np.pad(xs.numpy(), ((0, 0), (0, 0), (0, length - b)))
+    gp = np.pad(gs.numpy(), ((0, 0), (0, 0), (0, length - b)))
+    expected = np.stack([np.einsum("nit,njt->ij", np.roll(gp, -m, axis=-1), xp) for m in range(length)], axis=-1)
+    got = block_correlation(xs, gs, n_fft)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    gf = torch.fft.rfft(gs, n=length, dim=-1)
+    np.testing.assert_allclose(
+        block_correlation(xs, gs, n_fft, gf=gf).numpy(), expected, rtol=0, atol=1e-10 * np.abs(expected).max()
+    )
+
+
+@pytest.mark.parametrize("block_size", [5, 64, None])
+def test_toeplitz_one_factor_gradients_on_every_correlation_branch(block_size):
+    """Toeplitz's one-factor backward (own autograd function) against autograd through the FFTs, on a block grid
+    whose correlation takes the DFT matmul (b = 5), rfft + bmm with the output gradient's spectrum shared (b = 64,
+    2 × 2 grid) and the single-block sum (default block)."""
+    from structpeft.operators.toeplitz import _product
+
+    op = OPERATORS["toeplitz"](97, 89, block_size=block_size, num_factors=1).double()
+    op.reset_parameters(False)
+    b = op.block_size
+    x = randn(3, 4, 89).requires_grad_(True)
+    g = randn(3, 4, 97, seed=3)
+    y = op(x)
+    assert "ToeplitzProduct" in type(y.grad_fn).__name__
+    reference = _product(x, torch.fft.rfft(op.weight[0], n=2 * b, dim=-1), op.grid, b, 97)
+    assert torch.equal(y, reference)
+    for only in ((x, op.weight), (x,), (op.weight,)):  # both gradients, and each alone
+        got = torch.autograd.grad(op(x), only, g)
+        expected = torch.autograd.grad(reference, only, g, retain_graph=True)
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

@@ -154,24 +154,26 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int
     return block_correlation(xs, gs)
 
 
-def block_correlation(xs: torch.Tensor, gs: torch.Tensor, n_fft: int | None = None) -> torch.Tensor:
+def block_correlation(
+    xs: torch.Tensor, gs: torch.Tensor, n_fft: int | None = None, gf: torch.Tensor | None = None
+) -> torch.Tensor:
     """C[i, j, m] = Σ_n Σ_t gs[n, i, (t + m) mod L]·xs[n, j, t]: the circular cross-correlations (q, p, L) of
     blocks gs (N, q, b) with blocks xs (N, p, b), both zero-padded to length L = ``n_fft`` (default b), summed over
     the N rows: irfft of the cross-spectrum Σ_n G_n,i·conj(X_n,j). The DFTs are real matmuls for L <=
     :data:`DFT_MATMUL_MAX_BLOCK`, rffts above (then a complex bmm over frequencies, or for a single block
-    (q = p = 1) a product summed over the rows, which needs no frequency-major copy)."""
+    (q = p = 1) a product summed over the rows, which needs no frequency-major copy); ``gf``, rfft(gs, L) where the
+    caller has it, is used there instead of taking it again."""
     b = xs.shape[-1]
     n_fft = b if n_fft is None else n_fft
     if n_fft <= DFT_MATMUL_MAX_BLOCK:
         spectrum = _cross_spectrum_by_matmul(gs, xs, n_fft)
-    elif xs.shape[1] == gs.shape[1] == 1:
-        xf = torch.fft.rfft(xs[:, 0], n=n_fft, dim=-1)  # (N, f)
-        gf = torch.fft.rfft(gs[:, 0], n=n_fft, dim=-1)
-        spectrum = (gf * xf.conj()).sum(dim=0)[:, None, None]  # (f, 1, 1)
     else:
-        xf = torch.fft.rfft(xs, n=n_fft, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, p)
-        gf = torch.fft.rfft(gs, n=n_fft, dim=-1).permute(2, 0, 1).contiguous()  # (f, N, q)
-        spectrum = torch.bmm(gf.mH, xf).conj()  # (f, q, p): Σ_n G_n,q · conj(X_n,p) = conj(Gᴴ X)
+        xf = torch.fft.rfft(xs, n=n_fft, dim=-1)  # (N, p, f)
+        gf = torch.fft.rfft(gs, n=n_fft, dim=-1) if gf is None else gf  # (N, q, f)
+        if xs.shape[1] == gs.shape[1] == 1:
+            spectrum = (gf[:, 0] * xf[:, 0].conj()).sum(dim=0)[:, None, None]  # (f, 1, 1)
+        else:  # (f, q, p): Σ_n G_n,q · conj(X_n,p) = conj(Gᴴ X), frequency-major
+            spectrum = torch.bmm(gf.permute(2, 0, 1).contiguous().mH, xf.permute(2, 0, 1).contiguous()).conj()
     return torch.fft.irfft(spectrum.permute(1, 2, 0), n=n_fft, dim=-1)  # (q, p, L)
 
 

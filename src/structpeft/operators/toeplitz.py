@@ -35,7 +35,7 @@ from .base import (
     resolve_block_size,
     toeplitz_dense,
 )
-from .circulant import block_correlation
+from .circulant import DFT_MATMUL_MAX_BLOCK, block_correlation
 
 
 class ToeplitzOperator(BlockGridOperator):
@@ -128,10 +128,19 @@ class ToeplitzOperator(BlockGridOperator):
         return self._assemble(blocks)
 
 
-def _product(x: torch.Tensor, wf: torch.Tensor, grid: tuple[int, int], b: int, out_features: int) -> torch.Tensor:
+def _product(
+    x: torch.Tensor,
+    wf: torch.Tensor,
+    grid: tuple[int, int],
+    b: int,
+    out_features: int,
+    xf: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x (..., in) times ΔWᵀ for one Toeplitz factor per block, from its spectrum wf (q, p, f) of length 2b, in
-    wf's (compute) dtype: (..., out). T(v) x is the slice [b − 1, 2b − 1) of the circular convolution of length 2b."""
-    xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), n=2 * b, dim=-1)  # (..., p, f)
+    wf's (compute) dtype: (..., out). T(v) x is the slice [b − 1, 2b − 1) of the circular convolution of length 2b.
+    ``xf``: the spectrum of x's blocks, rfft(blocks, 2b) (..., p, f), where the caller has it."""
+    if xf is None:
+        xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), n=2 * b, dim=-1)  # (..., p, f)
     yf = torch.einsum("...pf,qpf->...qf", xf, wf)  # (..., q, f)
     return _merge_blocks(torch.fft.irfft(yf, n=2 * b, dim=-1)[..., b - 1 : 2 * b - 1], out_features)
 
@@ -165,14 +174,17 @@ class _ToeplitzProduct(torch.autograd.Function):
         grad_x = grad_weight = None
         device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
         with torch.autocast(device_type, enabled=False):
-            g = grad.to(dtype)
+            g = grad.to(dtype).reshape(-1, grad.shape[-1])  # (N, out)
+            gs = _split_blocks(g, q, b)  # (N, q, b)
+            # the output gradient's spectrum serves both gradients where the weight's is taken by rfft too
+            both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and 2 * b > DFT_MATMUL_MAX_BLOCK
+            gf = torch.fft.rfft(gs, n=2 * b, dim=-1) if both else None
             if ctx.needs_input_grad[0]:
                 wf_t = torch.fft.rfft(weight.to(dtype).flip(-1).transpose(0, 1), n=2 * b, dim=-1)  # (p, q, f)
-                grad_x = _product(g, wf_t, (p, q), b, x.shape[-1]).to(x.dtype)
+                grad_x = _product(g, wf_t, (p, q), b, x.shape[-1], xf=gf).to(x.dtype).view(x.shape)
             if ctx.needs_input_grad[1]:
                 xs = _split_blocks(x.to(dtype).reshape(-1, x.shape[-1]), p, b)  # (N, p, b)
-                gs = _split_blocks(g.reshape(-1, g.shape[-1]), q, b)
                 # zero-padded to 2b, the circular correlation is the linear one: lag m at index m mod 2b
-                corr = block_correlation(xs, gs, 2 * b)  # (q, p, 2b)
+                corr = block_correlation(xs, gs, 2 * b, gf=gf)  # (q, p, 2b)
                 grad_weight = torch.roll(corr, b - 1, dims=-1)[..., : 2 * b - 1].to(weight.dtype)
         return grad_x, grad_weight, None, None
