@@ -33,10 +33,10 @@ step() {  # step SECONDS COMMAND...: run with a time limit, its output's end int
   timeout "$limit" "$@" 2>&1 | tail -n 80 | tee -a "$out/steps.log"
   status=$((status | PIPESTATUS[0]))
 }
-step 60 python3 -m pytest -q -m cuda tests/cuda -p no:cacheprovider
+step 40 python3 -m pytest -q -m cuda tests/cuda -p no:cacheprovider  # 17 s on an H200
 cp "$out/steps.log" "$out/bench/cuda-tests.txt"
 speed=(python3 -m structpeft.cli bench speed --device cuda --reps 20 --layer-reps 50 --out "$out/bench")
 step 170 "${speed[@]}" --no-memory
 step 130 "${speed[@]}" --model smollm2 --no-compile --no-memory
-step 200 "${speed[@]}" --memory-only  # MiniLM's peak CUDA memory per method (a fresh process each, ~14 s each on an H200)
+step 220 "${speed[@]}" --memory-only  # MiniLM's peak CUDA memory per method (a fresh process each, ~14 s each on an H200; 15 methods)
 exit "$status"
