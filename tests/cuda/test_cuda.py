@@ -36,6 +36,8 @@ OPERATOR_CASES = [
     ("circulant", {"block_size": 24}),
     ("circulant", {"block_size": 16}),
     ("toeplitz", {"block_size": 12}),
+    ("toeplitz", {"block_size": 12, "num_factors": 1}),  # its own backward, DFT-matmul gradient
+    ("toeplitz", {"num_factors": 1}),  # one 72 block: its own backward, rfft gradient with a shared spectrum
     ("kronecker", {"factor_shape": [2, 3]}),
     ("kronecker", {"factor_shape": [8, 24]}),
     ("ldr", {"block_size": 24, "displacement_rank": 2}),
