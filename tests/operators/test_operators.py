@@ -597,23 +597,39 @@ def test_block_correlation_is_the_sum_over_rows_of_circular_correlations(n_rows,
     )
 
 
-@pytest.mark.parametrize("block_size", [5, 64, None])
-def test_toeplitz_one_factor_gradients_on_every_correlation_branch(block_size):
-    """Toeplitz's one-factor backward (own autograd function) against autograd through the FFTs, on a block grid
-    whose correlation takes the DFT matmul (b = 5), rfft + bmm with the output gradient's spectrum shared (b = 64,
-    2 × 2 grid) and the single-block sum (default block)."""
-    from structpeft.operators.toeplitz import _product
+@pytest.mark.parametrize(
+    ("structure", "options", "shape"),
+    [
+        ("toeplitz", {"block_size": 5, "num_factors": 1}, (97, 89)),  # DFT-matmul correlation
+        ("toeplitz", {"block_size": 64, "num_factors": 1}, (97, 89)),  # rfft + bmm, shared spectrum, 2 x 2 grid
+        ("toeplitz", {"num_factors": 1}, (97, 89)),  # one block: the spectrum summed over the rows, shared
+        ("circulant", {"block_size": 5}, (97, 89)),
+        ("circulant", {"block_size": 100}, (250, 200)),  # rfft + bmm, shared spectrum, 3 x 2 grid
+        ("circulant", {}, (97, 89)),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
+)
+def test_own_backward_gradients_on_every_correlation_branch(structure, options, shape):
+    """Circulant's and one-factor Toeplitz's own backward (``_CirculantProduct`` / ``_ToeplitzProduct``) against
+    autograd through their FFT product, on every branch of the weight gradient's correlation, with both gradients
+    asked for (the output gradient's spectrum shared where the correlation takes rffts) and each alone."""
+    from structpeft.operators import circulant, toeplitz
 
-    op = OPERATORS["toeplitz"](97, 89, block_size=block_size, num_factors=1).double()
+    out_features, in_features = shape
+    op = OPERATORS[structure](out_features, in_features, **options).double()
     op.reset_parameters(False)
     b = op.block_size
-    x = randn(3, 4, 89).requires_grad_(True)
-    g = randn(3, 4, 97, seed=3)
+    x = randn(3, 4, in_features).requires_grad_(True)
+    g = randn(3, 4, out_features, seed=3)
     y = op(x)
-    assert "ToeplitzProduct" in type(y.grad_fn).__name__
-    reference = _product(x, torch.fft.rfft(op.weight[0], n=2 * b, dim=-1), op.grid, b, 97)
+    assert "Product" in type(y.grad_fn).__name__  # the own autograd function, not autograd through the FFTs
+    if structure == "toeplitz":
+        wf = torch.fft.rfft(op.weight[0], n=2 * b, dim=-1)
+        reference = toeplitz._product(x, wf, op.grid, b, out_features)
+    else:
+        reference = circulant._product(x, torch.fft.rfft(op.weight, dim=-1), op.grid, b, out_features)
     assert torch.equal(y, reference)
-    for only in ((x, op.weight), (x,), (op.weight,)):  # both gradients, and each alone
+    for only in ((x, op.weight), (x,), (op.weight,)):
         got = torch.autograd.grad(op(x), only, g)
         expected = torch.autograd.grad(reference, only, g, retain_graph=True)
         for a, e in zip(got, expected, strict=True):

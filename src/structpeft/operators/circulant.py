@@ -140,18 +140,30 @@ def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor, n_fft: int) ->
     return torch.complex(real, imag)
 
 
-def _product(x: torch.Tensor, wf: torch.Tensor, grid: tuple[int, int], b: int, out_features: int) -> torch.Tensor:
-    """x (..., in) times ΔWᵀ from the weight spectrum wf (q, p, f), in wf's (compute) dtype: (..., out)."""
-    xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), dim=-1)  # (..., p, f)
+def _product(
+    x: torch.Tensor,
+    wf: torch.Tensor,
+    grid: tuple[int, int],
+    b: int,
+    out_features: int,
+    xf: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (..., in) times ΔWᵀ from the weight spectrum wf (q, p, f), in wf's (compute) dtype: (..., out).
+    ``xf``: the spectrum of x's blocks (..., p, f), where the caller has it."""
+    if xf is None:
+        xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), dim=-1)  # (..., p, f)
     yf = xf * wf[0] if grid == (1, 1) else torch.einsum("...pf,qpf->...qf", xf, wf)  # (..., q, f)
     return _merge_blocks(torch.fft.irfft(yf, n=b, dim=-1), out_features)  # (..., q, b) -> (..., out)
 
 
-def _weight_grad(x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int) -> torch.Tensor:
-    """∂weight (q, p, b) of Σ g·(x ΔWᵀ) for rows x (..., in), g (..., out) of one dtype (see ``param_grads``)."""
+def _weight_grad(
+    x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int, gf: torch.Tensor | None = None
+) -> torch.Tensor:
+    """∂weight (q, p, b) of Σ g·(x ΔWᵀ) for rows x (..., in), g (..., out) of one dtype (see ``param_grads``);
+    ``gf``: rfft of g's blocks (N, q, f) where the caller has it (see :func:`block_correlation`)."""
     xs = _split_blocks(x.reshape(-1, x.shape[-1]), grid[1], b)  # (N, p, b)
     gs = _split_blocks(g.reshape(-1, g.shape[-1]), grid[0], b)  # (N, q, b)
-    return block_correlation(xs, gs)
+    return block_correlation(xs, gs, gf=gf)
 
 
 def block_correlation(
@@ -207,10 +219,13 @@ class _CirculantProduct(torch.autograd.Function):
         grad_x = grad_weight = None
         device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
         with torch.autocast(device_type, enabled=False):
-            g = grad.to(dtype)
+            g = grad.to(dtype).reshape(-1, grad.shape[-1])  # (N, out)
+            # the output gradient's spectrum serves both gradients where the weight's is taken by rfft too
+            both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and b > DFT_MATMUL_MAX_BLOCK
+            gf = torch.fft.rfft(_split_blocks(g, grid[0], b), dim=-1) if both else None  # (N, q, f)
             if ctx.needs_input_grad[0]:  # g ΔW: the product with ΔWᵀ, whose (p, q) blocks have spectra conj(C_ij)
                 wf_t = torch.fft.rfft(weight.to(dtype), dim=-1).conj().transpose(0, 1)  # (p, q, f)
-                grad_x = _product(g, wf_t, (grid[1], grid[0]), b, x.shape[-1]).to(x.dtype)
+                grad_x = _product(g, wf_t, (grid[1], grid[0]), b, x.shape[-1], xf=gf).to(x.dtype).view(x.shape)
             if ctx.needs_input_grad[1]:
-                grad_weight = _weight_grad(x.to(dtype), g, grid, b).to(weight.dtype)
+                grad_weight = _weight_grad(x.to(dtype), g, grid, b, gf=gf).to(weight.dtype)
         return grad_x, grad_weight, None, None
