@@ -170,17 +170,18 @@ def circulant_check(op: StructuredOperator, dense: np.ndarray) -> int:
     return check_constant_classes(dense, op.options["block_size"], cyclic=True)
 
 
-def circulant_extra_check(op: StructuredOperator) -> None:
-    """The training product (its own backward) keeps x and the weight alone, and its gradients (and their own
-    gradients) are autograd's through rfft · einsum · irfft, to float64 rounding."""
-    from structpeft.operators.circulant import _product
+def check_own_backward(op: StructuredOperator, weight_spectrum: Callable[[], torch.Tensor], **window: int) -> None:
+    """The training product through ``circular_product_for_training`` keeps x and the weight alone, and its
+    gradients (and their own gradients) are autograd's through ``circular_product`` (rfft · einsum · irfft) from
+    ``weight_spectrum()``, to float64 rounding; ``window``: the product's n_fft / offset."""
+    from structpeft.operators.circulant import circular_product
 
     x = torch.randn(6, op.in_features, dtype=op.weight.dtype, requires_grad=True)
     g = torch.randn(6, op.out_features, dtype=op.weight.dtype)
     assert saved_bytes(lambda: op(x)) == 8 * (x.numel() + op.weight.numel())
     y = op(x)
-    wf = torch.fft.rfft(op.weight, dim=-1)
-    reference = _product(x, wf, op.grid, op.block_size, op.out_features)  # autograd through the FFTs
+    assert type(y.grad_fn).__name__ == "_CircularProductBackward"
+    reference = circular_product(x, weight_spectrum(), op.grid, op.block_size, op.out_features, **window)
     assert torch.equal(y, reference)
     got = torch.autograd.grad(y, (x, op.weight), g, create_graph=True)
     expected = torch.autograd.grad(reference, (x, op.weight), g, create_graph=True)
@@ -188,7 +189,12 @@ def circulant_extra_check(op: StructuredOperator) -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # second derivatives: of Σ ∂x² (a gradient penalty) with respect to the weight
     second = [torch.autograd.grad(d[0].pow(2).sum(), op.weight)[0] for d in (got, expected)]
-    torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-11)
+
+
+def circulant_extra_check(op: StructuredOperator) -> None:
+    """The training product has a backward of its own (see ``check_own_backward``)."""
+    check_own_backward(op, lambda: torch.fft.rfft(op.weight, dim=-1))
 
 
 def circulant_param_shapes(out_features: int, in_features: int, options: dict) -> dict[str, tuple]:
@@ -225,24 +231,11 @@ def toeplitz_check(op: StructuredOperator, dense: np.ndarray) -> int:
 
 def toeplitz_extra_check(op: StructuredOperator) -> None:
     """Each factor alone (the others set to the identity T(e_{b-1})) is Toeplitz; the factor order matters. One
-    factor: the training product (its own backward) keeps x and the weight alone, and its gradients (and their own
-    gradients) are autograd's through rfft · einsum · irfft, to float64 rounding."""
+    factor: the training product has a backward of its own, the circulant's at length 2b, window offset b − 1 (see
+    ``check_own_backward``)."""
     if op.options["num_factors"] == 1:
-        from structpeft.operators.toeplitz import _product
-
         b = op.block_size
-        x = torch.randn(6, op.in_features, dtype=op.weight.dtype, requires_grad=True)
-        g = torch.randn(6, op.out_features, dtype=op.weight.dtype)
-        assert saved_bytes(lambda: op(x)) == 8 * (x.numel() + op.weight.numel())
-        y = op(x)
-        reference = _product(x, torch.fft.rfft(op.weight[0], n=2 * b, dim=-1), op.grid, b, op.out_features)
-        assert torch.equal(y, reference)
-        got = torch.autograd.grad(y, (x, op.weight), g, create_graph=True)
-        expected = torch.autograd.grad(reference, (x, op.weight), g, create_graph=True)
-        for a, e in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-        second = [torch.autograd.grad(d[0].pow(2).sum(), op.weight)[0] for d in (got, expected)]
-        torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-11)
+        check_own_backward(op, lambda: torch.fft.rfft(op.weight[0], n=2 * b, dim=-1), n_fft=2 * b, offset=b - 1)
     b, num_factors = op.options["block_size"], op.options["num_factors"]
     identity = torch.zeros(2 * b - 1, dtype=op.weight.dtype)
     identity[b - 1] = 1.0

@@ -610,10 +610,10 @@ def test_block_correlation_is_the_sum_over_rows_of_circular_correlations(n_rows,
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
 )
 def test_own_backward_gradients_on_every_correlation_branch(structure, options, shape):
-    """Circulant's and one-factor Toeplitz's own backward (``_CirculantProduct`` / ``_ToeplitzProduct``) against
-    autograd through their FFT product, on every branch of the weight gradient's correlation, with both gradients
-    asked for (the output gradient's spectrum shared where the correlation takes rffts) and each alone."""
-    from structpeft.operators import circulant, toeplitz
+    """Circulant's and one-factor Toeplitz's own backward (``_CircularProduct``) against autograd through their FFT
+    product, on every branch of the weight gradient's correlation, with both gradients asked for (the output
+    gradient's spectrum shared where the correlation takes rffts) and each alone."""
+    from structpeft.operators.circulant import circular_product
 
     out_features, in_features = shape
     op = OPERATORS[structure](out_features, in_features, **options).double()
@@ -622,12 +622,12 @@ def test_own_backward_gradients_on_every_correlation_branch(structure, options, 
     x = randn(3, 4, in_features).requires_grad_(True)
     g = randn(3, 4, out_features, seed=3)
     y = op(x)
-    assert "Product" in type(y.grad_fn).__name__  # the own autograd function, not autograd through the FFTs
-    if structure == "toeplitz":
+    assert type(y.grad_fn).__name__ == "_CircularProductBackward"  # not autograd through the FFTs
+    if structure == "toeplitz":  # T(v) x: the circular product of length 2b at window offset b - 1
         wf = torch.fft.rfft(op.weight[0], n=2 * b, dim=-1)
-        reference = toeplitz._product(x, wf, op.grid, b, out_features)
+        reference = circular_product(x, wf, op.grid, b, out_features, 2 * b, b - 1)
     else:
-        reference = circulant._product(x, torch.fft.rfft(op.weight, dim=-1), op.grid, b, out_features)
+        reference = circular_product(x, torch.fft.rfft(op.weight, dim=-1), op.grid, b, out_features)
     assert torch.equal(y, reference)
     for only in ((x, op.weight), (x,), (op.weight,)):
         got = torch.autograd.grad(op(x), only, g)

@@ -11,13 +11,17 @@ single block b = max(out, in), exactly max(out, in)). Cost per token: p real FFT
 complex multiply-adds, q inverse FFTs: O((p + q)·b log b + q·p·b) instead of out·in.
 Init: ``weight = 0`` (ΔW = 0; ΔW is linear in the weight, so gradients are not zero). ``init=False``:
 N(0, 1/in) entries. Only ``rfft`` / ``irfft`` are used: the data are real. In training the product has a backward
-of its own that keeps x and the weight alone (no N × p × f spectrum per layer; ``_CirculantProduct``).
+of its own that keeps x and the weight alone (no N × p × f spectrum per layer; ``_CircularProduct``).
+
+The products here are windows of circular convolutions of zero-padded blocks (``circular_product``: length L, window
+[offset, offset + b)); circulant blocks are L = b, offset 0, and :mod:`structpeft.operators.toeplitz`'s one-factor
+blocks T(v) are L = 2b, offset b − 1, so both train through the same backward.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -72,11 +76,11 @@ class CirculantOperator(BlockGridOperator):
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            # training: the same product, keeping x and the weight alone for the backward (_CirculantProduct)
-            return _CirculantProduct.apply(x, self.weight, self.grid, self.out_features)
+            # training: the same product, keeping x and the weight alone for the backward
+            return circular_product_for_training(x, self.weight, self.grid, self.block_size, self.out_features)
         dtype = compute_dtype(x.dtype, self.weight.dtype)
         wf = self.cached(f"spectrum-{dtype}", lambda: torch.fft.rfft(self.weight.to(dtype), dim=-1))  # (q, p, f)
-        return _product(x, wf, self.grid, self.block_size, self.out_features)
+        return circular_product(x, wf, self.grid, self.block_size, self.out_features)
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """∂weight[i, j] = Σ_n corr(g_n,i, x_n,j): the circular cross-correlation of output block i's gradient with
@@ -140,20 +144,43 @@ def _cross_spectrum_by_matmul(gs: torch.Tensor, xs: torch.Tensor, n_fft: int) ->
     return torch.complex(real, imag)
 
 
-def _product(
+def circular_product(
     x: torch.Tensor,
     wf: torch.Tensor,
     grid: tuple[int, int],
     b: int,
     out_features: int,
+    n_fft: int | None = None,
+    offset: int = 0,
     xf: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (..., in) times ΔWᵀ from the weight spectrum wf (q, p, f), in wf's (compute) dtype: (..., out).
-    ``xf``: the spectrum of x's blocks (..., p, f), where the caller has it."""
+    """x (..., in) times ΔWᵀ whose (i, j) block maps a block x_j (length b) to the window [offset, offset + b) of
+    its circular convolution, at length L = ``n_fft`` (default b), with the block's weight, given by its spectrum
+    wf (q, p, f) of length L: y_i = Σ_j window(irfft(W_ij · rfft(x_j, L))), in wf's (compute) dtype: (..., out).
+    L = b, offset = 0: circ(c) x; L = 2b, offset = b − 1: the Toeplitz T(v) x (v of length 2b − 1).
+    ``xf``: the spectrum of x's blocks, rfft(blocks, L) (..., p, f), where the caller has it."""
+    n_fft = b if n_fft is None else n_fft
     if xf is None:
-        xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), dim=-1)  # (..., p, f)
+        xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), n=n_fft, dim=-1)  # (..., p, f)
     yf = xf * wf[0] if grid == (1, 1) else torch.einsum("...pf,qpf->...qf", xf, wf)  # (..., q, f)
-    return _merge_blocks(torch.fft.irfft(yf, n=b, dim=-1), out_features)  # (..., q, b) -> (..., out)
+    y = torch.fft.irfft(yf, n=n_fft, dim=-1)  # (..., q, L)
+    if n_fft != b:
+        y = y[..., offset : offset + b]
+    return _merge_blocks(y, out_features)  # (..., q, b) -> (..., out)
+
+
+def circular_product_for_training(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    grid: tuple[int, int],
+    b: int,
+    out_features: int,
+    n_fft: int | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """:func:`circular_product` from the weight (q, p, ≤ L) itself, keeping only x and the weight for the backward
+    (``_CircularProduct``)."""
+    return cast(torch.Tensor, _CircularProduct.apply(x, weight, grid, b, out_features, n_fft or b, offset))
 
 
 def _weight_grad(
@@ -189,43 +216,60 @@ def block_correlation(
     return torch.fft.irfft(spectrum.permute(1, 2, 0), n=n_fft, dim=-1)  # (q, p, L)
 
 
-class _CirculantProduct(torch.autograd.Function):
-    """The training product y = x ΔWᵀ keeping only x and the weight for the backward.
+class _CircularProduct(torch.autograd.Function):
+    """The training product of :func:`circular_product`, keeping only x and the weight for the backward.
 
-    Autograd through rfft · einsum · irfft keeps the input's spectrum X (N × p × f complex, as large as x) per
-    layer. Here the backward takes it again from x: with G the spectra of the output gradient's blocks and
-    C the weight spectrum (q, p, f),
+    Autograd through rfft · einsum · irfft keeps the input's spectrum X (N × p × f complex, as large as x, twice
+    that at L = 2b) per layer. Here the backward takes it again from x: with G the spectra of the output gradient's
+    blocks (zero-padded to L) and C the weight spectrum (q, p, f),
 
-        ∂X_j = irfft(Σ_i conj(C_ij) · G_i)   (circ(c)ᵀ is the circulant with spectrum conj(rfft(c)): the same
-                                               product, on the transposed (p, q) grid of conjugate spectra),
-        ∂c_ij = irfft(Σ_n G_n,i · conj(X_n,j))   (``param_grads``: the cross-spectrum, by DFT matmuls for b <= 96),
+        ∂X_j = irfft(Σ_i conj(C_ij)·e^(−2πi·k·offset/L)·G_i)[0, b)   (the adjoint: the same product on the
+               transposed (p, q) grid, at window 0, of conjugate spectra shifted by the forward's window offset),
+        ∂c_ij[m] = corr_ij[(m − offset) mod L],  corr = irfft(Σ_n G_n,i · conj(X_n,j))   (:func:`block_correlation`,
+               for m below the weight's length),
 
-    in the compute dtype with autocast off. The backward is made of differentiable operations on the saved x and
-    weight, so double backward works.
+    G taken once for both where the correlation uses rffts (L > 96). In the compute dtype with autocast off; the
+    backward is made of differentiable operations on the saved x and weight, so double backward works.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, grid, out_features):
+    def forward(ctx, x, weight, grid, b, out_features, n_fft, offset):
         ctx.save_for_backward(x, weight)
-        ctx.grid = grid
-        dtype = compute_dtype(x.dtype, weight.dtype)
-        return _product(x, torch.fft.rfft(weight.to(dtype), dim=-1), grid, weight.shape[-1], out_features)
+        ctx.grid, ctx.b, ctx.n_fft, ctx.offset = grid, b, n_fft, offset
+        wf = torch.fft.rfft(weight.to(compute_dtype(x.dtype, weight.dtype)), n=n_fft, dim=-1)
+        return circular_product(x, wf, grid, b, out_features, n_fft, offset)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grid, b = ctx.grid, weight.shape[-1]
+        (q, p), b, n_fft, offset = ctx.grid, ctx.b, ctx.n_fft, ctx.offset
         dtype = compute_dtype(x.dtype, grad.dtype, weight.dtype)
         grad_x = grad_weight = None
         device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
         with torch.autocast(device_type, enabled=False):
             g = grad.to(dtype).reshape(-1, grad.shape[-1])  # (N, out)
+            gs = _split_blocks(g, q, b)  # (N, q, b)
             # the output gradient's spectrum serves both gradients where the weight's is taken by rfft too
-            both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and b > DFT_MATMUL_MAX_BLOCK
-            gf = torch.fft.rfft(_split_blocks(g, grid[0], b), dim=-1) if both else None  # (N, q, f)
-            if ctx.needs_input_grad[0]:  # g ΔW: the product with ΔWᵀ, whose (p, q) blocks have spectra conj(C_ij)
-                wf_t = torch.fft.rfft(weight.to(dtype), dim=-1).conj().transpose(0, 1)  # (p, q, f)
-                grad_x = _product(g, wf_t, (grid[1], grid[0]), b, x.shape[-1], xf=gf).to(x.dtype).view(x.shape)
+            both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and n_fft > DFT_MATMUL_MAX_BLOCK
+            gf = torch.fft.rfft(gs, n=n_fft, dim=-1) if both else None  # (N, q, f)
+            if ctx.needs_input_grad[0]:
+                wf_t = torch.fft.rfft(weight.to(dtype), n=n_fft, dim=-1).conj()  # (q, p, f)
+                if offset:
+                    wf_t = wf_t * _shift(n_fft, offset, wf_t)
+                grad_x = circular_product(g, wf_t.transpose(0, 1), (p, q), b, x.shape[-1], n_fft, 0, xf=gf)
+                grad_x = grad_x.to(x.dtype).view(x.shape)
             if ctx.needs_input_grad[1]:
-                grad_weight = _weight_grad(x.to(dtype), g, grid, b, gf=gf).to(weight.dtype)
-        return grad_x, grad_weight, None, None
+                xs = _split_blocks(x.to(dtype).reshape(-1, x.shape[-1]), p, b)  # (N, p, b)
+                corr = block_correlation(xs, gs, n_fft, gf=gf)  # (q, p, L)
+                if offset:
+                    corr = torch.roll(corr, offset, dims=-1)
+                grad_weight = corr[..., : weight.shape[-1]].to(weight.dtype)
+        return grad_x, grad_weight, None, None, None, None, None
+
+
+def _shift(n_fft: int, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """e^(−2πi·k·offset/L) for k = 0 … L // 2 (the spectrum of a delay by ``offset``), in ``like``'s dtype and
+    device; angles reduced mod L in float64."""
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=like.device)
+    angle = (-2 * torch.pi / n_fft) * torch.remainder(k * offset, n_fft)
+    return torch.polar(torch.ones_like(angle), angle).to(like.dtype)

@@ -11,8 +11,9 @@ column free) factors, a superset. ``T(v) x`` is the slice [b−1, 2b−1) of the
 as a circular convolution of length 2b (no aliasing since len(v * x) = 3b − 2 ≤ 2b + b − 1).
 Shapes: ``weight`` (F, q, p, 2b − 1). Parameters: F·q·p·(2b − 1) (single default block: F·(2·max(out, in) − 1)).
 Cost per token: O(F·q·p·b log b) FFT work, intermediates of q·p·2b values per factor (F > 1: recomputed in the
-backward rather than saved where that exceeds in + out, see :mod:`structpeft.operators.base`; F = 1: a backward of
-its own that keeps x and the weight alone, ``_ToeplitzProduct``).
+backward rather than saved where that exceeds in + out, see :mod:`structpeft.operators.base`; F = 1: the
+circulant's product of length 2b at window offset b − 1, whose backward keeps x and the weight alone, see
+:mod:`structpeft.operators.circulant`).
 Init (``init=True``, the paper's): factor 0 ~ N(0, 0.02²), middle factors the identity, last factor 0, so
 ΔW = 0 with a non-zero gradient for the last factor. ``init=False``: every factor N(0, 1/b).
 """
@@ -26,8 +27,6 @@ from torch import nn
 
 from .base import (
     BlockGridOperator,
-    _merge_blocks,
-    _split_blocks,
     check_positive_int,
     compute_dtype,
     grid_shape,
@@ -35,7 +34,7 @@ from .base import (
     resolve_block_size,
     toeplitz_dense,
 )
-from .circulant import DFT_MATMUL_MAX_BLOCK, block_correlation
+from .circulant import circular_product, circular_product_for_training
 
 
 class ToeplitzOperator(BlockGridOperator):
@@ -91,15 +90,16 @@ class ToeplitzOperator(BlockGridOperator):
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.num_factors == 1 and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            # training: the same product, keeping x and the weight alone for the backward (_ToeplitzProduct)
-            return _ToeplitzProduct.apply(x, self.weight[0], self.grid, self.out_features)
+            # training: the same product, keeping x and the weight alone for the backward
+            b = self.block_size
+            return circular_product_for_training(x, self.weight[0], self.grid, b, self.out_features, 2 * b, b - 1)
         dtype = compute_dtype(x.dtype, self.weight.dtype)
         b, n_fft = self.block_size, 2 * self.block_size
         wf = self.cached(  # (F, q, p, f)
             f"spectrum-{dtype}", lambda: torch.fft.rfft(self.weight.to(dtype), n=n_fft, dim=-1)
         )
         if self.num_factors == 1:
-            return _product(x, wf[0], self.grid, b, self.out_features)
+            return circular_product(x, wf[0], self.grid, b, self.out_features, n_fft, b - 1)
         xf = torch.fft.rfft(self._split_input(x.to(dtype)), n=n_fft, dim=-1)  # (..., p, f)
         h = xf.unsqueeze(-3) * wf[0]  # (..., q, p, f)
         for k in range(1, self.num_factors):
@@ -126,65 +126,3 @@ class ToeplitzOperator(BlockGridOperator):
         for k in range(1, self.num_factors):
             blocks = toeplitz_dense(weight[k]) @ blocks
         return self._assemble(blocks)
-
-
-def _product(
-    x: torch.Tensor,
-    wf: torch.Tensor,
-    grid: tuple[int, int],
-    b: int,
-    out_features: int,
-    xf: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x (..., in) times ΔWᵀ for one Toeplitz factor per block, from its spectrum wf (q, p, f) of length 2b, in
-    wf's (compute) dtype: (..., out). T(v) x is the slice [b − 1, 2b − 1) of the circular convolution of length 2b.
-    ``xf``: the spectrum of x's blocks, rfft(blocks, 2b) (..., p, f), where the caller has it."""
-    if xf is None:
-        xf = torch.fft.rfft(_split_blocks(x.to(wf.real.dtype), grid[1], b), n=2 * b, dim=-1)  # (..., p, f)
-    yf = torch.einsum("...pf,qpf->...qf", xf, wf)  # (..., q, f)
-    return _merge_blocks(torch.fft.irfft(yf, n=2 * b, dim=-1)[..., b - 1 : 2 * b - 1], out_features)
-
-
-class _ToeplitzProduct(torch.autograd.Function):
-    """The training product of one Toeplitz factor per block, y = x ΔWᵀ, keeping only x and the weight (q, p,
-    2b − 1) for the backward (autograd through rfft · einsum · irfft would keep the input's zero-padded spectrum,
-    about twice x, per layer). With g the output gradient:
-
-        ∂x = g ΔW, and T(v)ᵀ = T(flip(v)): the same product with the reversed diagonals on the transposed grid;
-        ∂v_ij[k] = Σ_n Σ_{r − s = k − b + 1} g_n,i[r]·x_n,j[s]: the cross-correlation of the zero-padded
-                   (length 2b) blocks, lags −(b − 1) … b − 1, i.e. ``block_correlation`` rolled by b − 1.
-
-    In the compute dtype with autocast off; the backward is made of differentiable operations on the saved x and
-    weight, so double backward works.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, grid, out_features):
-        ctx.save_for_backward(x, weight)
-        ctx.grid = grid
-        dtype = compute_dtype(x.dtype, weight.dtype)
-        b = (weight.shape[-1] + 1) // 2
-        return _product(x, torch.fft.rfft(weight.to(dtype), n=2 * b, dim=-1), grid, b, out_features)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        (q, p), b = ctx.grid, (weight.shape[-1] + 1) // 2
-        dtype = compute_dtype(x.dtype, grad.dtype, weight.dtype)
-        grad_x = grad_weight = None
-        device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
-        with torch.autocast(device_type, enabled=False):
-            g = grad.to(dtype).reshape(-1, grad.shape[-1])  # (N, out)
-            gs = _split_blocks(g, q, b)  # (N, q, b)
-            # the output gradient's spectrum serves both gradients where the weight's is taken by rfft too
-            both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and 2 * b > DFT_MATMUL_MAX_BLOCK
-            gf = torch.fft.rfft(gs, n=2 * b, dim=-1) if both else None
-            if ctx.needs_input_grad[0]:
-                wf_t = torch.fft.rfft(weight.to(dtype).flip(-1).transpose(0, 1), n=2 * b, dim=-1)  # (p, q, f)
-                grad_x = _product(g, wf_t, (p, q), b, x.shape[-1], xf=gf).to(x.dtype).view(x.shape)
-            if ctx.needs_input_grad[1]:
-                xs = _split_blocks(x.to(dtype).reshape(-1, x.shape[-1]), p, b)  # (N, p, b)
-                # zero-padded to 2b, the circular correlation is the linear one: lag m at index m mod 2b
-                corr = block_correlation(xs, gs, 2 * b, gf=gf)  # (q, p, 2b)
-                grad_weight = torch.roll(corr, b - 1, dims=-1)[..., : 2 * b - 1].to(weight.dtype)
-        return grad_x, grad_weight, None, None
