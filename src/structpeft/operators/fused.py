@@ -74,8 +74,16 @@ def _fold(weight: torch.Tensor, terms: Sequence[tuple[nn.Module, float]], cache:
     w = weight
     for op, scale in terms:
         delta = op.delta_weight(cache=cache)  # type: ignore[operator]  # nn.Module's __getattr__ hides the method
-        w = w + (delta * scale).to(weight.dtype)
+        w = _add_scaled(w, delta, scale)
     return w
+
+
+def _add_scaled(w: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """w + scale·ΔW in w's dtype: one fused pass where the dtypes agree (no scaled copy of ΔW: on 2 CPU cores about
+    half the time of the two passes at 576 × 576), else ΔW scaled in its own dtype and cast."""
+    if delta.dtype == w.dtype:
+        return torch.add(w, delta, alpha=scale)
+    return w + (delta * scale).to(w.dtype)
 
 
 def folded_linear(
@@ -208,7 +216,7 @@ def _fold_with(
         for i, (op, scale) in enumerate(terms):
             # nn.Module's __getattr__ hides the method from mypy
             delta = deltas[i].detach() if i in deltas else op.delta_weight(cache=False)  # type: ignore[operator]
-            w = w + (delta * scale).to(weight.dtype)
+            w = _add_scaled(w, delta, scale)
     return w
 
 
