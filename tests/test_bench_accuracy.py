@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import structpeft
 from structpeft.bench import accuracy as A
 from structpeft.bench.accuracy import runner, tasks
+from structpeft.bench.accuracy.measure import code_version
 from structpeft.errors import ConfigError
 
 
@@ -145,6 +147,7 @@ def test_quick_sweep_on_the_real_model_writes_every_report(quick_sweep):
     for r in results.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["step_time_s"] > 0 and r["peak_rss_mb"] > 100
         assert r["saved_bytes"] > 0
+        assert r["code"] == code_version() and r["code"].startswith(structpeft.__version__)
     assert results["surm-circulant-lora2"]["saved_bytes"] > results["head-only"]["saved_bytes"]
     summary = (root / "summary.md").read_text()
     assert "| surm-circulant-lora2 | 18,432 |" in summary and "quick mode" in summary
@@ -459,3 +462,16 @@ def test_the_report_says_which_runs_read_the_bbc_data_before_its_repeats_were_dr
     assert report._bbc_data_note([{"bbc_data_version": BBC_DATA_VERSION}]) == ""
     note = report._bbc_data_note([{"bbc_data_version": BBC_DATA_VERSION}, {}])  # {}: recorded before the field
     assert note.startswith("1 of 2 runs read the BBC data before")
+
+
+def test_code_version_names_the_checkout_a_run_ran_with():
+    """A run records structpeft's version and, from a git checkout, the commit (dirty or not) it ran with."""
+    version = code_version()
+    root = Path(structpeft.__file__).resolve().parents[2]
+    if (root / ".git").exists():
+        import subprocess
+
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        assert version.startswith(f"{structpeft.__version__}+") and head.stdout.strip()[:7] in version
+    else:
+        assert version == structpeft.__version__

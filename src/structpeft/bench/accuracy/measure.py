@@ -174,11 +174,36 @@ def worker(spec: dict[str, Any]) -> int:
         "forgetting_time_s": forgetting_time,
         "test_answer_loss": answer,
         "hardware": hardware(),  # step times of runs on different machines do not compare
+        "code": code_version(),  # the numerics of the paths change between commits (rounding, compute choices)
         "bbc_data_version": BBC_DATA_VERSION,  # absent: 1, before BBC's repeated articles were dropped
         "argv": argv,
     }
     _write_json_atomic(d / BENCH_FILE, result)
     return 0
+
+
+def code_version() -> str:
+    """structpeft's version and, for a git checkout of it, ``git describe --always --dirty`` of that checkout
+    (e.g. ``0.1.0+4655389-dirty``), so that a run names the code it ran with."""
+    import subprocess
+
+    import structpeft
+
+    package = Path(structpeft.__file__).resolve().parent
+    root = package.parents[1]
+    if package.parent.name != "src" or not (root / "pyproject.toml").is_file():
+        return structpeft.__version__  # installed, not a checkout (a repository around it would be another's)
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        described = ""
+    return f"{structpeft.__version__}+{described}" if described else structpeft.__version__
 
 
 def hardware() -> str:
