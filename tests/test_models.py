@@ -25,6 +25,7 @@ from structpeft.models import (
     model_cache_root,
     resolve_model,
 )
+from testkit import tiny_bert_config
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +65,7 @@ def test_tiny_bert_roundtrip(tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
+    config = tiny_bert_config(hidden_size=16, num_hidden_layers=1, intermediate_size=32)
     torch.manual_seed(0)
     model = transformers.BertModel(config)
     model.save_pretrained(tmp_path / "tiny")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from testkit import TinyConvNet, ids_input, tiny_gpt2
+from testkit import TinyConvNet, ids_input, tiny_bert_config, tiny_gpt2
 
 STRUCTURES: tuple[str, ...] = ("circulant", "toeplitz", "kronecker", "ldr", "dense")
 FORMS: tuple[str, ...] = ("square", "bottleneck")
@@ -25,16 +25,9 @@ BOTTLENECK = 4  # < every targeted width (the smallest is conv0's 6 channels)
 
 
 def bert_like(hidden: int = 24, intermediate: int = 36, layers: int = 2) -> nn.Module:
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=intermediate,
-    )
-    return BertModel(cfg)
+    return BertModel(tiny_bert_config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers))
 
 
 def tiny_llama() -> nn.Module:
