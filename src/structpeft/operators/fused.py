@@ -80,8 +80,10 @@ def _fold(weight: torch.Tensor, terms: Sequence[tuple[nn.Module, float]], cache:
 
 def _add_scaled(w: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
     """w + scale·ΔW in w's dtype: one fused pass where the dtypes agree (no scaled copy of ΔW: on 2 CPU cores about
-    half the time of the two passes at 576 × 576), else ΔW scaled in its own dtype and cast."""
-    if delta.dtype == w.dtype:
+    half the time of the two passes at 576 × 576), else ΔW scaled in its own dtype and cast. Under torch.compile
+    the two-op form, which inductor fuses itself: inductor (torch 2.13) rewrites add(W, mm(a, b), alpha=s) into an
+    addmm that drops alpha (the class of pytorch/pytorch#167313), which gave PMSS's C·U·R fold wrong outputs."""
+    if delta.dtype == w.dtype and not _compiling():
         return torch.add(w, delta, alpha=scale)
     return w + (delta * scale).to(w.dtype)
 
