@@ -235,3 +235,20 @@ def test_compiled_toeplitz_one_factor_traces_its_own_backward():
     expected = torch.autograd.grad(ref, (x, op.weight), g)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_fold_keeps_a_large_scale_of_a_matmul_delta():
+    """The fold W + s·ΔW with ΔW a matmul product (PMSS's C·U·R) under inductor: torch 2.13's inductor rewrote
+    add(W, mm, alpha=s) into an addmm without the alpha, so the fold is written as two ops when compiling."""
+    from structpeft.operators.fused import _add_scaled
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    w, u, x = (torch.randn(*shape, generator=gen) for shape in ((48, 48), (8, 8), (5, 48)))
+    rows, cols = torch.arange(8), torch.arange(8) * 2
+
+    def layer(x: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, _add_scaled(w, w[:, cols] @ (0.01 * u) @ w[rows, :], 300.0))
+
+    torch.testing.assert_close(torch.compile(layer)(x, w, u), layer(x, w, u), atol=1e-4, rtol=1e-5)
