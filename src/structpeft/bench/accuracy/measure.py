@@ -116,6 +116,7 @@ def worker(spec: dict[str, Any]) -> int:
     from ...cli import main as cli_main
     from ...cli.evaluate import load_run_model
 
+    started_with = code_version()  # the checkout this process imports its code from (a later commit does not count)
     C.set_offline_env()
     C.quiet_transformers()
     d = Path(spec["dir"])
@@ -174,7 +175,7 @@ def worker(spec: dict[str, Any]) -> int:
         "forgetting_time_s": forgetting_time,
         "test_answer_loss": answer,
         "hardware": hardware(),  # step times of runs on different machines do not compare
-        "code": code_version(),  # the numerics of the paths change between commits (rounding, compute choices)
+        "code": started_with,  # the numerics of the paths change between commits (rounding, compute choices)
         "bbc_data_version": BBC_DATA_VERSION,  # absent: 1, before BBC's repeated articles were dropped
         "argv": argv,
     }
