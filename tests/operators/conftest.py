@@ -189,7 +189,7 @@ def check_own_backward(op: StructuredOperator, weight_spectrum: Callable[[], tor
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # second derivatives: of Σ ∂x² (a gradient penalty) with respect to the weight
     second = [torch.autograd.grad(d[0].pow(2).sum(), op.weight)[0] for d in (got, expected)]
-    torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-12)
 
 
 def circulant_extra_check(op: StructuredOperator) -> None:

@@ -183,14 +183,11 @@ def circular_product_for_training(
     return cast(torch.Tensor, _CircularProduct.apply(x, weight, grid, b, out_features, n_fft or b, offset))
 
 
-def _weight_grad(
-    x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int, gf: torch.Tensor | None = None
-) -> torch.Tensor:
-    """∂weight (q, p, b) of Σ g·(x ΔWᵀ) for rows x (..., in), g (..., out) of one dtype (see ``param_grads``);
-    ``gf``: rfft of g's blocks (N, q, f) where the caller has it (see :func:`block_correlation`)."""
+def _weight_grad(x: torch.Tensor, g: torch.Tensor, grid: tuple[int, int], b: int) -> torch.Tensor:
+    """∂weight (q, p, b) of Σ g·(x ΔWᵀ) for rows x (..., in), g (..., out) of one dtype (see ``param_grads``)."""
     xs = _split_blocks(x.reshape(-1, x.shape[-1]), grid[1], b)  # (N, p, b)
     gs = _split_blocks(g.reshape(-1, g.shape[-1]), grid[0], b)  # (N, q, b)
-    return block_correlation(xs, gs, gf=gf)
+    return block_correlation(xs, gs)
 
 
 def block_correlation(

@@ -89,12 +89,11 @@ class ToeplitzOperator(BlockGridOperator):
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        b, n_fft = self.block_size, 2 * self.block_size
         if self.num_factors == 1 and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             # training: the same product, keeping x and the weight alone for the backward
-            b = self.block_size
-            return circular_product_for_training(x, self.weight[0], self.grid, b, self.out_features, 2 * b, b - 1)
+            return circular_product_for_training(x, self.weight[0], self.grid, b, self.out_features, n_fft, b - 1)
         dtype = compute_dtype(x.dtype, self.weight.dtype)
-        b, n_fft = self.block_size, 2 * self.block_size
         wf = self.cached(  # (F, q, p, f)
             f"spectrum-{dtype}", lambda: torch.fft.rfft(self.weight.to(dtype), n=n_fft, dim=-1)
         )
