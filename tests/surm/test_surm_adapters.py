@@ -3,13 +3,14 @@ disabling (also while merged)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 import torch
 from peft import get_peft_model
 from surm_cases import LAYERS_BY_ID, ONE_PER_STRUCTURE
-from surm_testing import adapter_deltas, assert_close64, dense_reference, snapshot, surm_layers
+from surm_testing import adapter_deltas, assert_close64, assert_same_snapshot, dense_reference, snapshot, surm_layers
 
 from structpeft import BaseModelMismatchError
 
@@ -117,11 +118,12 @@ def test_delete_active_and_merged_adapters(structure, layer_case):
     # a merged adapter cannot be deleted, and the failed call changes nothing
     model.merge_adapter()
     before = snapshot(model)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Cannot delete adapter.*'other'.*merged"):
         model.delete_adapter("other")
     assert_close64(_run(layer_case, model, inputs), out_other)
-    after = snapshot(model)
-    assert before[0] == after[0] and before[1].keys() == after[1].keys()
+    assert_same_snapshot(before, snapshot(model))  # module tree, state-dict keys and values
+    assert list(model.peft_config) == ["default", "other"]
+    assert all(layer.merged_adapters == ["other"] for layer in surm_layers(model).values())
     model.unmerge_adapter()
 
     # deleting the active adapter activates the remaining one
@@ -190,12 +192,17 @@ def test_load_adapter_with_other_shapes_changes_nothing(one_structure, layer_cas
     saved = get_peft_model(layer_case.model(), one_structure.config(layer_case, init_weights=False))
     saved.save_pretrained(str(tmp_path))
     model = get_peft_model(layer_case.model(mismatched=True), one_structure.config(layer_case, init_weights=False))
+    # the first targeted module (in module order) whose weight shape differs between the two base models
+    original = layer_case.model()
+    first = next(
+        p
+        for p, layer in surm_layers(model).items()
+        if layer.get_base_layer().weight.shape != original.get_submodule(p).weight.shape
+    )
     before = snapshot(model)
-    with pytest.raises(BaseModelMismatchError):
+    with pytest.raises(BaseModelMismatchError, match=rf"module '{re.escape(first)}' has ΔW shape"):
         model.load_adapter(str(tmp_path), adapter_name="second")
-    after = snapshot(model)
-    assert before[0] == after[0]
-    assert all(torch.equal(v, after[1][k]) for k, v in before[1].items()) and before[1].keys() == after[1].keys()
+    assert_same_snapshot(before, snapshot(model))
     assert list(model.peft_config) == ["default"]
 
 

@@ -45,10 +45,21 @@ def test_compute_paths_give_the_same_output_and_gradients(structure):
 
 
 def test_dense_path_does_not_call_the_fast_product(monkeypatch):
-    model = get_peft_model(_mlp(), SurmConfig(target_modules=["0"], init_weights=False, compute="dense"))
+    cfg = SurmConfig(target_modules=["0"], init_weights=False, compute="dense")
+    model = get_peft_model(_mlp(), cfg)
     op = _ops(model)["0"]
     monkeypatch.setattr(op, "fast_forward", lambda x: (_ for _ in ()).throw(AssertionError("fast path used")))
-    model(torch.randn(2, 13, dtype=torch.float64))
+    x = torch.randn(2, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = model(x)
+    # the output is the base MLP with W0 + alpha·ΔW in layer 0, computed without PEFT
+    reference = _mlp()
+    delta = cfg.alpha * op.to_dense().detach()
+    assert torch.count_nonzero(delta) > 0
+    with torch.no_grad():
+        reference[0].weight += delta
+        expected = reference(x)
+        assert (expected - _mlp()(x)).abs().max() > 1e-3 * expected.abs().max()  # the adapter changes the output
+    torch.testing.assert_close(out.detach(), expected, atol=1e-12, rtol=0)
 
 
 def test_auto_measures_once_records_the_choice_and_loading_reuses_it(tmp_path, monkeypatch):

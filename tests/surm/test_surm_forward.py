@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -167,9 +168,22 @@ def test_merge_unmerge_and_unload(structure, layer_case, dtype):
     for path, w in _base_weights(model).items():
         torch.testing.assert_close(w, weights[path], atol=1e-6, rtol=0)
 
+    # safe merge: every layer merged, W = W0 + get_delta_weight (a few roundings at the scale of W0 + ΔW),
+    # unmerge restores W0 (to the same tolerance)
     model.merge_adapter(safe_merge=True)
     _assert_matches(_run(layer_case, model, inputs), out, dtype)
+    tols = {}
+    for path, layer in surm_layers(model).items():
+        assert layer.merged and layer.merged_adapters == ["default"], path
+        delta = layer.get_delta_weight("default")
+        expected = weights[path] + delta
+        tols[path] = 4 * torch.finfo(dtype).eps * float(expected.abs().max())
+        assert float(delta.abs().max()) > tols[path], path  # a merge that did nothing would fail below
+        torch.testing.assert_close(layer.get_base_layer().weight.detach(), expected, atol=tols[path], rtol=0)
     model.unmerge_adapter()
+    assert not any(layer.merged for layer in surm_layers(model).values())
+    for path, w in _base_weights(model).items():
+        torch.testing.assert_close(w, weights[path], atol=tols[path], rtol=0)
 
     unloaded = model.merge_and_unload()
     assert_original_types(layer_case, unloaded)
@@ -209,7 +223,7 @@ def test_safe_merge_refuses_nan_adapter(structure, layer_case, which):
     assert not any(x.merged for x in layers.values())
     for p, w in _base_weights(model).items():
         assert torch.equal(w, weights[p]), p
-    with pytest.raises(MergeError):
+    with pytest.raises(MergeError, match=rf"into {re.escape(path)} would give non-finite weights \(NaN/inf in the"):
         model.merge_and_unload(safe_merge=True)
     assert list(surm_layers(model)) == list(layers)  # nothing was unloaded either
     for p, w in _base_weights(model).items():

@@ -100,20 +100,32 @@ def test_half_precision_forward_and_merge(structure, layer_case, dtype, rel):
     model = model.bfloat16() if dtype == torch.bfloat16 else model.half()
     assert {p.dtype for p in model.parameters()} == {dtype}
     inputs = layer_case.inputs(dtype)
-    try:
-        with torch.no_grad():
-            out = layer_case.run(model, inputs)
-    except (RuntimeError, NotImplementedError) as err:  # pragma: no cover - depends on the torch CPU build
-        if "Half" in str(err) or "not implemented" in str(err).lower():
-            pytest.skip(f"{dtype} forward of the base model is not supported on this CPU build: {err}")
-        raise
+    with torch.no_grad():
+        out = layer_case.run(model, inputs)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, out32) <= rel, rel_err(out, out32)
 
+    layers = surm_layers(model)
+    weights = {p: layer.get_base_layer().weight.detach().clone() for p, layer in layers.items()}
     with torch.no_grad():
         model.merge_adapter(safe_merge=True)
+        # the merge happened: W = W0 + get_delta_weight in the half dtype (one rounding at the scale of W0 + ΔW)
+        for path, layer in layers.items():
+            assert layer.merged_adapters == ["default"], path
+            merged_w = layer.get_base_layer().weight.detach()
+            assert merged_w.dtype == dtype, path
+            expected = (weights[path].float() + layer.get_delta_weight("default").float()).to(dtype)
+            tol = 2 * torch.finfo(dtype).eps * float(expected.float().abs().max())
+            assert float((merged_w.float() - weights[path].float()).abs().max()) > tol, path  # ΔW survives rounding
+            torch.testing.assert_close(merged_w.float(), expected.float(), atol=tol, rtol=0)
         merged = layer_case.run(model, inputs)
         model.unmerge_adapter()
+        # unmerge restores W0 up to the rounding of W0 + ΔW - ΔW in the half dtype
+        for path, layer in layers.items():
+            assert not layer.merged, path
+            w0 = weights[path].float()
+            tol = 2 * torch.finfo(dtype).eps * float((w0 + layer.get_delta_weight("default").float()).abs().max())
+            torch.testing.assert_close(layer.get_base_layer().weight.detach().float(), w0, atol=tol, rtol=0)
         unmerged = layer_case.run(model, inputs)
     # merging rounds W + ΔW to the half dtype, unmerging rounds again: allow twice the forward tolerance
     for o in (merged, unmerged):
@@ -167,12 +179,19 @@ def test_transformers_trainer_smoke(one_structure, tmp_path):
         disable_tqdm=True,
     )
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "surm_" in n}
+    assert frozen and adapters and all(model.get_parameter(n).requires_grad for n in adapters)
     result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 4
     assert math.isfinite(result.training_loss)
-    for n, p in model.named_parameters():
-        if n in frozen:
-            assert torch.equal(p, frozen[n]), n
+    params = dict(model.named_parameters())
+    for n, v in frozen.items():  # the base model did not change
+        assert torch.equal(params[n], v), n
+    # every SURM layer's adapter was trained (some of its parameters changed, its ΔW left zero)
+    for path, layer in surm_layers(model).items():
+        changed = [n for n in adapters if f".{path}.surm_op." in n and not torch.equal(params[n], adapters[n])]
+        assert changed, f"no adapter parameter of {path} changed"
+        assert torch.count_nonzero(layer.surm_op["default"].to_dense()) > 0, path
 
 
 @pytest.mark.parametrize("compute", ["fast", "dense"])
