@@ -7,11 +7,12 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from pmss_cases import CASES_BY_ID
-from pmss_helpers import pmss_layers
+from pmss_helpers import assert_close64, dense_reference, pmss_layers, reference_deltas
 
 from structpeft import ConfigError, PmssConfig
 from structpeft.operators import dispatch
 from structpeft.operators.skeleton import SkeletonOperator
+from structpeft.peft import layer as layer_module
 from testkit import cotangent_loss
 
 CASE = CASES_BY_ID["linear-mlp"]
@@ -42,13 +43,60 @@ def test_fold_and_gather_give_the_same_outputs_and_gradients(dtype):
             torch.testing.assert_close(grads[mode][name], g, atol=tol * max(1.0, g.abs().max().item()), rtol=tol)
 
 
-def test_dense_path_folds_and_never_reads_the_base_output(monkeypatch):
-    cfg = CASE.config(init_weights=False, compute="dense")
-    model = get_peft_model(CASE.model(torch.float64), cfg)
+class _GatherUsed(Exception):
+    """Raised by a guarded operator: the layer read W[J, :]x from the base output or ran the skeleton product."""
+
+
+def _guard_and_count_folds(monkeypatch, model) -> dict[str, int]:
+    """Make every PMSS operator of ``model`` refuse the gather path (``add_from_base``, ``forward_from_base``, its
+    own forward) and count the layer's calls of the two fold kernels."""
+
+    def refuse(*args, **kwargs):
+        raise _GatherUsed
+
     for layer in pmss_layers(model).values():
         op = layer.pmss_op["default"]
-        monkeypatch.setattr(op, "forward_from_base", lambda *a: pytest.fail("gather path used"))
-    CASE.run(model, CASE.inputs(torch.float64))
+        for name in ("add_from_base", "forward_from_base", "forward"):
+            monkeypatch.setattr(op, name, refuse)
+    calls = {"folded_linear": 0, "hybrid_linear": 0}
+    for name in calls:
+        real = getattr(layer_module, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(layer_module, name, counting)
+    return calls
+
+
+def test_dense_path_folds_and_never_reads_the_base_output(monkeypatch):
+    """compute="dense": one fold per layer (the re-folding kernel while autograd records, the plain one under
+    no_grad), the gather path never entered, and the output the dense reference's."""
+    dtype = torch.float64
+    cfg = CASE.config(init_weights=False, compute="dense", alpha=0.7)
+    model = get_peft_model(CASE.model(dtype), cfg)
+    inputs = CASE.inputs(dtype)
+    expected = dense_reference(CASE, reference_deltas(CASE, model, {"default": 0.7}, dtype), inputs, dtype)
+    calls = _guard_and_count_folds(monkeypatch, model)
+    n_layers = len(pmss_layers(model))
+    out = CASE.run(model, inputs)  # training: the core records a gradient
+    assert calls == {"folded_linear": 0, "hybrid_linear": n_layers}
+    assert_close64(out.detach(), expected)
+    with torch.no_grad():
+        out = CASE.run(model, inputs)
+    assert calls == {"folded_linear": n_layers, "hybrid_linear": n_layers}
+    assert_close64(out, expected)
+
+
+def test_fast_path_trips_the_gather_guard(monkeypatch):
+    """The control of the test above: compute="fast" reads the base output, which the guard refuses."""
+    model = get_peft_model(CASE.model(torch.float64), CASE.config(init_weights=False, compute="fast"))
+    calls = _guard_and_count_folds(monkeypatch, model)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(_GatherUsed):
+            CASE.run(model, CASE.inputs(torch.float64))
+    assert calls == {"folded_linear": 0, "hybrid_linear": 0}
 
 
 def test_inference_reuses_the_folded_weight_until_the_core_changes():
