@@ -47,6 +47,9 @@ class PmssLayerCase:
     kind: str  # "linear" | "conv1d" | "conv2d"
     modules_to_save: tuple[str, ...] = ()
     seed: int = 1234
+    # alpha at which a random U (init_weights=False) moves the output by 0.4-1.0 of its scale (measured): far more
+    # than half-precision rounding (<= 0.02), so a half-precision test with this alpha fails if the adapter is lost
+    visible_alpha: float = 1.0
 
     def model(self, dtype: torch.dtype = torch.float32, *, seed: int | None = None) -> nn.Module:
         """The base model (eval mode), built in float32 under a fixed seed, then cast to ``dtype``."""
@@ -83,6 +86,7 @@ LAYER_CASES: list[PmssLayerCase] = [
         output=lambda out: out,
         target_modules=("lin0", "lin1", "lin2"),
         kind="linear",
+        visible_alpha=3.0,
     ),
     PmssLayerCase(
         id="conv1d-gpt2",
@@ -91,6 +95,7 @@ LAYER_CASES: list[PmssLayerCase] = [
         output=lambda out: out.last_hidden_state,
         target_modules=("c_attn", "c_proj"),
         kind="conv1d",
+        visible_alpha=20.0,
     ),
     PmssLayerCase(
         id="conv2d-convnet",
@@ -99,6 +104,7 @@ LAYER_CASES: list[PmssLayerCase] = [
         output=lambda out: out,
         target_modules=("conv0", "conv1"),
         kind="conv2d",
+        visible_alpha=10.0,
     ),
     PmssLayerCase(
         id="linear-bert",
@@ -108,6 +114,7 @@ LAYER_CASES: list[PmssLayerCase] = [
         target_modules=("query", "value", "intermediate.dense"),
         kind="linear",
         modules_to_save=("classifier",),
+        visible_alpha=200.0,
     ),
 ]
 CASES_BY_ID = {c.id: c for c in LAYER_CASES}
