@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -270,5 +271,7 @@ def test_bad_indices_in_a_state_dict_are_refused(bad):
     sd = model.state_dict()
     key = next(k for k in sd if k.endswith(".col_idx"))
     sd[key] = {"out of range": sd[key] + 10_000, "float": sd[key].float(), "length": sd[key][:-1]}[bad]
-    with pytest.raises(StateDictError, match="integer indices"):
+    n, got = len(sd[key]) + (bad == "length"), len(sd[key])  # col_idx: I, the columns of lin0 (24 inputs)
+    message = rf"^{re.escape(key)}: expected {n} integer indices in \[0, 24\) .*got \({got},\)$"
+    with pytest.raises(StateDictError, match=message):
         model.load_state_dict(sd)
