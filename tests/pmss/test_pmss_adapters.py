@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from pmss_helpers import assert_close64, dense_reference, pmss_layers, recorded, reference_deltas
+from pmss_helpers import (
+    assert_close64,
+    assert_original_types,
+    assert_same_snapshot,
+    dense_reference,
+    pmss_layers,
+    recorded,
+    reference_deltas,
+    rel_err,
+    snapshot,
+)
 
 PAIRS = {  # layer case -> (strategy of "default", strategy of "other"): every strategy appears
     "linear-mlp": ("deim", "random"),
@@ -87,6 +97,54 @@ def test_set_disable_delete_adapter(layer_case):
         assert list(layer.pmss_op) == ["other"]
     model.set_adapter("other")
     assert_close64(_run(layer_case, model, inputs), only_other)
+
+
+def test_a_merged_adapter_cannot_be_deleted_and_the_failed_call_changes_nothing(layer_case):
+    dtype = torch.float64
+    model = _two_adapter_model(layer_case, dtype)
+    inputs = layer_case.inputs(dtype)
+    model.set_adapter("other")
+    model.merge_adapter()
+    merged_out = _run(layer_case, model, inputs)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['other'\] while they are merged"):
+        model.delete_adapter("other")
+    assert_same_snapshot(before, snapshot(model))  # module tree, state dict keys and values
+    assert list(model.peft_config) == ["default", "other"] and model.active_adapters == ["other"]
+    assert all(layer.merged_adapters == ["other"] for layer in pmss_layers(model).values())
+    assert torch.equal(_run(layer_case, model, inputs), merged_out)
+    model.unmerge_adapter()  # unmerged, it can be deleted
+    with pytest.warns(UserWarning, match="was active"):
+        model.delete_adapter("other")
+    assert list(model.peft_config) == ["default"]
+
+
+def test_unload_returns_the_base_model(layer_case):
+    dtype = torch.float64
+    model = _two_adapter_model(layer_case, dtype)
+    model.base_model.set_adapter(["default", "other"])
+    inputs = layer_case.inputs(dtype)
+    base_out = _run(layer_case, layer_case.model(dtype), inputs)
+    assert rel_err(_run(layer_case, model, inputs), base_out) > 1e-4  # the adapters change the output
+    unloaded = model.unload()
+    assert_original_types(layer_case, unloaded)
+    assert torch.equal(_run(layer_case, unloaded, inputs), base_out)
+
+
+def test_merge_and_unload_named_adapter(layer_case):
+    """merge_and_unload(adapter_names=["other"]) merges that adapter only ("default" is the active one)."""
+    dtype = torch.float64
+    model = _two_adapter_model(layer_case, dtype)
+    inputs = layer_case.inputs(dtype)
+    expected = {}
+    for name, alpha in ALPHAS.items():
+        deltas = reference_deltas(layer_case, model, {name: alpha}, dtype)
+        expected[name] = dense_reference(layer_case, deltas, inputs, dtype)
+    assert rel_err(expected["other"], expected["default"]) > 1e-4
+    assert model.active_adapters == ["default"]
+    unloaded = model.merge_and_unload(adapter_names=["other"])
+    assert_original_types(layer_case, unloaded)
+    torch.testing.assert_close(_run(layer_case, unloaded, inputs), expected["other"], atol=1e-9, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore:Adapter cannot be set when the model is merged")

@@ -31,7 +31,8 @@ def _trained_like(case, selection, **kwargs):
 
 def test_save_load_in_fresh_process_is_bit_exact(tmp_path):
     """Every layer type, each with another selection strategy: outputs after loading in a new interpreter
-    (which imports structpeft to register PMSS) equal the saved model's outputs bit for bit."""
+    (which imports structpeft to register PMSS) equal the saved model's outputs bit for bit. Before that import
+    the same interpreter cannot load a PMSS adapter: PEFT refuses it (naming PMSS) and the model is untouched."""
     expected = {}
     for i, case in enumerate(LAYER_CASES):
         model = _trained_like(case, SELECTIONS[i % len(SELECTIONS)], alpha=0.7)
@@ -40,14 +41,26 @@ def test_save_load_in_fresh_process_is_bit_exact(tmp_path):
     torch.save(expected, tmp_path / "expected.pt")
     proc = run_python(
         """
+        import json
         import sys
         import torch
-        import structpeft  # registers PMSS with PEFT
         from peft import PeftModel
         from pmss_cases import LAYER_CASES
 
         root = sys.argv[1]
         expected = torch.load(root + "/expected.pt")
+        for case in LAYER_CASES:  # without `import structpeft`, PEFT does not know PMSS
+            base = case.model()
+            before = {k: v.clone() for k, v in base.state_dict().items()}
+            try:
+                PeftModel.from_pretrained(base, root + "/" + case.id)
+            except Exception as err:
+                print("REFUSED", case.id, json.dumps(f"{type(err).__name__}: {err}"))
+            assert before.keys() == base.state_dict().keys()
+            assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+        assert "structpeft" not in sys.modules
+        import structpeft  # registers PMSS with PEFT
+
         for case in LAYER_CASES:
             model = PeftModel.from_pretrained(case.model(), root + "/" + case.id)
             with torch.no_grad():
@@ -57,7 +70,11 @@ def test_save_load_in_fresh_process_is_bit_exact(tmp_path):
         """,
         str(tmp_path),
     )
-    assert proc.stdout.split() == [w for c in LAYER_CASES for w in ("OK", c.id)]
+    lines, n = proc.stdout.splitlines(), len(LAYER_CASES)
+    refused = [line.split(" ", 2) for line in lines[:n]]
+    assert [r[:2] for r in refused] == [["REFUSED", c.id] for c in LAYER_CASES], proc.stdout  # else PEFT loaded it
+    assert all("PMSS" in json.loads(r[2]) for r in refused), refused
+    assert lines[n:] == [f"OK {c.id}" for c in LAYER_CASES]
 
 
 @pytest.mark.parametrize("case", [c for c in LAYER_CASES if not c.modules_to_save], ids=lambda c: c.id)
