@@ -19,15 +19,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from surm_cases import FRESH_PROCESS_CASES, LAYER_CASES, ONE_PER_STRUCTURE, STRUCTURE_CASES  # noqa: E402
 
 
+def _applicable(request):
+    """The case, or a skip with the reason its ``not_applicable`` gives for this test (and layer case)."""
+    case = request.param
+    layer = request.node.callspec.params.get("layer_case")
+    reason = case.reason_not_applicable(request.node.originalname, getattr(layer, "id", None))
+    if reason is not None:
+        pytest.skip(f"not applicable to {case.id}: {reason}")
+    return case
+
+
 @pytest.fixture(params=STRUCTURE_CASES, ids=[s.id for s in STRUCTURE_CASES])
 def structure(request):
-    return request.param
+    return _applicable(request)
 
 
 @pytest.fixture(params=ONE_PER_STRUCTURE, ids=[s.id for s in ONE_PER_STRUCTURE])
 def one_structure(request):
     """The first option set of each structure (tests that need to run once per structure only)."""
-    return request.param
+    return _applicable(request)
 
 
 @pytest.fixture(params=LAYER_CASES, ids=[c.id for c in LAYER_CASES])

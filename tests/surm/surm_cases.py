@@ -32,6 +32,16 @@ class StructureCase:
     id: str
     structure: str
     options: dict[str, Any] = field(default_factory=dict)
+    # matrix tests that do not apply to this case: (test function name, or "name/layer case id", reason); the
+    # ``structure`` / ``one_structure`` fixtures skip them with the reason (conftest.py)
+    not_applicable: tuple[tuple[str, str], ...] = ()
+
+    def reason_not_applicable(self, test: str, layer_case_id: str | None) -> str | None:
+        for key, reason in self.not_applicable:
+            name, _, layer = key.partition("/")
+            if name == test and layer in ("", layer_case_id):
+                return reason
+        return None
 
     def config(self, case: LayerCase, **kwargs: Any):
         """A fresh ``SurmConfig`` for ``case`` (fresh: a config records ``layer_options`` when it is used)."""
@@ -64,6 +74,25 @@ STRUCTURE_CASES: list[StructureCase] = [
     StructureCase("kronecker-3x1", "kronecker", {"factor_shape": [3, 1]}),
     StructureCase("ldr-r2", "ldr", {"displacement_rank": 2}),
     StructureCase("ldr-b6", "ldr", {"block_size": 6}),
+    # no options: ΔW is a free out x in matrix (in the LoRA placement, full fine-tuning of the targeted layers)
+    StructureCase(
+        "dense",
+        "dense",
+        not_applicable=(
+            (
+                "test_adapter_file_with_other_options_of_the_structure",
+                "dense has no options, so no other option set with other tensor shapes",
+            ),
+            *(
+                (
+                    f"test_budget/{layer}",
+                    "a dense ΔW of these layers has more parameters than the budget (lora-8, 400): ConfigError, "
+                    "checked by tests/operators (test_options_for_budget*)",
+                )
+                for layer in ("conv1d-gpt2", "linear-bert")
+            ),
+        ),
+    ),
 ]
 STRUCTURES_BY_ID = {s.id: s for s in STRUCTURE_CASES}
 
@@ -89,6 +118,12 @@ BAD_OPTIONS: dict[str, list[tuple[dict[str, Any], str]]] = {
         ({"displacement_rank": 0}, "displacement_rank=0"),
         ({"block_size": 0}, "block_size=0"),
         ({"num_factors": 2}, "num_factors=2"),
+    ],
+    "dense": [
+        ({"block_size": 4}, "block_size=4"),
+        ({"factor_shape": [2, 2]}, "factor_shape=[2, 2]"),
+        ({"displacement_rank": 1}, "displacement_rank=1"),
+        ({"budget": "lora-0"}, "'lora-0'"),
     ],
 }
 
