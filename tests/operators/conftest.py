@@ -11,7 +11,10 @@ to know about it, written from the specification of the structure and independen
 * ``expected_options`` / ``expected_param_shapes`` / ``spec_num_parameters``: the resolved options, the
   parameter shapes and the parameter count the specification gives;
 * ``bad_options``: invalid option sets and the bad value their ``ConfigError`` message must contain;
-* ``extra_check(op)``: further per-structure checks of a random operator.
+* ``extra_check(op)``: further per-structure checks of a random operator;
+* ``min_budget(out, in)``: the fewest parameters the specification allows on an out × in layer over the size
+  option that ``options_for_budget`` chooses (the other options at their defaults): a smaller budget must raise;
+* ``constrains``: whether the structure constrains ΔW at all (False for ``dense``: every matrix is one).
 
 The fixtures ``case`` (structure × options), ``big_case``, ``structure`` and ``bad_option`` expose the table
 to the tests; a structure that is not registered (yet) in ``OPERATORS`` is skipped by them, and failed by
@@ -376,6 +379,46 @@ def ldr_expected_options(out_features: int, in_features: int, requested: dict) -
     }
 
 
+# ------------------------------------------------------------------------------------------- dense
+def dense_reference(op: StructuredOperator) -> np.ndarray:
+    return params_np(op)["weight"]
+
+
+def dense_check(op: StructuredOperator, dense: np.ndarray) -> int:
+    """No structure: any out × in matrix is a dense ΔW, so there is nothing to check (0 constraints)."""
+    assert dense.shape == (op.out_features, op.in_features)
+    return 0
+
+
+def dense_param_shapes(out_features: int, in_features: int, options: dict) -> dict[str, tuple]:
+    return {"weight": (out_features, in_features)}
+
+
+# ------------------------------------------------------------------------------------------- budgets
+def smallest_over_block_sizes(param_shapes: Callable[[int, int, dict], dict[str, tuple]], **defaults: Any):
+    """``min_budget`` of a block-grid structure: the smallest spec count over b = 1..max(out, in)."""
+
+    def min_budget(out_features: int, in_features: int) -> int:
+        return min(
+            sum(math.prod(s) for s in param_shapes(out_features, in_features, {"block_size": b, **defaults}).values())
+            for b in range(1, max(out_features, in_features) + 1)
+        )
+
+    return min_budget
+
+
+def kronecker_min_budget(out_features: int, in_features: int) -> int:
+    """The smallest o1·i1 + o2·i2 over the factor sizes the module docstring allows: padding d·ceil(n/d) − n of
+    at most max(5 % of n, 1) along each dimension."""
+
+    def sizes(n: int) -> np.ndarray:
+        d = np.arange(1, n + 1)
+        return d[d * -(-n // d) - n <= max(0.05 * n, 1)]
+
+    o1, i1 = sizes(out_features)[:, None], sizes(in_features)[None, :]
+    return int((o1 * i1 + -(-out_features // o1) * -(-in_features // i1)).min())
+
+
 # ------------------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class PerShape:
@@ -399,7 +442,9 @@ class Structure:
     expected_options: Callable[[int, int, dict], dict]
     # (options, bad value whose str() the ConfigError message must contain), for a 7 × 13 layer
     bad_options: tuple[tuple[dict[str, Any], Any], ...]
+    min_budget: Callable[[int, int], int]
     extra_check: Callable[[StructuredOperator], None] = lambda op: None
+    constrains: bool = True
 
     def spec_num_parameters(self, out_features: int, in_features: int, options: dict) -> int:
         return sum(math.prod(s) for s in self.expected_param_shapes(out_features, in_features, options).values())
@@ -430,6 +475,7 @@ STRUCTURES: dict[str, Structure] = {
             expected_param_shapes=circulant_param_shapes,
             expected_options=circulant_expected_options,
             bad_options=BLOCK_SIZE_BAD,
+            min_budget=smallest_over_block_sizes(circulant_param_shapes),
             extra_check=circulant_extra_check,
         ),
         Structure(
@@ -454,6 +500,7 @@ STRUCTURES: dict[str, Structure] = {
             expected_options=toeplitz_expected_options,
             bad_options=BLOCK_SIZE_BAD
             + (({"num_factors": 0}, 0), ({"num_factors": -1}, -1), ({"num_factors": 1.5}, 1.5)),
+            min_budget=smallest_over_block_sizes(toeplitz_param_shapes, num_factors=2),
             extra_check=toeplitz_extra_check,
         ),
         Structure(
@@ -479,6 +526,7 @@ STRUCTURES: dict[str, Structure] = {
                 ({"factor_shape": (8, 1)}, 8),  # 8 > out = 7
                 ({"factor_shape": (1, 14)}, 14),  # 14 > in = 13
             ),
+            min_budget=kronecker_min_budget,
             extra_check=kronecker_extra_check,
         ),
         Structure(
@@ -500,7 +548,20 @@ STRUCTURES: dict[str, Structure] = {
                 ({"displacement_rank": -2}, -2),
                 ({"displacement_rank": 1.5}, 1.5),
             ),
+            min_budget=smallest_over_block_sizes(ldr_param_shapes, displacement_rank=1),
             extra_check=ldr_extra_check,
+        ),
+        Structure(  # the unstructured ΔW (full fine-tuning of the targeted layers in the LoRA placement)
+            name="dense",
+            cases=({},),
+            big_cases=({},),
+            dense_reference=dense_reference,
+            check_structure=dense_check,
+            expected_param_shapes=dense_param_shapes,
+            expected_options=lambda out_features, in_features, requested: {},
+            bad_options=(),  # no options; bad layer shapes are checked for every structure
+            min_budget=lambda out_features, in_features: out_features * in_features,
+            constrains=False,
         ),
     ]
 }

@@ -18,7 +18,7 @@ from structpeft.operators import OPERATORS, StructuredOperator, get_operator_cla
 from structpeft.operators.base import BlockGridOperator
 from testkit import rel_err, saved_bytes
 
-EXPECTED_STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
+EXPECTED_STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr", "dense")
 
 SMALL_SHAPES = [(1, 5), (7, 13), (13, 7), (5, 5), (97, 89)]
 BIG_SHAPES = [(384, 1536), (1536, 384), (768, 768)]
@@ -59,8 +59,8 @@ def test_unknown_structure_name(bad):
 
 def test_every_registered_structure_is_in_the_matrix(structure_table):
     """A structure added to the registry without its fixtures (dense reference, bad options ...) would otherwise
-    go untested; ``dense`` is the unstructured reference itself."""
-    missing = set(OPERATORS) - {"dense"} - set(structure_table)
+    go untested."""
+    missing = set(OPERATORS) - set(structure_table)
     assert not missing, f"add {sorted(missing)} to the STRUCTURES table of tests/operators/conftest.py"
 
 
@@ -155,11 +155,14 @@ def test_structure(case, shape):
 
 
 def test_structure_check_can_fail(case):
-    """The structure check rejects a random matrix wherever the structure constrains the shape at all."""
+    """The structure check rejects a random matrix wherever the structure constrains the shape at all, and
+    constrains at least one of the probe shapes; a structure that constrains nothing (``dense``) accepts any."""
     checked = []
     for out_features, in_features in [(24, 40), (40, 24), (13, 7), (16, 16)]:
         op = case.make(out_features, in_features)
         if case.structure.check_structure(op, op.to_dense().detach().numpy()) == 0:
+            if not case.structure.constrains:  # counts no constraint on a random matrix either
+                assert case.structure.check_structure(op, randn(out_features, in_features, seed=3).numpy()) == 0
             continue  # e.g. F Toeplitz factors of size b <= 2F - 1: every matrix is such a product
         random_dense = randn(out_features, in_features, seed=3).numpy()
         with pytest.raises(AssertionError):
@@ -170,8 +173,7 @@ def test_structure_check_can_fail(case):
         with pytest.raises(AssertionError):
             case.structure.check_structure(op, perturbed)
         checked.append((out_features, in_features))
-    if not checked:
-        pytest.skip(f"{case.id}: the structure puts no constraint on any of the probe shapes")
+    assert bool(checked) == case.structure.constrains, checked
 
 
 # ------------------------------------------------------------------------------------------- 4. gradcheck
@@ -410,12 +412,21 @@ def test_parameter_count_and_options(case, shape):
     assert json.dumps(rebuilt.options) == json.dumps(options)
 
 
+def _too_small(budget: int) -> str:
+    """The start of options_for_budget's ConfigError message, naming the budget."""
+    return rf"budget of {budget} parameters is too small for a "
+
+
 @pytest.mark.parametrize("shape", [(384, 384), (384, 1536), (1536, 384), (97, 89)], ids=shape_id)
 @pytest.mark.parametrize("lora_rank", [8, 64])
 def test_options_for_budget(structure, shape, lora_rank):
     out_features, in_features = shape
     budget = lora_rank * (out_features + in_features)
     cls = structure.cls
+    if budget < structure.min_budget(out_features, in_features):  # dense: out·in > r·(out + in) on these shapes
+        with pytest.raises(ConfigError, match=_too_small(budget)):
+            cls.options_for_budget(out_features, in_features, budget)
+        return
     options = cls.options_for_budget(out_features, in_features, budget)
     n = cls.num_parameters(out_features, in_features, **options)
     assert 0 < n <= budget
@@ -443,6 +454,20 @@ def test_budget_rule_prefers_an_exact_tiling_within_tolerance():
     assert largest_block_size_within(8, 8, 100, lambda b: counts.get(b, 10**9)) == 3
 
 
+@pytest.mark.parametrize("shape", [(1, 5), (7, 13), (13, 7), (97, 89), (384, 1536)], ids=shape_id)
+def test_options_for_budget_at_the_smallest_budget(structure, shape):
+    """At the fewest parameters the specification allows (the structure's ``min_budget``) an operator of exactly
+    that size is chosen; one parameter less raises a ConfigError naming the budget and that smallest count."""
+    out_features, in_features = shape
+    cls, smallest = structure.cls, structure.min_budget(*shape)
+    options = cls.options_for_budget(out_features, in_features, smallest)
+    assert cls.num_parameters(out_features, in_features, **options) == smallest
+    op = cls(out_features, in_features, **options)
+    assert sum(p.numel() for p in op.parameters()) == smallest
+    with pytest.raises(ConfigError, match=rf"{_too_small(smallest - 1)}.*\b{smallest}\b"):
+        cls.options_for_budget(out_features, in_features, smallest - 1)
+
+
 BLOCK_GRID_STRUCTURES = [n for n in OPERATORS if issubclass(get_operator_class(n), BlockGridOperator)]
 
 
@@ -452,19 +477,23 @@ def test_block_grid_structures_are_found():
 
 @pytest.mark.parametrize("name", BLOCK_GRID_STRUCTURES)
 @pytest.mark.parametrize("shape", [(384, 384), (576, 576), (192, 576), (1536, 384), (97, 89), (768, 768)], ids=shape_id)
-def test_budget_rule_invariants(name, shape):
-    """Over LoRA budgets r = 1..64: never above the budget; an exact tiling whenever one is within the tolerance
-    of the largest count, else the largest count."""
+def test_budget_rule_invariants(name, shape, structure_table):
+    """Over LoRA budgets r = 1..64: exactly the budgets below the structure's ``min_budget`` raise (at r >= 8 none
+    does); otherwise never above the budget; an exact tiling whenever one is within the tolerance of the largest
+    count, else the largest count."""
     from structpeft.operators.base import EXACT_TILING_TOLERANCE
 
     cls = get_operator_class(name)
     out_features, in_features = shape
+    smallest = structure_table[name].min_budget(out_features, in_features)
     for rank in (1, 2, 4, 8, 16, 32, 64):
         budget = rank * (out_features + in_features)
-        try:
-            b = cls.options_for_budget(out_features, in_features, budget)["block_size"]
-        except ConfigError:
+        if budget < smallest:
+            assert rank < 8, (rank, budget, smallest)
+            with pytest.raises(ConfigError, match=_too_small(budget)):
+                cls.options_for_budget(out_features, in_features, budget)
             continue
+        b = cls.options_for_budget(out_features, in_features, budget)["block_size"]
         counts = {c: cls.num_parameters(out_features, in_features, block_size=c) for c in range(1, max(shape) + 1)}
         best = max(n for n in counts.values() if n <= budget)
         exact = [c for c, n in counts.items() if n <= budget and out_features % c == 0 and in_features % c == 0]
@@ -478,7 +507,7 @@ def test_budget_rule_invariants(name, shape):
 
 @pytest.mark.parametrize("budget", [0, 1, 10])
 def test_options_for_budget_too_small(structure, budget):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=_too_small(budget)):
         structure.cls.options_for_budget(384, 384, budget)
 
 
