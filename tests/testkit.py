@@ -96,9 +96,9 @@ def adapted_bert48(
     method: str, compute: str = "dense", device: torch.device | str = "cpu", keep_folded_weight: bool = False
 ) -> nn.Module:
     """:func:`tiny_bert48` with a random non-zero adapter on query / value: ``method`` a SURM structure (blocks of
-    16; Kronecker's default factors) or ``"pmss"`` (8 × 8 core), on the compute path ``compute`` (folds held for
-    the backward with ``keep_folded_weight``); the base model is moved to ``device`` first (the skeleton is
-    selected, and ``compute="auto"`` timed, there)."""
+    16; Kronecker's default factors; dense has no size option) or ``"pmss"`` (8 × 8 core), on the compute path
+    ``compute`` (folds held for the backward with ``keep_folded_weight``); the base model is moved to ``device``
+    first (the skeleton is selected, and ``compute="auto"`` timed, there)."""
     from peft import get_peft_model
 
     from structpeft import PmssConfig, SurmConfig
@@ -114,7 +114,7 @@ def adapted_bert48(
             keep_folded_weight=keep_folded_weight,
         )
     else:
-        size = {} if method == "kronecker" else {"block_size": 16}
+        size = {} if method in ("kronecker", "dense") else {"block_size": 16}
         cfg = SurmConfig(
             structure=method,
             target_modules=["query", "value"],
