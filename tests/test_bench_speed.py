@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+import transformers  # noqa: F401 - the test extra's: the benchmark's models
 
-pytest.importorskip("transformers")
-
-from structpeft.bench import speed  # noqa: E402
-from structpeft.cli import main  # noqa: E402
-from structpeft.operators.dispatch import PATHS  # noqa: E402
+from structpeft.bench import speed
+from structpeft.cli import main
+from structpeft.operators.dispatch import PATHS
 
 
 def test_bench_speed_quick_reports_ratios_for_the_chosen_methods(tmp_path, capsys):
