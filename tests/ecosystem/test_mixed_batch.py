@@ -141,13 +141,18 @@ def test_generate_with_mixed_adapters(num_beams):
     mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kwargs)
     for i, name in enumerate(names):
         one = ids[i : i + 1]
-        if name == BASE:
-            with model.disable_adapter():
-                alone = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)
-        else:
-            model.set_adapter(name)
-            alone = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)
-        assert torch.equal(mixed[i], alone[0]), (name, mixed[i], alone[0])
+        alone = {}  # this prompt's generation with each of the batch's adapters (and none)
+        for other in names:
+            if other == BASE:
+                with model.disable_adapter():
+                    alone[other] = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)[0]
+            else:
+                model.set_adapter(other)
+                alone[other] = model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kwargs)[0]
+        assert torch.equal(mixed[i], alone[name]), (name, mixed[i], alone[name])
+        # the adapters generate differently from this prompt, so example i getting another one's layers would fail
+        for other, generated in alone.items():
+            assert other == name or not torch.equal(generated, alone[name]), (name, other, generated)
 
 
 @torch.no_grad()
