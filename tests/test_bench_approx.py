@@ -18,7 +18,6 @@ def _gaussian(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ end to end
 def test_quick_run_writes_json_markdown_and_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     from structpeft.cli import main
 
     out = tmp_path / "bench"
