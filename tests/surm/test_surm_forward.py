@@ -14,14 +14,16 @@ from surm_testing import (
     assert_close64,
     assert_original_types,
     assert_rel_close,
+    assert_same_snapshot,
     dense_reference,
     recorded_operator_options,
+    snapshot,
     surm_layers,
 )
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from structpeft import MergeError
+from structpeft import ConfigError, MergeError
 from structpeft.peft.surm_layer import SurmWrapper
 
 ALPHA = 0.7
@@ -275,6 +277,15 @@ def test_budget(one_structure, layer_case, budget):
     """budget: every layer gets at most that many parameters ('lora-8': 8·(in + out)); the resolved options are
     recorded, the adapter starts as the identity and its forward matches the dense reference."""
     cfg = one_structure.config(layer_case, budget=budget)
+    if layer_case.id in one_structure.budget_too_small:  # refused, naming the budget, before the model changes
+        base = layer_case.model(torch.float64)
+        before = snapshot(base)
+        first = next(m for name, m in base.named_modules() if name.endswith(tuple(layer_case.target_modules)))
+        limit = 8 * sum(first.weight.shape) if budget == "lora-8" else budget  # Conv1D's weight is (in, out)
+        with pytest.raises(ConfigError, match=rf"target module '.*': budget of {limit} parameters is too small"):
+            get_peft_model(base, cfg)
+        assert_same_snapshot(before, snapshot(base))
+        return
     model = get_peft_model(layer_case.model(torch.float64), cfg)
     for path, layer in surm_layers(model).items():
         op = layer.surm_op["default"]
