@@ -40,6 +40,29 @@ def tiny_gpt2(**overrides: Any) -> nn.Module:
     return GPT2Model(GPT2Config(**{**settings, **overrides}))
 
 
+def tiny_gpt2_lm() -> nn.Module:
+    """:func:`tiny_gpt2`'s settings with a language-model head: seeded, dropout off (deterministic in train mode),
+    in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4321)
+    cfg = GPT2Config(n_embd=24, n_layer=2, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
+    cfg.pad_token_id = 0
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def greedy_decode(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """``ids`` extended by ``steps`` tokens, each the argmax of the full forward's last logits (no KV cache): the
+    reference that ``generate(do_sample=False)`` must reproduce."""
+    seq = ids
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
 def tiny_bert_config(**overrides: Any) -> Any:
     """BERT: width 24, 2 layers, 2 heads, FFN 36, vocabulary 64, 3 labels."""
     from transformers import BertConfig

@@ -19,6 +19,8 @@ from pmss_helpers import (
 )
 from torch import nn
 
+from testkit import greedy_decode, tiny_gpt2_lm
+
 
 def _loss(out: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(99)
@@ -138,36 +140,20 @@ def test_half_precision_merge_unmerge(dtype):
         assert rel_err(case.run(model, inputs), unmerged) < 0.03
 
 
-def _gpt2_lm() -> nn.Module:
-    """:func:`testkit.tiny_gpt2`'s settings with a language-model head (seeded, no dropout, eval mode)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(4321)
-    cfg = GPT2Config(n_embd=24, n_layer=2, n_head=2, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
-    cfg.pad_token_id = 0
-    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
-    return GPT2LMHeadModel(cfg).eval()
-
-
 def test_decoder_generate_with_the_adapter_active_and_merged():
     """task_type CAUSAL_LM on a GPT-2 LM: generate() (KV cache, one token per step) is greedy decoding of the adapted
     model's full forward, other tokens than the base model's; merged it generates the same, disabled the base's."""
     ids = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(0))
     kwargs = {"max_new_tokens": 4, "do_sample": False, "attention_mask": torch.ones_like(ids)}
-    base_tokens = _gpt2_lm().generate(ids, **kwargs)
+    base_tokens = tiny_gpt2_lm().generate(ids, **kwargs)
     case = CASES_BY_ID["conv1d-gpt2"]
     cfg = case.config(task_type="CAUSAL_LM", init_weights=False, alpha=300.0, compute="fast")  # tokens differ
-    model = get_peft_model(_gpt2_lm(), cfg)
+    model = get_peft_model(tiny_gpt2_lm(), cfg)
     assert type(model).__name__ == "PeftModelForCausalLM"
     out = model.generate(input_ids=ids, **kwargs)
     assert out.shape == (2, 9) and torch.equal(out[:, :5], ids)
     assert not torch.equal(out, base_tokens)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(4):
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, greedy_decode(model, ids, 4))
     model.merge_adapter()
     assert all(layer.merged for layer in pmss_layers(model).values())
     assert torch.equal(model.generate(input_ids=ids, **kwargs), out)

@@ -11,6 +11,7 @@ from surm_cases import LAYERS_BY_ID
 from surm_testing import adapter_deltas, assert_close64, dense_reference, rel_err, surm_layers
 
 from structpeft import SurmConfig
+from testkit import greedy_decode, tiny_gpt2_lm
 
 F64 = torch.float64
 
@@ -235,44 +236,23 @@ def test_trainer_evaluation_after_training_sees_the_trained_adapter(compute, tmp
 
 
 # ----------------------------------------------------------------------------------------- decoder models
-def _gpt2_lm():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(4321)
-    cfg = GPT2Config(
-        n_embd=24,
-        n_layer=2,
-        n_head=2,
-        vocab_size=50,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0  # deterministic in train mode
-    return GPT2LMHeadModel(cfg).eval()
 
 
 def test_decoder_generate(one_structure):
     """task_type CAUSAL_LM on a GPT-2 LM: generate() works; at init it generates what the base model does."""
     ids = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(0))
     kwargs = {"max_new_tokens": 4, "do_sample": False, "attention_mask": torch.ones_like(ids)}
-    expected = _gpt2_lm().generate(ids, **kwargs)
+    expected = tiny_gpt2_lm().generate(ids, **kwargs)
     lm = LAYERS_BY_ID["conv1d-gpt2"]
-    model = get_peft_model(_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM"))
     assert type(model).__name__ == "PeftModelForCausalLM"
     assert torch.equal(model.generate(input_ids=ids, **kwargs), expected)
-    model = get_peft_model(_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM", init_weights=False))
+    model = get_peft_model(tiny_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM", init_weights=False))
     out = model.generate(input_ids=ids, **kwargs)
     assert out.shape == (2, 9)
     # with a non-zero ΔW, generate (KV cache, one new token per step) is greedy decoding of the adapted model's
     # full forward
-    seq = ids
-    with torch.no_grad():
-        for _ in range(4):
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, greedy_decode(model, ids, 4))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(one_structure):
@@ -283,7 +263,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(one_structure):
     grads, calls = [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = get_peft_model(_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM", init_weights=False))
+        model = get_peft_model(tiny_gpt2_lm(), one_structure.config(lm, task_type="CAUSAL_LM", init_weights=False))
         if checkpointing:
             base = model.base_model.model
             # transformers 5 renamed it (the old name warns); keep transformers 4.x working
