@@ -46,14 +46,52 @@ def surm_layers(peft_model: nn.Module) -> dict[str, SurmLayer]:
     return out
 
 
-def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The (out x in') matrix of a Linear / Conv1D / Conv2d."""
-    w = module.weight.detach()
+def weight_2d(module: nn.Module, w: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out x in') matrix of a Linear / Conv1D / Conv2d: of its weight, or of ``w``, a tensor in that weight's
+    layout."""
+    w = module.weight.detach() if w is None else w
     if isinstance(module, Conv1D):
         return w.T
     if isinstance(module, nn.Conv2d):
         return w.reshape(w.shape[0], -1)
     return w
+
+
+def base_params(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{SURM layer path: copies of its base layer's (weight, bias or None)}."""
+    out = {}
+    for path, layer in surm_layers(model).items():
+        base = layer.get_base_layer()
+        out[path] = (base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone())
+    return out
+
+
+def assert_base_params(model: nn.Module, expected: dict, atol: float) -> None:
+    """Every SURM layer's base weight and bias equal ``expected`` (:func:`base_params`) within ``atol``."""
+    for path, layer in surm_layers(model).items():
+        w, b = expected[path]
+        base = layer.get_base_layer()
+        torch.testing.assert_close(base.weight.detach(), w, atol=atol, rtol=0)
+        if b is None:
+            assert base.bias is None, path
+        else:
+            torch.testing.assert_close(base.bias.detach(), b, atol=atol, rtol=0)
+
+
+def expected_merge(
+    layer: SurmLayer, w0: torch.Tensor, b0: torch.Tensor | None, alpha: float, adapter: str = "default"
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The merge of ``adapter`` into base weight ``w0`` and bias ``b0``, in float64 from the block's dense matrices:
+    ((I + M)·W0 in the (out x in') layout, (I + M)·b0 + bias or None, I + M), M = alpha·S or alpha·S_up·S_down."""
+    block = layer.surm_op[adapter]
+    if "op" in block.ops:
+        m = alpha * block.ops["op"].to_dense().detach().double()
+    else:
+        m = alpha * (block.ops["up"].to_dense() @ block.ops["down"].to_dense()).detach().double()
+    i_plus_m = torch.eye(m.shape[0], dtype=torch.float64) + m
+    w = i_plus_m @ weight_2d(layer.get_base_layer(), w0).double()
+    b = None if b0 is None else i_plus_m @ b0.double() + block.bias.detach().double()
+    return w, b, i_plus_m
 
 
 def adapter_fn(block: nn.Module, alpha: float, activation: str) -> Callable[[torch.Tensor], torch.Tensor]:

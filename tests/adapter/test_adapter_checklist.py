@@ -16,9 +16,12 @@ import pytest
 import torch
 from adapter_cases import CASES_BY_ID
 from adapter_helpers import (
+    assert_base_params,
     assert_close64,
     assert_original_types,
     assert_same_snapshot,
+    base_params,
+    expected_merge,
     reference_output,
     rel_err,
     snapshot,
@@ -56,34 +59,6 @@ def _run(case, model, inputs):
         return case.run(model, inputs)
 
 
-def _base_params(model):
-    out = {}
-    for path, layer in surm_layers(model).items():
-        base = layer.get_base_layer()
-        out[path] = (base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone())
-    return out
-
-
-def _expected_merge(layer, w0, b0):
-    """(I + M)·W0 and (I + M)·b0 + bias in float64, (out x in') layout, M = alpha·S (or alpha·S_up·S_down) written
-    from the block's dense matrices."""
-    block, alpha = layer.surm_op["default"], layer.surm_scaling["default"]
-    if "op" in block.ops:
-        m = alpha * block.ops["op"].to_dense().detach().double()
-    else:
-        m = alpha * (block.ops["up"].to_dense() @ block.ops["down"].to_dense()).detach().double()
-    eye = torch.eye(m.shape[0], dtype=F64)
-    w = (eye + m) @ _as_2d(layer, w0).double()
-    b = None if b0 is None else (eye + m) @ b0.double() + block.bias.detach().double()
-    return w, b, eye + m
-
-
-def _as_2d(layer, w):
-    """``w`` (in the base weight's layout) as the (out x in') matrix."""
-    kind = layer.kind
-    return w.T if kind == "conv1d" else w.reshape(w.shape[0], -1) if kind == "conv2d" else w
-
-
 # ------------------------------------------------------------------------------------------------ safe merge
 @pytest.mark.parametrize(("structure", "form", "case_id"), [c[:3] for c in COMBOS], ids=COMBO_IDS)
 def test_safe_merge_merges_and_unmerge_restores(structure, form, case_id):
@@ -93,16 +68,16 @@ def test_safe_merge_merges_and_unmerge_restores(structure, form, case_id):
     model = get_peft_model(case.model(F64), case.config(structure, form, init_weights=False, alpha=ALPHA))
     inputs = case.inputs(F64)
     out = _run(case, model, inputs)
-    originals = _base_params(model)
+    originals = base_params(model)
 
     model.merge_adapter(safe_merge=True)
-    safe = _base_params(model)
+    safe = base_params(model)
     for path, layer in surm_layers(model).items():
         assert layer.merged_adapters == ["default"], path
         w0, b0 = originals[path]
         base = layer.get_base_layer()
-        expected_w, expected_b, _ = _expected_merge(layer, w0, b0)
-        assert rel_err(expected_w, _as_2d(layer, w0)) > 1e-3, path  # the merge changes the weight
+        expected_w, expected_b, _ = expected_merge(layer, w0, b0, ALPHA)
+        assert rel_err(expected_w, weight_2d(base, w0)) > 1e-3, path  # the merge changes the weight
         torch.testing.assert_close(weight_2d(base), expected_w, atol=1e-12 * float(expected_w.abs().max()), rtol=0)
         torch.testing.assert_close(base.weight.detach(), w0 + layer.get_delta_weight("default"), atol=1e-12, rtol=0)
         if b0 is None:
@@ -113,17 +88,10 @@ def test_safe_merge_merges_and_unmerge_restores(structure, form, case_id):
 
     model.unmerge_adapter()
     assert not any(layer.merged for layer in surm_layers(model).values())
-    for path, (w0, b0) in originals.items():
-        base = surm_layers(model)[path].get_base_layer()
-        torch.testing.assert_close(base.weight.detach(), w0, atol=1e-12, rtol=0)
-        if b0 is not None:
-            torch.testing.assert_close(base.bias.detach(), b0, atol=1e-12, rtol=0)
+    assert_base_params(model, originals, atol=1e-12)
 
     model.merge_adapter()  # a plain merge writes the same weights (from the W0 the unmerge recomputed)
-    for path, (w, b) in _base_params(model).items():
-        torch.testing.assert_close(w, safe[path][0], atol=1e-12, rtol=0)
-        if b is not None:
-            torch.testing.assert_close(b, safe[path][1], atol=1e-12, rtol=0)
+    assert_base_params(model, safe, atol=1e-12)
 
 
 NAN_CASES = [
@@ -195,22 +163,23 @@ def test_half_precision_base_with_float32_adapters_forward_and_merge(structure, 
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, reference) <= rel, rel_err(out, reference)
 
-    originals = _base_params(model)
+    originals = base_params(model)
     eps = torch.finfo(dtype).eps
     model.merge_adapter(safe_merge=True)
-    inverse_norms = {}
+    inverse_norms, merged_scales = {}, {}  # per layer: ‖(I + M)⁻¹‖∞; max |merged W|, max |merged b|
     for path, layer in surm_layers(model).items():
         assert layer.merged_adapters == ["default"], path
         base = layer.get_base_layer()
         assert base.weight.dtype == dtype and (base.bias is None or base.bias.dtype == dtype), path
         w0, b0 = originals[path]
-        expected_w, expected_b, i_plus_m = _expected_merge(layer, w0, b0)
+        expected_w, expected_b, i_plus_m = expected_merge(layer, w0, b0, ALPHA)
         # one rounding of (I + M)·W0 to the base dtype
         tol = eps * float(expected_w.abs().max())
-        assert float((expected_w - _as_2d(layer, w0).double()).abs().max()) > 2 * tol, path
+        assert float((expected_w - weight_2d(base, w0).double()).abs().max()) > 2 * tol, path
         torch.testing.assert_close(weight_2d(base).double(), expected_w, atol=tol, rtol=0)
+        merged_scales[path] = (float(expected_w.abs().max()), None if b0 is None else float(expected_b.abs().max()))
         if b0 is not None:
-            torch.testing.assert_close(base.bias.double(), expected_b, atol=eps * float(expected_b.abs().max()), rtol=0)
+            torch.testing.assert_close(base.bias.double(), expected_b, atol=eps * merged_scales[path][1], rtol=0)
         inverse_norms[path] = float(torch.linalg.matrix_norm(torch.linalg.inv(i_plus_m), ord=float("inf")))
     merged = _run(case, model, inputs)
 
@@ -219,12 +188,11 @@ def test_half_precision_base_with_float32_adapters_forward_and_merge(structure, 
         assert not layer.merged, path
         base = layer.get_base_layer()
         w0, b0 = originals[path]
-        merged_scale = float(_expected_merge(layer, w0, b0)[0].abs().max())
+        w_scale, b_scale = merged_scales[path]
         # W0 = (I + M)⁻¹·W, W rounded (eps/2 · its scale, amplified by ‖(I + M)⁻¹‖∞), then rounded itself
-        tol = eps * (inverse_norms[path] * merged_scale + float(w0.double().abs().max()))
+        tol = eps * (inverse_norms[path] * w_scale + float(w0.double().abs().max()))
         torch.testing.assert_close(base.weight.double(), w0.double(), atol=tol, rtol=0)
         if b0 is not None:
-            b_scale = float(_expected_merge(layer, w0, b0)[1].abs().max())
             tol_b = eps * (inverse_norms[path] * b_scale + float(b0.double().abs().max()))
             torch.testing.assert_close(base.bias.double(), b0.double(), atol=tol_b, rtol=0)
     unmerged = _run(case, model, inputs)

@@ -9,9 +9,12 @@ import pytest
 import torch
 from adapter_cases import CASES_BY_ID, LAYER_CASES
 from adapter_helpers import (
+    assert_base_params,
     assert_close64,
     assert_original_types,
     assert_same_snapshot,
+    base_params,
+    expected_merge,
     reference_output,
     rel_err,
     snapshot,
@@ -42,11 +45,11 @@ def test_grouped_conv2d_refuses_adapter_merge():
     model = get_peft_model(case.model(), case.config("circulant", "square", init_weights=False, alpha=ALPHA))
     inputs = case.inputs()
     before = _run(case, model, inputs)
-    originals = _base_params(model)
+    originals = base_params(model)
     for merge in (model.merge_adapter, model.merge_and_unload):
         with pytest.raises(MergeError, match="groups=2"):
             merge()
-        _assert_base_params(model, originals, atol=0)
+        assert_base_params(model, originals, atol=0)
         assert not any(layer.merged for layer in surm_layers(model).values())
     torch.testing.assert_close(_run(case, model, inputs), before, atol=0, rtol=0)
 
@@ -59,27 +62,6 @@ def _run(case, model, inputs):
         return case.run(model, inputs)
 
 
-def _base_params(model):
-    return {
-        p: (layer.get_base_layer().weight.detach().clone(), _bias(layer)) for p, layer in surm_layers(model).items()
-    }
-
-
-def _bias(layer):
-    b = getattr(layer.get_base_layer(), "bias", None)
-    return None if b is None else b.detach().clone()
-
-
-def _assert_base_params(model, expected, atol):
-    for p, layer in surm_layers(model).items():
-        w, b = expected[p]
-        torch.testing.assert_close(layer.get_base_layer().weight, w, atol=atol, rtol=0)
-        if b is None:
-            assert layer.get_base_layer().bias is None
-        else:
-            torch.testing.assert_close(layer.get_base_layer().bias, b, atol=atol, rtol=0)
-
-
 @pytest.mark.parametrize("layer_case", MERGE_CASES)
 def test_identity_adapter_merge_unmerge_unload(structure, form, layer_case):
     """float32: merged == unmerged output, merged W = (I + M) W0 and b = (I + M) b0 + bias, unmerge restores
@@ -88,44 +70,27 @@ def test_identity_adapter_merge_unmerge_unload(structure, form, layer_case):
     model = get_peft_model(layer_case.model(), cfg)
     inputs = layer_case.inputs()
     unmerged = _run(layer_case, model, inputs)
-    originals = _base_params(model)
+    originals = base_params(model)
 
     model.merge_adapter()
     for p, layer in surm_layers(model).items():
         assert layer.merged
-        block = layer.surm_op["default"]
-        if form == "square":
-            m = ALPHA * block.ops["op"].to_dense().detach().double()
-        else:
-            m = ALPHA * (block.ops["up"].to_dense() @ block.ops["down"].to_dense()).detach().double()
-        eye = torch.eye(m.shape[0], dtype=torch.float64)
+        assert ("op" in layer.surm_op["default"].ops) == (form == "square"), p
         w0, b0 = originals[p]
         base = layer.get_base_layer()
-        expected_w = (eye + m) @ weight_2d_of(base, w0).double()
+        expected_w, expected_b, _ = expected_merge(layer, w0, b0, ALPHA)
         torch.testing.assert_close(weight_2d(base).double(), expected_w, atol=1e-5, rtol=1e-5)
         if b0 is not None:
-            expected_b = (eye + m) @ b0.double() + block.bias.detach().double()
             torch.testing.assert_close(base.bias.double(), expected_b, atol=1e-5, rtol=1e-5)
     assert rel_err(_run(layer_case, model, inputs), unmerged) < 1e-5
 
     model.unmerge_adapter()
-    _assert_base_params(model, originals, atol=1e-6)
+    assert_base_params(model, originals, atol=1e-6)
     assert rel_err(_run(layer_case, model, inputs), unmerged) < 1e-5
 
     unloaded = model.merge_and_unload()
     assert_original_types(layer_case, unloaded)
     assert rel_err(_run(layer_case, unloaded, inputs), unmerged) < 1e-5
-
-
-def weight_2d_of(module, w):
-    """``w`` (a tensor in ``module.weight``'s layout) as the (out x in') matrix."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return w.T
-    if isinstance(module, torch.nn.Conv2d):
-        return w.reshape(w.shape[0], -1)
-    return w
 
 
 @pytest.mark.parametrize("case", MERGE_CASES)
@@ -139,11 +104,11 @@ def test_two_active_adapters_sum_and_merge_together(case):
         case, model, {"default": (0.6, "identity"), "b": (-0.3, "identity")}, inputs, dtype
     )  # h + A1(h) + A2(h): both adapters see the module's own output h (summed, not chained)
     assert_close64(_run(case, model, inputs), expected)
-    originals = _base_params(model)
+    originals = base_params(model)
     model.merge_adapter(["default", "b"])
     assert_close64(_run(case, model, inputs), expected, atol=1e-9)
     model.unmerge_adapter()
-    _assert_base_params(model, originals, atol=1e-10)
+    assert_base_params(model, originals, atol=1e-10)
     assert_close64(_run(case, model, inputs), expected)
     # merging one after the other gives the same
     model.merge_adapter(["default"])
@@ -151,7 +116,7 @@ def test_two_active_adapters_sum_and_merge_together(case):
         model.merge_adapter(["b"])
     assert_close64(_run(case, model, inputs), expected, atol=1e-9)
     model.unmerge_adapter()
-    _assert_base_params(model, originals, atol=1e-10)
+    assert_base_params(model, originals, atol=1e-10)
 
 
 def test_two_nonlinear_adapters_are_summed():
@@ -176,11 +141,11 @@ def test_lora_placement_and_adapter_placement_on_one_layer(case):
     inputs = case.inputs(dtype)
     expected = reference_output(case, model, {"ad": (0.7, "identity")}, inputs, dtype, lora={"default": 0.4})
     assert_close64(_run(case, model, inputs), expected)
-    originals = _base_params(model)
+    originals = base_params(model)
     model.merge_adapter(["default", "ad"])
     assert_close64(_run(case, model, inputs), expected, atol=1e-9)
     model.unmerge_adapter()
-    _assert_base_params(model, originals, atol=1e-10)
+    assert_base_params(model, originals, atol=1e-10)
     unloaded = model.merge_and_unload()
     assert_original_types(case, unloaded)
     assert_close64(_run(case, unloaded, inputs), expected, atol=1e-9)
